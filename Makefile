@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:  `make sample`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= a red circle at the top left on a gray background
+
+.PHONY: sample test lint bench clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import snapfusion_min"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import diffusers, transformers, pytest"
+	touch $@
+
+sample: $(VENV)/.runtime  ## install, then sample an image with the bundled model
+	$(PY) sample.py --prompt "$(PROMPT)" --out samples
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+
+test: $(VENV)/.dev lint  ## install, lint, run the test suite
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) bench/unet_speed.py
+
+clean:
+	rm -rf $(VENV) samples .pytest_cache

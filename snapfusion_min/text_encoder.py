@@ -1,0 +1,69 @@
+"""The frozen text encoder c = E(prompt) (paper §2.1, App. B.1): CLIP's text transformer on open_clip's text tower.
+
+SD-v1.5 conditions on the *last hidden state* of CLIP ViT-L/14's text transformer after its final layer norm
+(all 77 positions, not the pooled embedding). The same class serves the toy world with a tiny CLIP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import QuickGELU, TextTransformer
+from torch import nn
+
+SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|> in CLIP's BPE vocabulary
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    width: int = 768  # CLIP ViT-L/14 text transformer
+    layers: int = 12
+    heads: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+    quick_gelu: bool = True  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
+
+
+class Tokenizer:
+    """Prompts -> [B, 77] token ids exactly as SD-v1.5's CLIPTokenizer: SOT, BPE, EOT, truncated, padded with EOT.
+
+    open_clip's own tokenizer pads with 0 ('!'); SD pads with <|endoftext|> = 49407, and since every position feeds
+    cross-attention, the padding changes images.
+    """
+
+    def __init__(self, context_length: int = 77):
+        self.context_length = context_length
+        self.bpe = SimpleTokenizer(context_length=context_length)  # its BPE vocabulary ships inside open_clip
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n = self.context_length
+        rows = []
+        for prompt in prompts:
+            ids = [SOT] + self.bpe.encode(prompt)[: n - 2] + [EOT]
+            rows.append(ids + [EOT] * (n - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+class TextEncoder(nn.Module):
+    """Token ids [B, L] -> last hidden state [B, L, width] (transformers' ``CLIPTextModel(...).last_hidden_state``)."""
+
+    def __init__(self, cfg: TextConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or TextConfig()
+        self.tower = TextTransformer(
+            context_length=self.cfg.context_length, vocab_size=self.cfg.vocab_size, width=self.cfg.width,
+            heads=self.cfg.heads, layers=self.cfg.layers, output_dim=None, proj_type="none",
+            act_layer=QuickGELU if self.cfg.quick_gelu else nn.GELU,
+        )
+        self.tower.attn_mask = None  # built in forward instead, so the model can be created on the meta device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        n = tokens.shape[1]
+        x = tower.token_embedding(tokens) + tower.positional_embedding[:n]
+        causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)  # CLIP's text is causal
+        x = tower.transformer(x, attn_mask=causal)
+        return tower.ln_final(x)

@@ -1,0 +1,162 @@
+"""The denoising UNet of Stable Diffusion, built from an architecture spec (paper §2.2, Eq. 4; §3.1, Eq. 5).
+
+Eq. 4 writes the UNet as a product of cross-attention and ResNet blocks; ``UNet.forward`` is exactly that loop over
+the spec's stages. Eq. 5 (robust training) executes each block with probability p and the identity otherwise.
+
+Identity, where a block's shapes change: a ResNet is ``shortcut(x) + residual(x)``; dropping it keeps ``shortcut(x)``.
+That is x itself when input and output widths agree, and the block's own 1x1 projection where they do not (the first
+ResNet of a wider stage, and up-stage ResNets, whose input is concatenated with a skip connection). This is the
+stochastic-depth reading of Eq. 5: the residual branch is what gets dropped. A cross-attention block is
+``x + transformer(x)``, so dropping it is always the plain identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, skip_points, walk
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the integer timestep, [cos | sin] as in SD (diffusers: flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """ResNet block with the time embedding added between its two convolutions."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(t_dim, c_out) if t_dim else None
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """What remains when the block is dropped (Eq. 5): identity, or the 1x1 projection if widths differ."""
+        return x if self.conv_shortcut is None else self.conv_shortcut(x)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention, Softmax(Q K^T / sqrt(d)) V (§2.2); self-attention when no context is given."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, dim = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:  # [B, L, dim] -> [B, heads, L, dim / heads]
+            return y.view(b, -1, self.heads, dim // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+        return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
+
+
+class CrossAttnBlock(nn.Module):
+    """SD's spatial transformer: self-attention, cross-attention to the text c, GEGLU feed-forward, on HW tokens."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff_in = nn.Linear(dim, 8 * dim)  # GEGLU: value and gate, 4*dim each
+        self.ff_out = nn.Linear(4 * dim, dim)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        y = y + self.attn1(self.norm1(y))
+        y = y + self.attn2(self.norm2(y), context)
+        value, gate = self.ff_in(self.norm3(y)).chunk(2, dim=-1)
+        y = y + self.ff_out(value * F.gelu(gate))
+        y = y.transpose(1, 2).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
+        return x + self.proj_out(y)
+
+
+class UNet(nn.Module):
+    """v- or epsilon-prediction UNet: (z_t, t, c) -> network output, for any ``ArchSpec``.
+
+    ``keep_prob`` is p of Eq. 5: while training, each block runs with probability p and is the identity otherwise.
+    ``removed`` holds block addresses ('stage.name') that are always the identity, to measure a block's value at
+    inference without rebuilding the model (Fig. 5, Alg. 1's A-minus evaluation).
+    """
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        c0, t_dim = spec.channels[0], 4 * spec.channels[0]
+        self.keep_prob = 1.0
+        self.removed: set[str] = set()
+        self.conv_in = nn.Conv2d(spec.in_channels, c0, 3, padding=1)
+        self.time_embed = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.stages = nn.ModuleDict({s: nn.ModuleDict() for s in STAGES})
+        shapes, stage_out = walk(spec)
+        for b in shapes:
+            self.stages[b.stage][b.name] = (
+                ResBlock(b.c_in + b.c_skip, b.c_out, t_dim, spec.groups) if b.name[0] == "R"
+                else CrossAttnBlock(b.c_in, spec.context_dim, spec.heads, spec.groups)
+            )
+        for s in DOWN_STAGES[:3]:
+            self.stages[s]["downsample"] = nn.Conv2d(stage_out[s], stage_out[s], 3, stride=2, padding=1)
+        for s in UP_STAGES[:3]:
+            self.stages[s]["upsample"] = nn.Conv2d(stage_out[s], stage_out[s], 3, padding=1)
+        self.norm_out = nn.GroupNorm(spec.groups, stage_out["up3"], eps=1e-5)
+        self.conv_out = nn.Conv2d(stage_out["up3"], spec.out_channels, 3, padding=1)
+
+    def runs(self, address: str) -> bool:
+        """Whether a block executes in this forward pass (Eq. 5: with probability p while training)."""
+        if address in self.removed:
+            return False
+        return not (self.training and self.keep_prob < 1.0 and torch.rand(()).item() >= self.keep_prob)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
+        temb = self.time_embed(timestep_embedding(t, self.spec.channels[0]).to(z.dtype))
+        h = self.conv_in(z)
+        skips = [h]
+        for stage in STAGES:
+            blocks, modules = self.spec.stages[stage], self.stages[stage]
+            for name, push in zip(blocks, skip_points(blocks)):
+                block, live = modules[name], self.runs(f"{stage}.{name}")
+                if name[0] == "R":
+                    x = torch.cat([h, skips.pop()], dim=1) if stage in UP_STAGES else h
+                    h = block(x, temb) if live else block.shortcut(x)
+                elif live:
+                    h = block(h, context)
+                if stage in DOWN_STAGES and push:
+                    skips.append(h)
+            if "downsample" in modules:
+                h = modules["downsample"](h)
+                skips.append(h)
+            if "upsample" in modules:  # nearest 2x, to the next skip's size so odd latent sizes work
+                h = modules["upsample"](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,110 @@
+"""The UNet built from an architecture spec, against diffusers' UNet2DConditionModel on the same weights."""
+
+import json
+
+import pytest
+import torch
+from conftest import max_rel_err, randomize
+from diffusers import UNet2DConditionModel
+
+from snapfusion_min.arch import ArchSpec, preset, sd15, snapfusion, tiny, walk
+from snapfusion_min.unet import UNet
+from snapfusion_min.weights import apply_map, unet_source_key
+
+
+def diffusers_unet(spec: ArchSpec) -> UNet2DConditionModel:
+    return UNet2DConditionModel(block_out_channels=spec.channels, cross_attention_dim=spec.context_dim,
+                                attention_head_dim=spec.heads, norm_num_groups=spec.groups, layers_per_block=2)
+
+
+def ours_from(ref: UNet2DConditionModel, spec: ArchSpec) -> UNet:
+    unet = UNet(spec).eval()
+    apply_map(unet, ref.state_dict(), lambda k: [unet_source_key(k, "diffusers")], "UNet")
+    return unet
+
+
+def test_sd15_unet_equals_diffusers_full_size():
+    """SD-v1.5's full UNet (859.5M parameters, random weights) on a 16x16 latent, batch 2 as with CFG."""
+    spec = sd15()
+    ref = randomize(diffusers_unet(spec)).eval()
+    ours = ours_from(ref, spec)
+    n_ours, n_ref = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in ref.parameters())
+    assert n_ours == n_ref == 859_520_964
+    z, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 768)
+    t = torch.tensor([999, 1])
+    with torch.no_grad():
+        err = max_rel_err(ours(z, t, c), ref(z, t, c).sample)
+    assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("size", [(16, 16), (24, 40), (13, 9)])  # odd sizes: upsampling follows the skip's size
+def test_tiny_unet_equals_diffusers(size):
+    spec = tiny()
+    ref = randomize(diffusers_unet(spec), seed=1).eval()
+    ours = ours_from(ref, spec)
+    z, c = torch.randn(2, 4, *size), torch.randn(2, 77, spec.context_dim)
+    with torch.no_grad():
+        assert max_rel_err(ours(z, 321, c), ref(z, 321, c).sample) < 1e-5
+
+
+def test_snapfusion_preset_matches_table3_counts():
+    """Table 3, 'Ours' column: (#cross-attention, #ResNet) per paper stage."""
+    table3 = {"Down-1": (0, 2), "Down-2": (2, 2), "Down-3": (2, 1), "Mid": (1, 4),
+              "Up-1": (6, 2), "Up-2": (3, 3), "Up-3": (0, 3)}
+    origin = {"Down-1": (2, 2), "Down-2": (2, 2), "Down-3": (2, 2), "Mid": (1, 7),
+              "Up-1": (3, 3), "Up-2": (3, 3), "Up-3": (3, 3)}
+    for spec, expected in ((snapfusion(), table3), (sd15(), origin)):
+        for line in spec.summary().splitlines():
+            row, a, r = line.split()[:3]
+            assert (int(a[2:]), int(r[2:])) == expected[row], line
+
+
+def test_every_preset_runs_and_keeps_shape():
+    for name in ("snapfusion", "tiny"):
+        spec = preset(name)
+        spec = spec if name == "tiny" else ArchSpec.from_json({**json.loads(spec.to_json()),
+                                                               "channels": [32, 64, 64, 64], "heads": 4, "groups": 8})
+        unet = UNet(spec).eval()
+        with torch.no_grad():
+            assert unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, spec.context_dim)).shape == (1, 4, 16, 16)
+
+
+def test_spec_json_round_trip_and_stable_keys():
+    spec = snapfusion()
+    assert ArchSpec.from_json(spec.to_json()) == spec
+    keys = UNet(tiny()).state_dict().keys()
+    assert "stages.down2.A1.attn2.to_k.weight" in keys and "stages.up1.R2.conv_shortcut.weight" in keys
+
+
+def test_spec_validation_names_the_problem():
+    stages = dict(sd15().stages)
+    stages["up3"] = ("R0", "A0", "R1", "A1")  # one ResNet short of down1's skips
+    with pytest.raises(ValueError, match="up3 has 2 ResNets"):
+        ArchSpec(stages=stages)
+    with pytest.raises(ValueError, match="unknown architecture preset"):
+        preset("sd21")
+
+
+def test_walk_matches_built_modules():
+    unet = UNet(tiny())
+    for b in walk(tiny())[0]:
+        block = unet.stages[b.stage][b.name]
+        width = block.conv1.in_channels if b.name[0] == "R" else block.proj_in.in_channels
+        assert width == b.c_in + b.c_skip
+
+
+def test_dropping_blocks_keeps_shapes_and_eq5_extremes():
+    """Eq. 5: with p = 1 nothing is dropped; with p = 0 every block is the identity (shortcut for ResNets)."""
+    unet = randomize(UNet(tiny()))
+    z, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        full = unet.eval()(z, 5, c)
+        unet.train().keep_prob = 1.0
+        torch.testing.assert_close(unet(z, 5, c), full)
+        unet.keep_prob = 0.0
+        dropped = unet(z, 5, c)
+        unet.eval().removed = set(tiny().addresses())
+        torch.testing.assert_close(unet(z, 5, c), dropped)
+        assert dropped.shape == z.shape and not torch.allclose(dropped, full)
+        unet.removed = {"down2.A0"}
+        assert not torch.allclose(unet(z, 5, c), full)
