@@ -23,6 +23,7 @@ from .vae import VAE, VAE_SCALE, VAEConfig
 from .weights import CheckpointError, apply_map, load_diffusers, load_ldm
 
 PREDICTIONS = ("eps", "v")
+SD15_SAMPLER = {"steps": 50, "guidance": 7.5, "spacing": "leading", "resolution": 512}  # SD-v1.5's defaults
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,13 +52,14 @@ class Pipeline:
     """The four parts of SD plus the sampler settings they were trained for."""
 
     def __init__(self, unet: UNet, vae: VAE, text_encoder: TextEncoder, prediction: str = "eps",
-                 latent_scale: float = VAE_SCALE, source: str = ""):
+                 latent_scale: float = VAE_SCALE, source: str = "", sampler: dict | None = None):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.tokenizer = Tokenizer(text_encoder.cfg.context_length)
         self.prediction, self.latent_scale, self.source = prediction, latent_scale, source
         self.schedule = D.Schedule()
+        self.sampler = {**SD15_SAMPLER, **(sampler or {})}  # the defaults sample.py uses, saved in checkpoints
 
     @property
     def device(self) -> torch.device:
@@ -70,13 +72,14 @@ class Pipeline:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         for m in (self.unet, self.vae, self.text_encoder):
             m.to(device=device, dtype=dtype)
+        self.unet.to(memory_format=torch.channels_last)  # faster convolutions; see UNet.memory_format
         return self
 
     def config(self) -> dict:
         """What a checkpoint stores next to the weights."""
         return {"arch": json.loads(self.unet.spec.to_json()), "prediction": self.prediction,
                 "latent_scale": self.latent_scale, "vae": dataclasses.asdict(self.vae.cfg),
-                "text": dataclasses.asdict(self.text_encoder.cfg)}
+                "text": dataclasses.asdict(self.text_encoder.cfg), "sampler": self.sampler}
 
     def save(self, path: str | Path) -> None:
         save_checkpoint(path, {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
@@ -119,7 +122,9 @@ class Pipeline:
 
     def __call__(self, prompts: str | list[str], steps: int = 50, guidance: float = 7.5, seed: int = 0,
                  height: int = 512, width: int = 512, latents: torch.Tensor | None = None, spacing: str = "leading",
-                 negative_prompt: str = "", progress: bool = False) -> list[Image.Image]:
+                 negative_prompt: str = "", progress: bool = False,
+                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+        """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1])."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae.cfg.factor
         if height % f or width % f or height <= 0 or width <= 0:
@@ -131,6 +136,8 @@ class Pipeline:
         context = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance > 1.0 else None
         images = self.decode(self.denoise(z, context, uncond, steps, guidance, spacing, progress))
+        if output_type == "pt":
+            return images
         arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arrays]
 
@@ -152,7 +159,8 @@ def _from_own(path: Path, meta: dict) -> Pipeline:
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", te)):
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         apply_map(module, part, lambda k: [k], f"{path.name}: {name}")
-    return Pipeline(unet, vae, te, meta["prediction"], meta.get("latent_scale", VAE_SCALE), str(path))
+    return Pipeline(unet, vae, te, meta["prediction"], meta.get("latent_scale", VAE_SCALE), str(path),
+                    meta.get("sampler"))
 
 
 def _json(path: Path) -> dict:
@@ -188,7 +196,8 @@ def _from_diffusers(folder: Path) -> Pipeline:
     sched = folder / "scheduler" / "scheduler_config.json"
     prediction = _json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
     return Pipeline(unet, vae, te, "v" if prediction == "v_prediction" else "eps",
-                    v.get("scaling_factor", VAE_SCALE), str(folder))
+                    v.get("scaling_factor", VAE_SCALE), str(folder),
+                    {"resolution": (u.get("sample_size") or 64) * vae_cfg.factor})
 
 
 def load_pipeline(path: str | Path, ema: bool = False, prediction: str | None = None,

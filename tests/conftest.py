@@ -6,6 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gzip  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -35,3 +37,18 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def sd_tokenizer(folder):
+    """SD-v1.5's CLIPTokenizer (transformers), its vocab.json / merges.txt rebuilt from the BPE file open_clip ships."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                         model_max_length=77)

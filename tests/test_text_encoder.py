@@ -1,13 +1,9 @@
 """CLIP ViT-L/14 text encoder and tokenizer against transformers' CLIPTextModel and CLIPTokenizer."""
 
-import gzip
-import json
-
 import open_clip
 import torch
-from conftest import max_rel_err, randomize
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from conftest import max_rel_err, randomize, sd_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min.text_encoder import EOT, TextEncoder, Tokenizer
 from snapfusion_min.weights import apply_map, clip_source_keys, clip_state
@@ -24,18 +20,6 @@ def test_text_encoder_equals_transformers_clip_vit_l14():
     tokens = Tokenizer()(PROMPTS)
     with torch.no_grad():
         assert max_rel_err(ours(tokens), ref(tokens).last_hidden_state) < 1e-5
-
-
-def sd_tokenizer(tmp_path) -> CLIPTokenizer:
-    """SD-v1.5's CLIPTokenizer, with vocab.json / merges.txt rebuilt from the BPE file open_clip ships."""
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (tmp_path / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), pad_token="<|endoftext|>",
-                         model_max_length=77)
 
 
 def test_tokenizer_equals_sd15_clip_tokenizer(tmp_path):

@@ -1,0 +1,74 @@
+"""Whole generations: ours against diffusers' StableDiffusionPipeline + DDIMScheduler, and checkpoint round trips."""
+
+import pytest
+import torch
+from conftest import max_rel_err, randomize, sd_tokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from snapfusion_min import load_pipeline
+from snapfusion_min.arch import sd15
+
+TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=4,
+                 norm_num_groups=8, layers_per_block=2)
+TINY_VAE = dict(block_out_channels=(32, 64, 64, 64), norm_num_groups=8, layers_per_block=2, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                           hidden_act="quick_gelu")
+PROMPTS = ["a small red triangle at the top left", "two blue circles on a gray background"]
+
+
+def reference(prediction: str, spacing: str, folder):
+    """A random tiny SD in diffusers, saved as a diffusers folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=spacing == "trailing", steps_offset=1, prediction_type=prediction,
+                              timestep_spacing=spacing)
+    ref = StableDiffusionPipeline(
+        vae=randomize(AutoencoderKL(**TINY_VAE), 1), text_encoder=randomize(CLIPTextModel(TINY_CLIP), 2),
+        tokenizer=sd_tokenizer(folder), unet=randomize(UNet2DConditionModel(**TINY_UNET), 3), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.save_pretrained(folder)
+    return ref
+
+
+@pytest.mark.parametrize("prediction,spacing", [("epsilon", "leading"), ("v_prediction", "leading"),
+                                                ("v_prediction", "trailing")])
+def test_ddim_generation_equals_stable_diffusion_pipeline(tmp_path, prediction, spacing):
+    """Same initial latents, same prompts: tokenizer, text encoder, CFG, DDIM and decoder end to end."""
+    ref = reference(prediction, spacing, tmp_path)
+    ours = load_pipeline(tmp_path)  # the diffusers-folder path
+    assert ours.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
+    latents = torch.randn(2, 4, 8, 8)
+    kw = dict(height=64, width=64, latents=latents)
+    want = ref(PROMPTS, num_inference_steps=10, guidance_scale=7.5, output_type="pt", **kw).images
+    got = ours(PROMPTS, steps=10, guidance=7.5, spacing=spacing, output_type="pt", **kw)
+    assert max_rel_err(got, want) < 1e-4
+    want = ref(PROMPTS, num_inference_steps=4, guidance_scale=1.0, output_type="pt", **kw).images  # no CFG
+    assert max_rel_err(ours(PROMPTS, steps=4, guidance=1.0, spacing=spacing, output_type="pt", **kw), want) < 1e-4
+
+
+def test_own_checkpoint_round_trip_and_seeds(tmp_path):
+    reference("v_prediction", "leading", tmp_path / "sd")
+    pipe = load_pipeline(tmp_path / "sd")
+    pipe.save(tmp_path / "own.safetensors")
+    again = load_pipeline(tmp_path / "own.safetensors")
+    assert again.prediction == "v" and again.unet.spec == pipe.unet.spec
+    kw = dict(steps=3, height=64, width=64, output_type="pt")
+    a = pipe(PROMPTS, seed=7, **kw)
+    torch.testing.assert_close(again(PROMPTS, seed=7, **kw), a, rtol=0, atol=0)  # same seed, same image
+    assert not torch.allclose(pipe(PROMPTS, seed=8, **kw), a)
+    # image i uses seed + i, so it does not depend on the batch (up to float summation order, ~1e-6)
+    torch.testing.assert_close(pipe(PROMPTS[1:], seed=8, **kw), a[1:], rtol=0, atol=1e-4)
+    assert sd15().stages == again.unet.spec.stages
+
+
+def test_bad_requests_are_refused(tmp_path):
+    reference("epsilon", "leading", tmp_path)
+    pipe = load_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe("a cat", height=60, width=64)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        pipe("a cat", steps=0, height=64, width=64)
+    with pytest.raises(ValueError, match="no prompts"):
+        pipe([], height=64, width=64)
