@@ -31,7 +31,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
-        assert len(self.channels) == len(self.decoder_channels), "encoder and decoder need the same number of levels"
+        if len(self.channels) != len(self.decoder_channels) or self.layers < 1:
+            raise ValueError(f"VAE needs as many decoder as encoder levels and layers >= 1, got {self}")
         for c in self.channels + self.decoder_channels:
             if c % self.groups:
                 raise ValueError(f"VAE width {c} is not divisible by groups={self.groups}")

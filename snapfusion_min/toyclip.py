@@ -1,0 +1,82 @@
+"""The toy world's CLIP: a tiny open_clip model trained contrastively on toy images and captions.
+
+It plays both roles CLIP plays in the paper: its text tower is the frozen text encoder of the toy diffusion model
+(as CLIP ViT-L/14 is for SD, §2.1), and the whole model is the judge of CLIP score and the feature extractor of FID
+(as ViT-g/14 is in §5). Tokens follow SD: <|startoftext|> ... <|endoftext|>, padded with <|endoftext|>, so the text
+tower's 'argmax' pooling picks the first <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+from tqdm.auto import tqdm
+
+from .data import ToyWorld, to_tensor
+from .metrics import Judge, zero_shot_accuracy
+from .text_encoder import TextConfig, TextEncoder, Tokenizer
+from .weights import apply_map
+
+TOY_TEXT = TextConfig(width=64, layers=3, heads=4, context_length=32)  # toy captions are < 20 tokens
+TOY_IMAGE = 64
+
+
+def build_toy_clip() -> CustomTextCLIP:
+    """A small ResNet image tower (CLIP's ModifiedResNet, width 8) and a 3-layer text transformer of width 64.
+
+    A conv tower learns shapes of a dozen pixels far faster on a CPU than a ViT of the same cost (tried: a ViT with
+    16x16 patches reached 81% zero-shot shape accuracy in 5 minutes).
+    """
+    vision = CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, head_width=16, image_size=TOY_IMAGE)
+    text = CLIPTextCfg(context_length=TOY_TEXT.context_length, width=TOY_TEXT.width, heads=TOY_TEXT.heads,
+                       layers=TOY_TEXT.layers)
+    return CustomTextCLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+
+
+def toy_judge(model: CustomTextCLIP) -> Judge:
+    """Images in [0, 1] are fed to the toy CLIP as [-1, 1], the range it was trained on."""
+    return Judge(model, Tokenizer(TOY_TEXT.context_length), TOY_IMAGE)
+
+
+def text_encoder_from_clip(model: CustomTextCLIP) -> TextEncoder:
+    """The toy CLIP's text tower as the diffusion model's frozen text encoder (its projection is not used)."""
+    encoder = TextEncoder(TOY_TEXT)
+    state = {"tower." + k: v for k, v in model.text.state_dict().items() if k != "text_projection"}
+    apply_map(encoder, state, lambda k: [k], "toy CLIP text tower")
+    return encoder.eval().requires_grad_(False)
+
+
+def train_toy_clip(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+                   log: bool = True) -> CustomTextCLIP:
+    """Contrastive training (open_clip's ClipLoss) on freshly rendered toy samples; AdamW with cosine decay."""
+    torch.manual_seed(seed)
+    model = build_toy_clip()
+    tokenizer = Tokenizer(TOY_TEXT.context_length)
+    data = ToyWorld("train", length=steps * batch, seed=seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    loss_fn = ClipLoss()
+    model.train()
+    bar = tqdm(loader, total=steps, desc="toy CLIP", disable=not log)
+    for images, captions in bar:
+        image_f, text_f, scale = model(images, tokenizer(captions))
+        loss = loss_fn(image_f, text_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)  # CLIP caps the temperature at 100
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def evaluate_toy_clip(model: CustomTextCLIP, n: int = 1000, seed: int = 1234) -> dict[str, float]:
+    """Zero-shot accuracy per attribute on ``n`` real images of held-out attribute combinations."""
+    data = ToyWorld("heldout", length=n, seed=seed)
+    samples = [data.sample(i) for i in range(n)]
+    images = (torch.stack([to_tensor(image) for image, _ in samples]) + 1) / 2
+    return zero_shot_accuracy(toy_judge(model), images, [c for _, c in samples])
+

@@ -1,0 +1,60 @@
+"""The bundled toy CLIP (models/toy/clip.safetensors): a real judge, and the toy diffusion model's text encoder."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from snapfusion_min.data import ToyWorld, to_tensor
+from snapfusion_min.metrics import clip_score, zero_shot_accuracy
+from snapfusion_min.text_encoder import Tokenizer
+from snapfusion_min.toyclip import build_toy_clip, text_encoder_from_clip, toy_judge
+
+CLIP = Path(__file__).resolve().parents[1] / "models" / "toy" / "clip.safetensors"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    model = build_toy_clip()
+    model.load_state_dict(load_file(CLIP))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    data = ToyWorld("heldout", length=300, seed=99)
+    samples = [data.sample(i) for i in range(300)]
+    return (torch.stack([to_tensor(im) for im, _ in samples]) + 1) / 2, [c for _, c in samples]
+
+
+def test_zero_shot_accuracy_on_heldout_real_images(clip, heldout):
+    images, truth = heldout
+    accuracy = zero_shot_accuracy(toy_judge(clip), images, truth)
+    assert accuracy["color"] >= 0.95 and accuracy["shape"] >= 0.95, accuracy
+    assert min(accuracy.values()) >= 0.9, accuracy
+    with safe_open(str(CLIP), "pt") as f:  # the figures the training command recorded
+        recorded = json.loads(f.metadata()["snapfusion_min_toy_clip"])["zero_shot_accuracy_heldout"]
+    assert recorded["color"] >= 0.95 and recorded["shape"] >= 0.95
+
+
+def test_clip_score_prefers_matching_captions(clip, heldout):
+    images, truth = heldout
+    captions = [c.caption for c in truth]
+    shuffled = captions[1:] + captions[:1]
+    judge = toy_judge(clip)
+    matching, wrong = clip_score(judge, images, captions), clip_score(judge, images, shuffled)
+    assert matching > wrong + 0.2, (matching, wrong)
+
+
+def test_text_encoder_is_the_clip_text_tower(clip):
+    """Our TextEncoder over the toy CLIP's weights: its hidden state at the first <|endoftext|>, projected, is CLIP's
+    own text embedding (open_clip pools the argmax token = first <|endoftext|>, since we pad with it)."""
+    encoder = text_encoder_from_clip(clip)
+    tokens = Tokenizer(32)(["a small red circle in the center on a gray background", "a large blue cross"])
+    with torch.no_grad():
+        hidden = encoder(tokens)
+        pooled = hidden[torch.arange(2), tokens.argmax(-1)] @ clip.text.text_projection
+        torch.testing.assert_close(pooled, clip.text(tokens), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,263 @@
+"""Train: the toy CLIP, the toy autoencoder, and the UNet (v-prediction, robust training of Eq. 5) on any data.
+
+    python train.py clip --out models/toy/clip.safetensors
+    python train.py autoencoder --out models/toy/autoencoder.safetensors
+    python train.py unet --arch tiny --clip models/toy/clip.safetensors \
+        --autoencoder models/toy/autoencoder.safetensors --out models/toy/model.safetensors
+    python train.py unet --init model.safetensors --keep-prob 0.9 --out robust.safetensors   # robust training
+    torchrun --nproc_per_node 2 train.py unet ...                                            # DDP (gloo / NCCL)
+
+The UNet stage writes a checkpoint loadable by sample.py, distill.py and evolve.py; a resumable training state is
+kept next to it (<out>.state.pt, atomic writes every --save-every steps) and --resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from snapfusion_min import diffusion as D
+from snapfusion_min.arch import ArchSpec, preset
+from snapfusion_min.checkpoint import read_meta, save_checkpoint
+from snapfusion_min.data import CaptionedFolder, ToyWorld
+from snapfusion_min.pipeline import Pipeline, load_pipeline, pick_device
+from snapfusion_min.training import (
+    EMA,
+    Dist,
+    average_gradients,
+    broadcast_parameters,
+    load_state,
+    lr_at,
+    save_state,
+    seed_step,
+    setup_distributed,
+)
+from snapfusion_min.unet import UNet
+from snapfusion_min.vae import VAE, VAEConfig
+
+TOY_VAE = VAEConfig(channels=(32, 64, 64, 64), decoder_channels=(64, 64, 64, 32), layers=1, groups=8)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output .safetensors file")
+    common.add_argument("--steps", type=int, help="optimizer steps")
+    common.add_argument("--batch-size", type=int, help="global batch size (split over DDP ranks)")
+    common.add_argument("--lr", type=float, help="peak learning rate (AdamW, weight decay 0.01 as §5)")
+    common.add_argument("--seed", type=int, default=0, help="same seed, same run (default: 0)")
+    common.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
+    common.add_argument("--data", default="toy", help="'toy' (the toy world) or a folder of captioned images")
+    common.add_argument("--skip-bad", action="store_true", help="leave out images without caption or unreadable")
+    sub.add_parser("clip", parents=[common], help="the toy CLIP (judge and text encoder of the toy world)")
+    ae = sub.add_parser("autoencoder", parents=[common], help="a toy KL autoencoder with f = 8")
+    ae.add_argument("--kl", type=float, default=1e-6, help="KL weight, as SD's VAE (default: 1e-6)")
+    u = sub.add_parser("unet", parents=[common], help="the denoising UNet (Eq. 6), with robust training (Eq. 5)")
+    u.add_argument("--arch", default="tiny", help="preset (sd15, snapfusion, tiny) or a spec .json (default: tiny)")
+    u.add_argument("--init", help="start from this checkpoint (ours / SD): UNet, autoencoder, text encoder")
+    u.add_argument("--clip", help="toy CLIP .safetensors: its text tower is the frozen text encoder")
+    u.add_argument("--autoencoder", help="autoencoder .safetensors (from the autoencoder stage)")
+    u.add_argument("--prediction", choices=["v", "eps"], default="v",
+                   help="v-prediction (Eq. 6, default; fine-tunes an eps --init to v) or eps (Eq. 1)")
+    u.add_argument("--keep-prob", type=float, default=1.0, help="p of Eq. 5: each block runs with probability p")
+    u.add_argument("--cfg-dropout", type=float, default=0.1, help="caption dropped to '' with this probability")
+    u.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (default: 0.999)")
+    u.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    u.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    u.add_argument("--save-every", type=int, default=500, help="write checkpoint + resumable state every N steps")
+    u.add_argument("--resume", action="store_true", help="continue from <out>.state.pt exactly")
+    u.add_argument("--sample-steps", type=int, default=20, help="DDIM steps saved as the checkpoint's default")
+    u.add_argument("--guidance", type=float, default=4.0, help="CFG scale saved as the checkpoint's default")
+    return p.parse_args(argv)
+
+
+def dataset(args: argparse.Namespace, resolution: int) -> torch.utils.data.Dataset:
+    if args.data == "toy":
+        return ToyWorld("train", length=10**9, seed=args.seed, resolution=resolution)
+    return CaptionedFolder(args.data, resolution=resolution, skip_bad=args.skip_bad)
+
+
+def batch_at(data: torch.utils.data.Dataset, step: int, size: int, d: Dist, seed: int) -> tuple[torch.Tensor, list]:
+    """This rank's share of the global batch of ``step``: a pure function of (step, rank), so resume is exact."""
+    n = len(data)
+    start = step * size
+    epoch = start // n
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)) if n < 10**9 else None
+    items = [data[int(order[i % n]) if order is not None else i] for i in range(start + d.rank, start + size, d.world)]
+    return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+# ---- stage: toy CLIP --------------------------------------------------------------------------------------------
+def train_clip(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    from snapfusion_min.checkpoint import atomic_write
+    from snapfusion_min.toyclip import evaluate_toy_clip, train_toy_clip
+
+    model = train_toy_clip(steps=args.steps or 1000, batch=args.batch_size or 128, lr=args.lr or 2e-3, seed=args.seed)
+    accuracy = evaluate_toy_clip(model)
+    meta = {"snapfusion_min_toy_clip": json.dumps({"zero_shot_accuracy_heldout": accuracy, "argv": sys.argv[1:]})}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(args.out, lambda tmp: save_file(state, tmp, metadata=meta))
+    print("zero-shot accuracy on held-out real toy images: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+
+
+# ---- stage: autoencoder -----------------------------------------------------------------------------------------
+def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
+    """A KL autoencoder (LDM's, without the GAN / LPIPS terms): MSE + L1 reconstruction + small KL."""
+    seed_step(args.seed, -1)
+    vae = VAE(TOY_VAE).to(d.device)
+    broadcast_parameters(vae, d)
+    steps, batch, lr = args.steps or 3000, args.batch_size or 64, args.lr or 1e-3
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01)
+    data = dataset(args, 64)
+    for step in tqdm(range(steps), desc="autoencoder", disable=not d.main):
+        seed_step(args.seed, step, d.rank)
+        x, _ = batch_at(data, step, batch, d, args.seed)
+        x = x.to(d.device)
+        mean, logvar = vae.encoder(x).chunk(2, dim=1)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar.clamp(-30, 20))
+        rec = vae.decode(z)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + args.kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(vae, d)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, 100, steps)
+        opt.step()
+    with torch.no_grad():  # SD's 0.18215 plays this role: scale latents to unit variance for the UNet
+        x, _ = batch_at(data, steps, 256, Dist(device=d.device), args.seed + 1)
+        scale = 1.0 / vae.encode(x.to(d.device)).std().item()
+    if d.main:
+        save_checkpoint(args.out, {"vae": vae}, {"vae": TOY_VAE.__dict__, "latent_scale": scale})
+        print(f"latent scale {scale:.4f}; wrote {args.out}")
+
+
+# ---- stage: UNet ------------------------------------------------------------------------------------------------
+def build_pipeline(args: argparse.Namespace) -> Pipeline:
+    """The model to train: --init, or a fresh UNet of --arch with the toy CLIP's text tower and the autoencoder."""
+    if args.init:
+        return load_pipeline(args.init)
+    if not (args.clip and args.autoencoder):
+        raise ValueError("a fresh UNet needs --clip and --autoencoder (or start from --init)")
+    from safetensors.torch import load_file
+
+    from snapfusion_min.toyclip import build_toy_clip, text_encoder_from_clip
+
+    clip = build_toy_clip()
+    clip.load_state_dict(load_file(args.clip))
+    text_encoder = text_encoder_from_clip(clip)
+    meta = read_meta(args.autoencoder) or {}
+    ae = load_pipeline_part(args.autoencoder, meta)
+    spec = ArchSpec.from_json(Path(args.arch).read_text()) if args.arch.endswith(".json") else preset(args.arch)
+    if spec.context_dim != text_encoder.cfg.width:
+        spec = ArchSpec.from_json({**json.loads(spec.to_json()), "context_dim": text_encoder.cfg.width})
+    return Pipeline(UNet(spec), ae, text_encoder, args.prediction, meta["latent_scale"], args.out,
+                    {"steps": args.sample_steps, "guidance": args.guidance, "resolution": 64})
+
+
+def load_pipeline_part(path: str, meta: dict) -> VAE:
+    from snapfusion_min.checkpoint import read_state_dict
+    from snapfusion_min.weights import apply_map
+
+    if "vae" not in meta:
+        raise ValueError(f"{path}: not an autoencoder checkpoint from this script")
+    vae = VAE(VAEConfig(**meta["vae"]))
+    state = {k[4:]: v for k, v in read_state_dict(path).items() if k.startswith("vae.")}
+    apply_map(vae, state, lambda k: [k], f"{path}: vae")
+    return vae.eval().requires_grad_(False)
+
+
+def v_loss(pipe: Pipeline, x0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 (or Eq. 1 for eps): || net(t, z_t, c) - target ||^2 with t ~ U{0..999}, z_t = alpha_t x + sigma_t eps."""
+    t = torch.randint(0, D.TRAIN_STEPS, (x0.shape[0],), device=x0.device)
+    alpha, sigma = pipe.schedule.alpha_sigma(t)
+    eps = torch.randn_like(x0)
+    z = D.noisy(x=x0, eps=eps, alpha=alpha, sigma=sigma)
+    target = D.v_target(x=x0, eps=eps, alpha=alpha, sigma=sigma) if pipe.prediction == "v" else eps
+    return F.mse_loss(pipe.unet(z, t, context).float(), target.float())
+
+
+def train_unet(args: argparse.Namespace, d: Dist) -> None:
+    seed_step(args.seed, -1)
+    pipe = build_pipeline(args)
+    pipe.prediction = args.prediction
+    pipe.to(d.device)
+    unet, state_path = pipe.unet.train(), Path(args.out + ".state.pt")
+    unet.keep_prob = args.keep_prob
+    steps, batch, lr = args.steps or 6000, args.batch_size or 64, args.lr or 5e-4
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    ema, start, losses = EMA(unet, args.ema), 0, []
+    if args.resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+        state = load_state(state_path)
+        if state["arch"] != unet.spec.to_json():
+            raise ValueError(f"{state_path} was trained with another architecture; refusing to resume")
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["optimizer"])
+        ema.shadow, start, losses = state["ema"], state["step"], state["losses"]
+    broadcast_parameters(unet, d)
+    data = dataset(args, 64 if args.data == "toy" else 8 * 64)
+    with torch.no_grad():
+        empty = pipe.encode_prompts([""])
+    for step in tqdm(range(start, steps), desc="unet", disable=not d.main, initial=start, total=steps):
+        seed_step(args.seed, step, d.rank)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(args.accum):
+            x, captions = batch_at(data, step * args.accum + micro, batch // args.accum, d, args.seed)
+            with torch.no_grad():
+                x0 = pipe.vae.encode(x.to(d.device)) * pipe.latent_scale
+                context = pipe.encode_prompts(captions)
+                drop = torch.rand(len(captions), device=d.device) < args.cfg_dropout  # for CFG at sampling
+                context = torch.where(drop[:, None, None], empty, context)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = v_loss(pipe, x0, context) / args.accum
+            loss.backward()
+            total += loss.item()
+        if not torch.isfinite(torch.tensor(total)):
+            raise FloatingPointError(f"loss is {total} at step {step}; the last good checkpoint is {args.out}")
+        average_gradients(unet, d)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, 200, steps)
+        opt.step()
+        ema.update(unet, step)
+        losses.append(total)
+        if d.main and ((step + 1) % args.save_every == 0 or step + 1 == steps):
+            save_state(state_path, {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
+                                    "step": step + 1, "losses": losses, "arch": unet.spec.to_json()})
+            final = UNet(unet.spec)
+            ema.copy_to(final)
+            save_checkpoint(args.out, {"unet": final, "vae": pipe.vae, "text_encoder": pipe.text_encoder},
+                            pipe.config())
+    if d.main:
+        print(f"wrote {args.out} (EMA weights) after {steps} steps; final loss {sum(losses[-100:]) / 100:.4f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    d = setup_distributed(pick_device(args.device))
+    if args.stage == "clip":
+        train_clip(args)
+    elif args.stage == "autoencoder":
+        train_autoencoder(args, d)
+    else:
+        train_unet(args, d)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
+        sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
