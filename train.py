@@ -41,7 +41,7 @@ from snapfusion_min.training import (
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import VAE, VAEConfig
 
-TOY_VAE = VAEConfig(channels=(32, 64, 64, 64), decoder_channels=(64, 64, 64, 32), layers=1, groups=8)
+TOY_VAE = VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     u.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     u.add_argument("--save-every", type=int, default=500, help="write checkpoint + resumable state every N steps")
     u.add_argument("--resume", action="store_true", help="continue from <out>.state.pt exactly")
+    u.add_argument("--stop-after", type=int, help="run at most N steps in this invocation, save, exit (then --resume)")
     u.add_argument("--sample-steps", type=int, default=20, help="DDIM steps saved as the checkpoint's default")
     u.add_argument("--guidance", type=float, default=4.0, help="CFG scale saved as the checkpoint's default")
     return p.parse_args(argv)
@@ -115,7 +116,7 @@ def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
     seed_step(args.seed, -1)
     vae = VAE(TOY_VAE).to(d.device)
     broadcast_parameters(vae, d)
-    steps, batch, lr = args.steps or 3000, args.batch_size or 64, args.lr or 1e-3
+    steps, batch, lr = args.steps or 800, args.batch_size or 32, args.lr or 2e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01)
     data = dataset(args, 64)
     for step in tqdm(range(steps), desc="autoencoder", disable=not d.main):
@@ -209,7 +210,8 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
     data = dataset(args, 64 if args.data == "toy" else 8 * 64)
     with torch.no_grad():
         empty = pipe.encode_prompts([""])
-    for step in tqdm(range(start, steps), desc="unet", disable=not d.main, initial=start, total=steps):
+    end = steps if args.stop_after is None else min(steps, start + args.stop_after)
+    for step in tqdm(range(start, end), desc="unet", disable=not d.main, initial=start, total=steps):
         seed_step(args.seed, step, d.rank)
         opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -232,15 +234,53 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
         opt.step()
         ema.update(unet, step)
         losses.append(total)
-        if d.main and ((step + 1) % args.save_every == 0 or step + 1 == steps):
+        if d.main and ((step + 1) % args.save_every == 0 or step + 1 == end):
             save_state(state_path, {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
                                     "step": step + 1, "losses": losses, "arch": unet.spec.to_json()})
-            final = UNet(unet.spec)
-            ema.copy_to(final)
-            save_checkpoint(args.out, {"unet": final, "vae": pipe.vae, "text_encoder": pipe.text_encoder},
+            save_checkpoint(args.out, {"unet": ema_unet(unet, ema), "vae": pipe.vae, "text_encoder": pipe.text_encoder},
                             pipe.config())
+            write_figures(args.out, losses, ema_unet(unet, ema), pipe)
+    check_ranks_agree(unet, d)
     if d.main:
-        print(f"wrote {args.out} (EMA weights) after {steps} steps; final loss {sum(losses[-100:]) / 100:.4f}")
+        recent = losses[-100:]
+        print(f"wrote {args.out} (EMA weights) at step {end} of {steps}; loss {sum(recent) / len(recent):.4f}")
+
+
+def ema_unet(unet: UNet, ema: EMA) -> UNet:
+    final = UNet(unet.spec).to(next(unet.parameters()).device)
+    ema.copy_to(final)
+    return final.eval()
+
+
+def write_figures(out: str, losses: list[float], unet: UNet, pipe: Pipeline) -> None:
+    """<out>.loss.png (running mean of the loss) and <out>.samples.png (held-out prompts, fixed seeds)."""
+    from snapfusion_min.data import ToyWorld
+    from snapfusion_min.viz import caption_grid, line_plot
+
+    k = max(1, len(losses) // 200)
+    smooth = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
+    line_plot({"loss": ([i * k for i in range(len(smooth))], smooth)}, title="training loss (Eq. 6)",
+              xlabel="step").save(out + ".loss.png")
+    prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
+    sampler = Pipeline(unet, pipe.vae, pipe.text_encoder, pipe.prediction, pipe.latent_scale, sampler=pipe.sampler)
+    images = sampler(prompts, steps=pipe.sampler["steps"], guidance=pipe.sampler["guidance"], height=64, width=64)
+    caption_grid(images, prompts, cols=8).save(out + ".samples.png")
+    pipe.unet.train()
+
+
+def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
+    """DDP sanity check: every rank must end with the same weights (a checksum per rank, gathered)."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(d.world)]
+    dist.all_gather(sums, checksum)
+    if len({s.item() for s in sums}) != 1:
+        raise RuntimeError(f"DDP ranks diverged: weight checksums {[s.item() for s in sums]}")
+    if d.main:
+        print(f"all {d.world} ranks agree: weight checksum {sums[0].item():.10e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # a user's mistake or a diverged run: one line
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

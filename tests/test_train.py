@@ -1,0 +1,78 @@
+"""train.py: exact resume, DDP through torchrun, and clear errors that leave the last good checkpoint intact."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapfusion_min.checkpoint import save_checkpoint
+from snapfusion_min.pipeline import load_pipeline
+from snapfusion_min.training import load_state
+from snapfusion_min.vae import VAE, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT / "models" / "toy" / "clip.safetensors"
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+    cfg = VAEConfig(channels=(16, 32, 32, 32), decoder_channels=(32, 32, 32, 16), layers=1, groups=8)
+    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
+    save_checkpoint(path, {"vae": VAE(cfg)}, {"vae": cfg.__dict__, "latent_scale": 1.0})
+    return path
+
+
+def run(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+        if torchrun else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+
+
+def unet_args(out, autoencoder, steps=6, *extra):
+    return ["unet", "--arch", "tiny", "--clip", str(CLIP), "--autoencoder", str(autoencoder), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "4", "--save-every", "100", "--device", "cpu",
+            "--sample-steps", "2", "--keep-prob", "0.8", *extra]
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, autoencoder):
+    straight = run(*unet_args(tmp_path / "a.safetensors", autoencoder))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run(*unet_args(tmp_path / "b.safetensors", autoencoder, 6, "--stop-after", "3"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert load_state(str(tmp_path / "b.safetensors") + ".state.pt")["step"] == 3
+    second = run(*unet_args(tmp_path / "b.safetensors", autoencoder, 6, "--resume"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    a, b = (load_state(str(tmp_path / f"{n}.safetensors") + ".state.pt") for n in "ab")
+    assert a["step"] == b["step"] == 6 and a["losses"] == b["losses"]
+    for key in a["unet"]:
+        assert torch.equal(a["unet"][key], b["unet"][key]), key  # bitwise, Eq. 5 block dropping included
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    pipe = load_pipeline(tmp_path / "b.safetensors")  # the checkpoint sample.py reads
+    assert pipe.prediction == "v" and pipe.sampler["steps"] == 2
+    assert (tmp_path / "b.safetensors.loss.png").is_file() and (tmp_path / "b.safetensors.samples.png").is_file()
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, autoencoder):
+    r = run(*unet_args(tmp_path / "ddp.safetensors", autoencoder, 3), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 ranks agree" in r.stdout
+
+
+def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencoder):
+    r = run(*unet_args(tmp_path / "x.safetensors", autoencoder, 2, "--data", str(tmp_path / "no-such-folder")))
+    assert r.returncode != 0 and "no such data folder" in r.stderr and "Traceback" not in r.stderr
+    ok = run(*unet_args(tmp_path / "m.safetensors", autoencoder, 2))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    other = run("unet", "--arch", "snapfusion", "--clip", str(CLIP), "--autoencoder", str(autoencoder),
+                "--out", str(tmp_path / "m.safetensors"), "--steps", "4", "--resume", "--device", "cpu")
+    assert other.returncode != 0 and "another architecture" in other.stderr and "Traceback" not in other.stderr
+    before = (tmp_path / "m.safetensors").read_bytes()
+    nan = run(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--resume", "--lr", "1e30"))
+    assert nan.returncode != 0 and ("loss is nan" in nan.stderr or "loss is inf" in nan.stderr)
+    assert "Traceback" not in nan.stderr
+    assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
+    load_pipeline(tmp_path / "m.safetensors")
