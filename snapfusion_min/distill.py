@@ -1,0 +1,126 @@
+"""CFG-aware step distillation (paper §4, App. C): a student learns to do in one DDIM step what the teacher does in
+two (Eq. 7-9, 16), with classifier-free guidance applied to both (Eq. 10), mixed with the vanilla loss and the
+original v-prediction loss (Eq. 11).
+
+Notation: the student steps t -> t'' on its N-step grid; the teacher takes the k = teacher_steps / N steps of its own
+grid between the same two points (k = 2 in the paper: t -> t' -> t''). Both grids are 'trailing', so the teacher's
+grid contains the student's (``diffusion.timesteps``) and the last student step lands on clean data (t'' = CLEAN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import diffusion as D
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher_steps: int = 16  # §4.1: a 16-step teacher distilled directly to an 8-step student
+    student_steps: int = 8
+    w_min: float = 2.0  # CFG range of Eq. 10: w ~ U[w_min, w_max]
+    w_max: float = 14.0
+    cfg_prob: float = 0.1  # p of Eq. 11: probability of the CFG distillation loss in an iteration
+    gamma: float = 0.2  # weight of L_ori in Eq. 11, applied after rescaling L_ori to the distillation loss
+    spacing: str = "trailing"
+
+    def __post_init__(self) -> None:
+        if self.student_steps <= 0 or self.teacher_steps % self.student_steps:
+            raise ValueError(f"the student's steps ({self.student_steps}) must divide the teacher's "
+                             f"({self.teacher_steps})")
+        if self.teacher_steps == self.student_steps:
+            raise ValueError("the teacher needs more steps than the student")
+        if not 1.0 <= self.w_min <= self.w_max:
+            raise ValueError(f"CFG range must satisfy 1 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
+        if not 0.0 <= self.cfg_prob <= 1.0:
+            raise ValueError(f"cfg_prob must be in [0, 1], got {self.cfg_prob}")
+
+    @property
+    def k(self) -> int:
+        """Teacher DDIM steps per student step (2 in Eq. 7)."""
+        return self.teacher_steps // self.student_steps
+
+
+def snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Truncated SNR weighting varpi(lambda_t) = max(alpha_t^2 / sigma_t^2, 1) (Eq. 9, after Salimans & Ho)."""
+    return torch.clamp(alpha**2 / sigma**2, min=1.0)
+
+
+def x_target(*, z_t: torch.Tensor, z_t2: torch.Tensor, alpha_t: D.Scalar, sigma_t: D.Scalar, alpha_t2: D.Scalar,
+             sigma_t2: D.Scalar) -> torch.Tensor:
+    """Student target in x-space (Eq. 9, App. C Eq. 16).
+
+        x_target = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+
+    It is the x_hat whose single DDIM step from z_t lands exactly on the teacher's z_t'' (Eq. 14 solved for x_hat).
+    """
+    ratio = D.expand(torch.as_tensor(sigma_t2) / torch.as_tensor(sigma_t), z_t)
+    return (z_t2 - ratio * z_t) / (D.expand(alpha_t2, z_t) - ratio * D.expand(alpha_t, z_t))
+
+
+def guided_v(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None,
+             w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guided v of Eq. 10, conditional v): with w=None the plain conditional output serves as both."""
+    if w is None:
+        v = unet(z, t, context)
+        return v, v
+    v_uncond, v_cond = unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)
+    return D.cfg(v_cond, v_uncond, w), v_cond
+
+
+@torch.no_grad()
+def teacher_z(teacher: nn.Module, z_t: torch.Tensor, points: list[torch.Tensor], context: torch.Tensor,
+              uncond: torch.Tensor | None, w: torch.Tensor | None, schedule: D.Schedule) -> torch.Tensor:
+    """Eq. 7 / 12-13: the (guided) teacher's DDIM steps through ``points`` = [t, t', ..., t''] -> z_t''."""
+    z = z_t
+    for t, t_next in zip(points[:-1], points[1:]):
+        v, _ = guided_v(teacher, z, t, context, uncond, w)
+        alpha, sigma = schedule.alpha_sigma(t)
+        alpha_next, sigma_next = schedule.alpha_sigma(t_next)
+        x, eps = D.x_from_v(z=z, v=v, alpha=alpha, sigma=sigma), D.eps_from_v(z=z, v=v, alpha=alpha, sigma=sigma)
+        z = D.ddim_step(x=x, eps=eps, alpha_next=alpha_next, sigma_next=sigma_next)
+    return z
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context: torch.Tensor,
+                 uncond: torch.Tensor, cfg: DistillConfig, schedule: D.Schedule, use_cfg: bool | None = None,
+                 w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One iteration's loss, Eq. 11: L = L_dstl + gamma_dyn * L_ori.
+
+    L_dstl is the CFG distillation loss (Eq. 10: teacher and student guided with the same w ~ U[w_min, w_max]) with
+    probability cfg.cfg_prob, else the vanilla loss (Eq. 9); ``use_cfg`` / ``w`` fix these choices (for tests).
+    L_ori is Eq. 6 on the student's conditional output at the same (z_t, t), and its weight is
+    gamma * L_dstl / L_ori (detached): the 'dynamic gamma' that rescales L_ori to the distillation loss's magnitude.
+    Returns the total and its parts.
+    """
+    b = x0.shape[0]
+    student_grid = torch.tensor(D.timesteps(cfg.student_steps, cfg.spacing), device=x0.device)
+    teacher_grid = torch.tensor(D.timesteps(cfg.teacher_steps, cfg.spacing), device=x0.device)
+    i = torch.randint(0, cfg.student_steps, (b,), device=x0.device)  # which student step, per sample
+    points = [teacher_grid[cfg.k * i + j] for j in range(cfg.k + 1)]  # t, t', ..., t'' (t'' = student_grid[i + 1])
+    t, t2 = points[0], points[-1]
+    assert torch.equal(t, student_grid[i]) and torch.equal(t2, student_grid[i + 1])
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_t2, sigma_t2 = schedule.alpha_sigma(t2)
+    eps = torch.randn_like(x0)
+    z_t = D.noisy(x=x0, eps=eps, alpha=alpha_t, sigma=sigma_t)
+
+    if use_cfg is None:
+        use_cfg = bool(torch.rand(()) < cfg.cfg_prob)  # Eq. 11's P ~ U[0, 1] < p
+    if use_cfg and w is None:
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=x0.device)
+    w = w if use_cfg else None
+
+    z_t2 = teacher_z(teacher, z_t, points, context, uncond, w, schedule)
+    target = x_target(z_t=z_t, z_t2=z_t2, alpha_t=alpha_t, sigma_t=sigma_t, alpha_t2=alpha_t2, sigma_t2=sigma_t2)
+    v_student, v_cond = guided_v(student, z_t, t, context, uncond, w)
+    x_student = D.x_from_v(z=z_t, v=v_student, alpha=alpha_t, sigma=sigma_t)  # Eq. 8
+    per_sample = ((x_student.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    l_dstl = (D.expand(snr_weight(alpha_t, sigma_t), per_sample) * per_sample).mean()  # Eq. 9 (or Eq. 10's)
+    v_true = D.v_target(x=x0, eps=eps, alpha=alpha_t, sigma=sigma_t)
+    l_ori = ((v_cond.float() - v_true.float()) ** 2).mean()  # Eq. 6
+    gamma = cfg.gamma * l_dstl.detach() / l_ori.detach().clamp(min=1e-12)
+    return {"loss": l_dstl + gamma * l_ori, "dstl": l_dstl, "ori": l_ori, "cfg": torch.tensor(float(use_cfg))}
