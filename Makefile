@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a red circle at the top left on a gray background
 
-.PHONY: sample test lint bench clean
+TOY := models/toy
+
+.PHONY: sample test lint bench toy evaluate clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,16 @@ test: $(VENV)/.dev lint  ## install, lint, run the test suite
 
 bench: $(VENV)/.dev
 	$(PY) bench/unet_speed.py
+
+toy: $(VENV)/.runtime  ## retrain every bundled toy model from scratch (about 30 min on 2 CPU cores)
+	$(PY) train.py clip --out $(TOY)/clip.safetensors
+	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
+	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
+		--out $(TOY)/model.safetensors
+	$(PY) evaluate.py --grid $(TOY)/heldout_samples.png
+
+evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts
+	$(PY) evaluate.py
 
 clean:
 	rm -rf $(VENV) samples .pytest_cache

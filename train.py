@@ -25,18 +25,22 @@ from tqdm.auto import tqdm
 from snapfusion_min import diffusion as D
 from snapfusion_min.arch import ArchSpec, preset
 from snapfusion_min.checkpoint import read_meta, save_checkpoint
-from snapfusion_min.data import CaptionedFolder, ToyWorld
 from snapfusion_min.pipeline import Pipeline, load_pipeline, pick_device
 from snapfusion_min.training import (
     EMA,
     Dist,
     average_gradients,
+    batch_at,
     broadcast_parameters,
+    check_ranks_agree,
+    ema_model,
     load_state,
     lr_at,
+    make_dataset,
     save_state,
     seed_step,
     setup_distributed,
+    write_figures,
 )
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import VAE, VAEConfig
@@ -79,22 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def dataset(args: argparse.Namespace, resolution: int) -> torch.utils.data.Dataset:
-    if args.data == "toy":
-        return ToyWorld("train", length=10**9, seed=args.seed, resolution=resolution)
-    return CaptionedFolder(args.data, resolution=resolution, skip_bad=args.skip_bad)
-
-
-def batch_at(data: torch.utils.data.Dataset, step: int, size: int, d: Dist, seed: int) -> tuple[torch.Tensor, list]:
-    """This rank's share of the global batch of ``step``: a pure function of (step, rank), so resume is exact."""
-    n = len(data)
-    start = step * size
-    epoch = start // n
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)) if n < 10**9 else None
-    items = [data[int(order[i % n]) if order is not None else i] for i in range(start + d.rank, start + size, d.world)]
-    return torch.stack([x for x, _ in items]), [c for _, c in items]
-
-
 # ---- stage: toy CLIP --------------------------------------------------------------------------------------------
 def train_clip(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
@@ -116,9 +104,9 @@ def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
     seed_step(args.seed, -1)
     vae = VAE(TOY_VAE).to(d.device)
     broadcast_parameters(vae, d)
-    steps, batch, lr = args.steps or 800, args.batch_size or 32, args.lr or 2e-3
+    steps, batch, lr = args.steps or 2000, args.batch_size or 32, args.lr or 2e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01)
-    data = dataset(args, 64)
+    data = make_dataset(args.data, 64, args.seed, args.skip_bad)
     for step in tqdm(range(steps), desc="autoencoder", disable=not d.main):
         seed_step(args.seed, step, d.rank)
         x, _ = batch_at(data, step, batch, d, args.seed)
@@ -207,7 +195,7 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
         opt.load_state_dict(state["optimizer"])
         ema.shadow, start, losses = state["ema"], state["step"], state["losses"]
     broadcast_parameters(unet, d)
-    data = dataset(args, 64 if args.data == "toy" else 8 * 64)
+    data = make_dataset(args.data, 64 if args.data == "toy" else 8 * 64, args.seed, args.skip_bad)
     with torch.no_grad():
         empty = pipe.encode_prompts([""])
     end = steps if args.stop_after is None else min(steps, start + args.stop_after)
@@ -237,50 +225,14 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
         if d.main and ((step + 1) % args.save_every == 0 or step + 1 == end):
             save_state(state_path, {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
                                     "step": step + 1, "losses": losses, "arch": unet.spec.to_json()})
-            save_checkpoint(args.out, {"unet": ema_unet(unet, ema), "vae": pipe.vae, "text_encoder": pipe.text_encoder},
-                            pipe.config())
-            write_figures(args.out, losses, ema_unet(unet, ema), pipe)
+            averaged = Pipeline(ema_model(unet, ema), pipe.vae, pipe.text_encoder, pipe.prediction, pipe.latent_scale,
+                                sampler=pipe.sampler)
+            averaged.save(args.out)
+            write_figures(args.out, losses, averaged, "training loss (Eq. 6)")
     check_ranks_agree(unet, d)
     if d.main:
         recent = losses[-100:]
         print(f"wrote {args.out} (EMA weights) at step {end} of {steps}; loss {sum(recent) / len(recent):.4f}")
-
-
-def ema_unet(unet: UNet, ema: EMA) -> UNet:
-    final = UNet(unet.spec).to(next(unet.parameters()).device)
-    ema.copy_to(final)
-    return final.eval()
-
-
-def write_figures(out: str, losses: list[float], unet: UNet, pipe: Pipeline) -> None:
-    """<out>.loss.png (running mean of the loss) and <out>.samples.png (held-out prompts, fixed seeds)."""
-    from snapfusion_min.data import ToyWorld
-    from snapfusion_min.viz import caption_grid, line_plot
-
-    k = max(1, len(losses) // 200)
-    smooth = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
-    line_plot({"loss": ([i * k for i in range(len(smooth))], smooth)}, title="training loss (Eq. 6)",
-              xlabel="step").save(out + ".loss.png")
-    prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
-    sampler = Pipeline(unet, pipe.vae, pipe.text_encoder, pipe.prediction, pipe.latent_scale, sampler=pipe.sampler)
-    images = sampler(prompts, steps=pipe.sampler["steps"], guidance=pipe.sampler["guidance"], height=64, width=64)
-    caption_grid(images, prompts, cols=8).save(out + ".samples.png")
-    pipe.unet.train()
-
-
-def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
-    """DDP sanity check: every rank must end with the same weights (a checksum per rank, gathered)."""
-    if d.world == 1:
-        return
-    import torch.distributed as dist
-
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    sums = [torch.zeros_like(checksum) for _ in range(d.world)]
-    dist.all_gather(sums, checksum)
-    if len({s.item() for s in sums}) != 1:
-        raise RuntimeError(f"DDP ranks diverged: weight checksums {[s.item() for s in sums]}")
-    if d.main:
-        print(f"all {d.world} ranks agree: weight checksum {sums[0].item():.10e}")
 
 
 def main(argv: list[str] | None = None) -> None:

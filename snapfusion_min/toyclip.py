@@ -8,15 +8,20 @@ tower's 'argmax' pooling picks the first <|endoftext|>.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from tqdm.auto import tqdm
 
 from .data import ToyWorld, to_tensor
-from .metrics import Judge, zero_shot_accuracy
+from .metrics import Judge, clip_score, fid, zero_shot_accuracy
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .weights import apply_map
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 TOY_TEXT = TextConfig(width=64, layers=3, heads=4, context_length=32)  # toy captions are < 20 tokens
 TOY_IMAGE = 64
@@ -75,8 +80,46 @@ def train_toy_clip(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: 
 
 def evaluate_toy_clip(model: CustomTextCLIP, n: int = 1000, seed: int = 1234) -> dict[str, float]:
     """Zero-shot accuracy per attribute on ``n`` real images of held-out attribute combinations."""
+    images, truth = real_heldout(n, seed)
+    return zero_shot_accuracy(toy_judge(model), images, truth)
+
+
+
+def load_toy_clip(path: str) -> CustomTextCLIP:
+    from safetensors.torch import load_file
+
+    model = build_toy_clip()
+    model.load_state_dict(load_file(path))
+    return model.eval()
+
+
+def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list]:
+    """``n`` real held-out images in [0, 1] and their attribute combinations."""
     data = ToyWorld("heldout", length=n, seed=seed)
     samples = [data.sample(i) for i in range(n)]
-    images = (torch.stack([to_tensor(image) for image, _ in samples]) + 1) / 2
-    return zero_shot_accuracy(toy_judge(model), images, [c for _, c in samples])
+    return (torch.stack([to_tensor(image) for image, _ in samples]) + 1) / 2, [c for _, c in samples]
 
+
+@torch.no_grad()
+def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, n: int = 500, steps: int | None = None,
+                        guidance: float | None = None, seed: int = 1234, batch: int = 100) -> dict:
+    """Generate images for ``n`` held-out prompts and judge them against real images of the same prompts.
+
+    Returns zero-shot accuracy per attribute (generated and real), CLIP score (generated and real) and FID between
+    generated and real images on the toy CLIP's image features.
+    """
+    real, truth = real_heldout(n, seed)
+    steps = steps or pipe.sampler["steps"]
+    guidance = pipe.sampler["guidance"] if guidance is None else guidance
+    prompts = [c.caption for c in truth]
+    generated = torch.cat([pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=64,
+                                width=64, spacing=pipe.sampler["spacing"], output_type="pt").cpu()
+                           for i in range(0, n, batch)])
+    judge = toy_judge(clip)
+    return {
+        "accuracy": zero_shot_accuracy(judge, generated, truth),
+        "accuracy_real": zero_shot_accuracy(judge, real, truth),
+        "clip_score": clip_score(judge, generated, prompts), "clip_score_real": clip_score(judge, real, prompts),
+        "fid": fid(judge.image_features(generated, normalize=False), judge.image_features(real, normalize=False)),
+        "steps": steps, "guidance": guidance, "n": n, "images": generated,
+    }

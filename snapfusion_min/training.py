@@ -8,15 +8,20 @@ what the uninterrupted run did from step k on.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_write
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -107,3 +112,60 @@ def save_state(path: str | Path, state: dict) -> None:
 
 def load_state(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = False) -> torch.utils.data.Dataset:
+    """'toy' -> the endless toy world (train split); else a folder of captioned images."""
+    from .data import CaptionedFolder, ToyWorld
+
+    if data == "toy":
+        return ToyWorld("train", length=10**9, seed=seed, resolution=resolution)
+    return CaptionedFolder(data, resolution=resolution, skip_bad=skip_bad)
+
+
+def batch_at(data: torch.utils.data.Dataset, step: int, size: int, d: Dist, seed: int) -> tuple[torch.Tensor, list]:
+    """This rank's share of the global batch of ``step``: a pure function of (step, rank), so resume is exact.
+
+    A finite dataset is walked in a fresh permutation per epoch (seeded by the epoch); the endless toy world in order.
+    """
+    n = len(data)
+    start = step * size
+    order = None if n >= 10**9 else torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + start // n))
+    items = [data[i if order is None else int(order[i % n])] for i in range(start + d.rank, start + size, d.world)]
+    return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
+    """A copy of ``model`` holding the EMA weights (what checkpoints store)."""
+    averaged = copy.deepcopy(model)
+    ema.copy_to(averaged)
+    return averaged.eval()
+
+
+def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
+    """DDP sanity check: every rank must end with the same weights (a checksum per rank, gathered)."""
+    if d.world == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(d.world)]
+    dist.all_gather(sums, checksum)
+    if len({s.item() for s in sums}) != 1:
+        raise RuntimeError(f"DDP ranks diverged: weight checksums {[s.item() for s in sums]}")
+    if d.main:
+        print(f"all {d.world} ranks agree: weight checksum {sums[0].item():.10e}")
+
+
+def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "training loss") -> None:
+    """<out>.loss.png (running mean of the loss) and <out>.samples.png (held-out prompts, the pipeline's sampler)."""
+    from .data import ToyWorld
+    from .viz import caption_grid, line_plot
+
+    k = max(1, len(losses) // 200)
+    smooth = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
+    line_plot({"loss": ([i * k for i in range(len(smooth))], smooth)}, title=title, xlabel="step").save(
+        out + ".loss.png")
+    prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
+    res = pipe.sampler["resolution"]
+    images = pipe(prompts, steps=pipe.sampler["steps"], guidance=pipe.sampler["guidance"], height=res, width=res,
+                  spacing=pipe.sampler["spacing"])
+    caption_grid(images, prompts, cols=8).save(out + ".samples.png")
