@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= a red circle at the top left on a gray background
+PROMPT ?= a large red circle at the top left on a gray background
 
 TOY := models/toy
 

@@ -28,13 +28,12 @@ from snapfusion_min.training import (
     broadcast_parameters,
     check_ranks_agree,
     ema_model,
-    load_state,
     lr_at,
     make_dataset,
-    save_state,
+    resume,
+    save_progress,
     seed_step,
     setup_distributed,
-    write_figures,
 )
 
 
@@ -85,13 +84,9 @@ def distill_stage(args: argparse.Namespace, d: Dist, teacher: Pipeline, student:
     teacher.unet.eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     ema, start, losses = EMA(unet, args.ema), 0, []
-    if args.resume and state_path.is_file():
-        state = load_state(state_path)
-        if state["arch"] != unet.spec.to_json() or state["config"] != repr(cfg):
-            raise ValueError(f"{state_path} belongs to another student or configuration; refusing to resume")
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["optimizer"])
-        ema.shadow, start, losses = state["ema"], state["step"], state["losses"]
+    tag = unet.spec.to_json() + repr(cfg)
+    if args.resume:
+        start, losses = resume(state_path, unet, opt, ema, tag)
     broadcast_parameters(unet, d)
     data = make_dataset(args.data, student.sampler["resolution"], args.seed, args.skip_bad)
     with torch.no_grad():
@@ -116,13 +111,7 @@ def distill_stage(args: argparse.Namespace, d: Dist, teacher: Pipeline, student:
         ema.update(unet, step)
         losses.append(parts["dstl"].item())
         if d.main and ((step + 1) % args.save_every == 0 or step + 1 == end):
-            save_state(state_path, {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
-                                    "step": step + 1, "losses": losses, "arch": unet.spec.to_json(),
-                                    "config": repr(cfg)})
-            averaged = Pipeline(ema_model(unet, ema), student.vae, student.text_encoder, "v", student.latent_scale,
-                                sampler=student.sampler)
-            averaged.save(out)
-            write_figures(out, losses, averaged, f"distillation loss {desc} (Eq. 11)")
+            save_progress(out, unet, opt, ema, step + 1, losses, tag, student, f"distillation loss {desc} (Eq. 11)")
     check_ranks_agree(unet, d)
     return Pipeline(ema_model(unet, ema), student.vae, student.text_encoder, "v", student.latent_scale,
                     sampler=student.sampler)

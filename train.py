@@ -33,14 +33,12 @@ from snapfusion_min.training import (
     batch_at,
     broadcast_parameters,
     check_ranks_agree,
-    ema_model,
-    load_state,
     lr_at,
     make_dataset,
-    save_state,
+    resume,
+    save_progress,
     seed_step,
     setup_distributed,
-    write_figures,
 )
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import VAE, VAEConfig
@@ -185,15 +183,9 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
     steps, batch, lr = args.steps or 6000, args.batch_size or 64, args.lr or 5e-4
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     ema, start, losses = EMA(unet, args.ema), 0, []
+    tag = unet.spec.to_json()
     if args.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
-        state = load_state(state_path)
-        if state["arch"] != unet.spec.to_json():
-            raise ValueError(f"{state_path} was trained with another architecture; refusing to resume")
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["optimizer"])
-        ema.shadow, start, losses = state["ema"], state["step"], state["losses"]
+        start, losses = resume(state_path, unet, opt, ema, tag)
     broadcast_parameters(unet, d)
     data = make_dataset(args.data, 64 if args.data == "toy" else 8 * 64, args.seed, args.skip_bad)
     with torch.no_grad():
@@ -223,12 +215,7 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
         ema.update(unet, step)
         losses.append(total)
         if d.main and ((step + 1) % args.save_every == 0 or step + 1 == end):
-            save_state(state_path, {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
-                                    "step": step + 1, "losses": losses, "arch": unet.spec.to_json()})
-            averaged = Pipeline(ema_model(unet, ema), pipe.vae, pipe.text_encoder, pipe.prediction, pipe.latent_scale,
-                                sampler=pipe.sampler)
-            averaged.save(args.out)
-            write_figures(args.out, losses, averaged, "training loss (Eq. 6)")
+            save_progress(args.out, unet, opt, ema, step + 1, losses, tag, pipe, "training loss (Eq. 6)")
     check_ranks_agree(unet, d)
     if d.main:
         recent = losses[-100:]

@@ -169,3 +169,33 @@ def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "t
     images = pipe(prompts, steps=pipe.sampler["steps"], guidance=pipe.sampler["guidance"], height=res, width=res,
                   spacing=pipe.sampler["spacing"])
     caption_grid(images, prompts, cols=8).save(out + ".samples.png")
+
+
+def resume(state_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, tag: str) -> tuple[int,
+                                                                                                              list]:
+    """Load a resumable state into model, optimizer and EMA; returns (step, losses).
+
+    ``tag`` names what the state belongs to (architecture, configuration); a state of anything else is refused.
+    """
+    if not state_path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+    state = load_state(state_path)
+    if state["tag"] != tag:
+        raise ValueError(f"{state_path} was trained with another architecture or configuration; refusing to resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    ema.shadow = state["ema"]
+    return state["step"], state["losses"]
+
+
+def save_progress(out: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, step: int,
+                  losses: list[float], tag: str, pipe: Pipeline, title: str) -> None:
+    """Write <out>.state.pt (resumable), <out> (a checkpoint with the EMA weights) and its figures, all atomically."""
+    from .pipeline import Pipeline
+
+    save_state(out + ".state.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
+                                   "step": step, "losses": losses, "tag": tag})
+    averaged = Pipeline(ema_model(model, ema), pipe.vae, pipe.text_encoder, pipe.prediction, pipe.latent_scale,
+                        sampler=pipe.sampler)
+    averaged.save(out)
+    write_figures(out, losses, averaged, title)
