@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     check_pair(teacher, student)
     for i, cfg in enumerate(configs):
         student.sampler = {**student.sampler, "steps": cfg.student_steps, "spacing": "trailing",
-                           "guidance": args.guidance}
+                           "guidance": args.guidance, "distilled": True}
         out = args.out if i == len(configs) - 1 else f"{args.out}.stage{cfg.student_steps}.safetensors"
         result = distill_stage(args, d, teacher, student, cfg, out)
         if args.stop_after is not None:

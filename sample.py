@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     p.add_argument("--ema", action="store_true", help="use the EMA UNet of an SD-v1 .ckpt/.safetensors file")
+    p.add_argument("--decoder", help="decode with the (pruned, §3.2) autoencoder of this checkpoint")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the checkpoint's prediction type")
     return p.parse_args(argv)
 
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load_pipeline(args.checkpoint, ema=args.ema, prediction=args.prediction, device=args.device,
                          dtype=args.dtype)
+    if args.decoder:
+        other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
+        pipe.set_decoder(other.vae, other.latent_scale)
     d = pipe.sampler
     steps, guidance, spacing, height, width = (
         d[key] if value is None else value for key, value in (("steps", args.steps), ("guidance", args.guidance),

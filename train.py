@@ -5,6 +5,7 @@
     python train.py unet --arch tiny --clip models/toy/clip.safetensors \
         --autoencoder models/toy/autoencoder.safetensors --out models/toy/model.safetensors
     python train.py unet --init model.safetensors --keep-prob 0.9 --out robust.safetensors   # robust training
+    python train.py decoder --init model.safetensors --ratio 0.5 --out pruned.safetensors    # §3.2 decoder
     torchrun --nproc_per_node 2 train.py unet ...                                            # DDP (gloo / NCCL)
 
 The UNet stage writes a checkpoint loadable by sample.py, distill.py and evolve.py; a resumable training state is
@@ -61,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub.add_parser("clip", parents=[common], help="the toy CLIP (judge and text encoder of the toy world)")
     ae = sub.add_parser("autoencoder", parents=[common], help="a toy KL autoencoder with f = 8")
     ae.add_argument("--kl", type=float, default=1e-6, help="KL weight, as SD's VAE (default: 1e-6)")
+    ae.add_argument("--object-weight", type=float,
+                    help="extra loss weight of pixels unlike the image border (default: 8 on toy data, 0 on a folder)")
+    ae.add_argument("--edge-weight", type=float, default=1.0,
+                    help="weight of the L1 loss on image gradients, which keeps edges sharp (default: 1)")
     u = sub.add_parser("unet", parents=[common], help="the denoising UNet (Eq. 6), with robust training (Eq. 5)")
     u.add_argument("--arch", default="tiny", help="preset (sd15, snapfusion, tiny) or a spec .json (default: tiny)")
     u.add_argument("--init", help="start from this checkpoint (ours / SD): UNet, autoencoder, text encoder")
@@ -78,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     u.add_argument("--stop-after", type=int, help="run at most N steps in this invocation, save, exit (then --resume)")
     u.add_argument("--sample-steps", type=int, default=20, help="DDIM steps saved as the checkpoint's default")
     u.add_argument("--guidance", type=float, default=4.0, help="CFG scale saved as the checkpoint's default")
+    dec = sub.add_parser("decoder", parents=[common], help="prune the VAE decoder and distill it (§3.2, App. B.2)")
+    dec.add_argument("--init", required=True, help="the teacher pipeline checkpoint (its UNet makes the latents)")
+    dec.add_argument("--ratio", type=float, default=0.5, help="fraction r of channels kept per layer (default: 0.5)")
+    dec.add_argument("--latents", type=int, default=2048, help="synthetic latents in the pool (default: 2048)")
+    dec.add_argument("--teacher-steps", type=int, default=50, help="DDIM steps making each latent (paper: 50)")
+    dec.add_argument("--guidance", type=float, help="CFG scale for the latents (default: the checkpoint's)")
+    dec.add_argument("--latent-cache", help="where the synthetic latents are cached (default: <out>.latents.pt)")
     return p.parse_args(argv)
 
 
@@ -97,12 +109,27 @@ def train_clip(args: argparse.Namespace) -> None:
 
 
 # ---- stage: autoencoder -----------------------------------------------------------------------------------------
+def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1 + boost where a pixel differs from its image's border colour.
+
+    Our stand-in for LDM's perceptual loss (no LPIPS weights offline): a toy object covers 4-15% of the pixels, so a
+    plain mean lets the autoencoder trade the object's colour and corners for a cleaner background.
+    """
+    if boost == 0:
+        return torch.ones_like(x[:, :1])
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [B, C, 4W]
+    background = border.median(dim=-1).values[..., None, None]
+    return 1 + boost * ((x - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+
 def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
     """A KL autoencoder (LDM's, without the GAN / LPIPS terms): MSE + L1 reconstruction + small KL."""
     seed_step(args.seed, -1)
     vae = VAE(TOY_VAE).to(d.device)
+    with torch.no_grad():  # a narrow posterior from the start (std e^-3): a wide one teaches the decoder to blur
+        vae.encoder.quant_conv.bias[TOY_VAE.latent_channels:] = -6.0
     broadcast_parameters(vae, d)
-    steps, batch, lr = args.steps or 2000, args.batch_size or 32, args.lr or 2e-3
+    steps, batch, lr = args.steps or 3000, args.batch_size or 16, args.lr or 2e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01)
     data = make_dataset(args.data, 64, args.seed, args.skip_bad)
     for step in tqdm(range(steps), desc="autoencoder", disable=not d.main):
@@ -112,8 +139,14 @@ def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
         mean, logvar = vae.encoder(x).chunk(2, dim=1)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar.clamp(-30, 20))
         rec = vae.decode(z)
-        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + args.kl * kl
+        weight = object_weights(x, args.object_weight if args.object_weight is not None else 8.0 * (args.data == "toy"))
+        # LDM weighs the per-image KL against the per-image *sum* of reconstruction errors; ours are pixel means,
+        # so the KL is divided by the pixel count too (else the posterior stays wide and the decoder learns blur)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
+        err = rec - x
+        edges = ((weight[..., 1:] * (err[..., 1:] - err[..., :-1]).abs()).mean()
+                 + (weight[..., 1:, :] * (err[..., 1:, :] - err[..., :-1, :]).abs()).mean())
+        loss = (weight * (err**2 + err.abs())).mean() + args.edge_weight * edges + args.kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(vae, d)
@@ -180,7 +213,7 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
     pipe.to(d.device)
     unet, state_path = pipe.unet.train(), Path(args.out + ".state.pt")
     unet.keep_prob = args.keep_prob
-    steps, batch, lr = args.steps or 6000, args.batch_size or 64, args.lr or 5e-4
+    steps, batch, lr = args.steps or 2500, args.batch_size or 32, args.lr or 1e-3
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     ema, start, losses = EMA(unet, args.ema), 0, []
     tag = unet.spec.to_json()
@@ -210,7 +243,7 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
             raise FloatingPointError(f"loss is {total} at step {step}; the last good checkpoint is {args.out}")
         average_gradients(unet, d)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, 200, steps)
+            group["lr"] = lr_at(step, lr, min(200, steps // 10), steps)
         opt.step()
         ema.update(unet, step)
         losses.append(total)
@@ -222,6 +255,73 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
         print(f"wrote {args.out} (EMA weights) at step {end} of {steps}; loss {sum(recent) / len(recent):.4f}")
 
 
+# ---- stage: decoder (§3.2, App. B.2) -----------------------------------------------------------------------------
+@torch.no_grad()
+def synthetic_latents(pipe: Pipeline, args: argparse.Namespace, d: Dist) -> torch.Tensor:
+    """The distillation data: prompts -> the teacher UNet's DDIM output, fresh noise each (no images needed).
+
+    Cached in <out>.latents.pt, the expensive part; a cache made with other settings is remade.
+    """
+    cache = Path(args.latent_cache or args.out + ".latents.pt")
+    tag = [args.init, args.latents, args.teacher_steps, args.guidance, args.seed, args.data]
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu")
+        if saved["tag"] == tag:
+            return saved["latents"]
+    data = make_dataset(args.data, 64 if args.data == "toy" else 8 * 64, args.seed, args.skip_bad)
+    guidance = pipe.sampler["guidance"] if args.guidance is None else args.guidance
+    res, chunk, out = pipe.sampler["resolution"], 64, []
+    for i in tqdm(range(0, args.latents, chunk), desc="teacher latents", disable=not d.main):
+        n = min(chunk, args.latents - i)
+        prompts = [data[(i + k) % len(data)][1] for k in range(n)]
+        z = pipe.initial_latents(n, res, res, seed=10**6 * (args.seed + 1) + i)
+        context, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * n)
+        out.append(pipe.denoise(z, context, uncond, args.teacher_steps, guidance, pipe.sampler["spacing"]).cpu())
+    latents = torch.cat(out)
+    if d.main:
+        from snapfusion_min.checkpoint import atomic_write
+
+        atomic_write(str(cache), lambda tmp: torch.save({"tag": tag, "latents": latents}, tmp))
+    return latents
+
+
+def train_decoder(args: argparse.Namespace, d: Dist) -> None:
+    """Data distillation (App. B.2): MSE between the original decoder's image (teacher) and the pruned one's."""
+    from snapfusion_min.prune import prune_decoder
+
+    seed_step(args.seed, -1)
+    pipe = load_pipeline(args.init).to(d.device)
+    student = prune_decoder(pipe.vae, args.ratio)
+    latents = synthetic_latents(pipe, args, d) / pipe.latent_scale
+    teacher, decoder = pipe.vae.decoder.eval(), student.decoder.train().requires_grad_(True)
+    broadcast_parameters(decoder, d)
+    steps = 1000 if args.steps is None else args.steps  # 0: pruned only, the lower reference of §3.2
+    batch, lr = args.batch_size or 16, args.lr or 1e-3
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01)
+    losses = []
+    for step in tqdm(range(steps), desc="decoder", disable=not d.main):
+        seed_step(args.seed, step, d.rank)
+        z = latents[torch.randint(0, len(latents), (batch // d.world,))].to(d.device)
+        with torch.no_grad():
+            target = teacher(z)
+        loss = F.mse_loss(decoder(z), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        average_gradients(decoder, d)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, 50, steps)
+        opt.step()
+        losses.append(loss.item())
+    if d.main:
+        Pipeline(pipe.unet, student.eval(), pipe.text_encoder, pipe.prediction, pipe.latent_scale, args.out,
+                 pipe.sampler).save(args.out)
+        recent = losses[-100:] or [float("nan")]
+        print(f"wrote {args.out}: decoder widths {student.cfg.decoder_channels} (from {pipe.vae.cfg.decoder_channels})"
+              f"; image MSE to the teacher decoder {sum(recent) / len(recent):.5f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     d = setup_distributed(pick_device(args.device))
@@ -229,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         train_clip(args)
     elif args.stage == "autoencoder":
         train_autoencoder(args, d)
+    elif args.stage == "decoder":
+        train_decoder(args, d)
     else:
         train_unet(args, d)
 

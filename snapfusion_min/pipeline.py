@@ -108,6 +108,15 @@ class Pipeline:
             z = D.ddim_step(x=x, eps=eps, alpha_next=alpha_next, sigma_next=sigma_next)
         return z
 
+    def set_decoder(self, vae: VAE, latent_scale: float) -> None:
+        """Decode with another (e.g. pruned, §3.2) autoencoder; it must read this pipeline's latents."""
+        mine = (self.vae.cfg.latent_channels, self.vae.cfg.factor, round(self.latent_scale, 6))
+        theirs = (vae.cfg.latent_channels, vae.cfg.factor, round(latent_scale, 6))
+        if mine != theirs:
+            raise ValueError(f"decoder reads latents with (channels, factor, scale) = {theirs}, the pipeline makes "
+                             f"{mine}")
+        self.vae = vae.to(self.device, self.dtype).eval()
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image in [0, 1]."""

@@ -102,11 +102,13 @@ def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list]:
 
 @torch.no_grad()
 def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, n: int = 500, steps: int | None = None,
-                        guidance: float | None = None, seed: int = 1234, batch: int = 100) -> dict:
+                        guidance: float | None = None, seed: int = 1234, batch: int = 100,
+                        reference: bool = True) -> dict:
     """Generate images for ``n`` held-out prompts and judge them against real images of the same prompts.
 
-    Returns zero-shot accuracy per attribute (generated and real), CLIP score (generated and real) and FID between
-    generated and real images on the toy CLIP's image features.
+    Returns zero-shot accuracy per attribute and CLIP score of the generated images, and with ``reference`` also of
+    real images and of their autoencoder round trip (the ceilings), and FID between generated and real images on the
+    toy CLIP's image features.
     """
     real, truth = real_heldout(n, seed)
     steps = steps or pipe.sampler["steps"]
@@ -116,10 +118,17 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, n: int = 500, step
                                 width=64, spacing=pipe.sampler["spacing"], output_type="pt").cpu()
                            for i in range(0, n, batch)])
     judge = toy_judge(clip)
-    return {
-        "accuracy": zero_shot_accuracy(judge, generated, truth),
-        "accuracy_real": zero_shot_accuracy(judge, real, truth),
-        "clip_score": clip_score(judge, generated, prompts), "clip_score_real": clip_score(judge, real, prompts),
-        "fid": fid(judge.image_features(generated, normalize=False), judge.image_features(real, normalize=False)),
-        "steps": steps, "guidance": guidance, "n": n, "images": generated,
-    }
+    out = {"accuracy": zero_shot_accuracy(judge, generated, truth), "clip_score": clip_score(judge, generated, prompts),
+           "steps": steps, "guidance": guidance, "n": n, "images": generated}
+    if not reference:
+        return out
+    with torch.no_grad():  # the autoencoder's round trip: the best a latent model can do
+        device = next(pipe.vae.parameters()).device
+        decoded = torch.cat([pipe.vae.decode(pipe.vae.encode(x.to(device) * 2 - 1)).add(1).div(2).clamp(0, 1).cpu()
+                             for x in real.split(batch)])
+    return {**out,
+            "accuracy_real": zero_shot_accuracy(judge, real, truth),
+            "clip_score_real": clip_score(judge, real, prompts),
+            "accuracy_decoded": zero_shot_accuracy(judge, decoded, truth),
+            "clip_score_decoded": clip_score(judge, decoded, prompts),
+            "fid": fid(judge.image_features(generated, normalize=False), judge.image_features(real, normalize=False))}
