@@ -63,16 +63,37 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
+        self.split_einsum = False  # the Neural Engine-friendly form (export.py --attention split_einsum)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         b, n, dim = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.split_einsum:
+            return self.to_out(split_einsum_attention(q, k, v, self.heads))
 
         def split(y: torch.Tensor) -> torch.Tensor:  # [B, L, dim] -> [B, heads, L, dim / heads]
             return y.view(b, -1, self.heads, dim // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
+
+
+def split_einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax(Q K^T / sqrt(d)) V as Apple's ml-stable-diffusion writes it for the Neural Engine.
+
+    Tensors go channels-first, [B, C, 1, L] (the ANE's native layout), and each head is a separate pair of einsums
+    on a channel slice: no [B, heads, L, d] reshape or transpose, which the ANE handles poorly. Same numbers as the
+    default attention in torch.
+    """
+    q, k, v = (y.transpose(1, 2).unsqueeze(2) for y in (q, k, v))  # [B, L, C] -> [B, C, 1, L]
+    d = q.shape[1] // heads
+    out = []
+    for h in range(heads):
+        qh, kh, vh = (y[:, h * d:(h + 1) * d] for y in (q, k, v))
+        weights = (torch.einsum("bchq,bchk->bkhq", qh, kh) * d**-0.5).softmax(dim=1)  # [B, L_k, 1, L_q]
+        out.append(torch.einsum("bkhq,bchk->bchq", weights, vh))
+    return torch.cat(out, dim=1).squeeze(2).transpose(1, 2)  # [B, C, 1, L_q] -> [B, L_q, C]
 
 
 class CrossAttnBlock(nn.Module):

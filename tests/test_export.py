@@ -1,0 +1,123 @@
+"""export.py on Linux: the tiny architecture's three models convert to Core ML with the expected interface and weights.
+
+Core ML *prediction* needs macOS; here the packages are checked by their specs and stored weights.
+"""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+
+from snapfusion_min.arch import tiny
+from snapfusion_min.pipeline import Pipeline
+from snapfusion_min.text_encoder import TextConfig, TextEncoder
+from snapfusion_min.unet import Attention, UNet, split_einsum_attention
+from snapfusion_min.vae import VAE, VAEConfig
+
+ct = pytest.importorskip("coremltools")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+import export as export_script  # noqa: E402
+
+FP32, FP16, INT32 = 65568, 65552, 131104  # Core ML ArrayFeatureType data types
+
+
+def tiny_pipeline() -> Pipeline:
+    text = randomize(TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16)), 1)
+    vae = randomize(VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(32, 32, 16, 8), layers=1, groups=8)),
+                    2)
+    return Pipeline(randomize(UNet(tiny(32)), 3), vae, text, "v", 0.5, "tiny.safetensors",
+                    {"steps": 8, "guidance": 4.0, "resolution": 64, "spacing": "trailing"})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    pipe = tiny_pipeline()
+    paths = export_script.export(pipe, out, ["text_encoder", "unet", "decoder"], resolution=64, batch=2, log=False)
+    return pipe, out, paths
+
+
+def shapes(desc) -> dict:
+    return {f.name: (tuple(f.type.multiArrayType.shape), f.type.multiArrayType.dataType) for f in desc}
+
+
+def test_interfaces(exported):
+    _, _, paths = exported
+    specs = {part: ct.models.MLModel(str(path), skip_model_load=True).get_spec() for part, path in paths.items()}
+    assert shapes(specs["text_encoder"].description.input) == {"input_ids": ((1, 16), INT32)}
+    assert [o.name for o in specs["text_encoder"].description.output] == ["last_hidden_state"]
+    assert shapes(specs["unet"].description.input) == {
+        "sample": ((2, 4, 8, 8), FP32), "timestep": ((2,), FP32), "encoder_hidden_states": ((2, 16, 32), FP32)}
+    assert [o.name for o in specs["unet"].description.output] == ["v_pred"]
+    assert shapes(specs["decoder"].description.input) == {"z": ((1, 4, 8, 8), FP32)}
+    assert [o.name for o in specs["decoder"].description.output] == ["image"]
+    for spec in specs.values():
+        assert spec.WhichOneof("Type") == "mlProgram"
+        assert all(o.type.multiArrayType.dataType == FP32 for o in spec.description.output)
+
+
+def test_metadata_lets_an_app_sample(exported):
+    pipe, out, paths = exported
+    sidecar = json.loads((out / "snapfusion_min.json").read_text())
+    assert sidecar["arch"] == json.loads(pipe.unet.spec.to_json())
+    assert (sidecar["prediction"], sidecar["steps"], sidecar["guidance"]) == ("v", 8, 4.0)
+    assert sidecar["scheduler"]["spacing"] == "trailing" and sidecar["latent_scale"] == 0.5
+    for part, path in paths.items():
+        meta = json.loads(ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata["snapfusion_min"])
+        assert meta["part"] == part and meta["arch"] == sidecar["arch"] and meta["precision"] == "fp16"
+
+
+def test_stored_weights_are_the_checkpoints_in_fp16(exported):
+    pipe, _, paths = exported
+    modules = {"text_encoder": ("encoder", pipe.text_encoder), "unet": ("unet", pipe.unet),
+               "decoder": ("decoder", pipe.vae.decoder)}
+    for part, path in paths.items():
+        stored = ct.optimize.coreml.get_weights_metadata(ct.models.MLModel(str(path), skip_model_load=True),
+                                                         weight_threshold=64)
+        prefix, module = modules[part]
+        found = 0
+        for name, p in module.named_parameters():
+            if p.numel() < 64:
+                continue
+            key = f"p_{prefix}_{name.replace('.', '_')}_to_fp16".lower()  # MIL names are lower-case
+            if key in stored:
+                found += 1
+                want = p.detach().numpy().astype(np.float16).reshape(stored[key].val.shape)
+                np.testing.assert_array_equal(stored[key].val, want, err_msg=f"{part}: {name}")
+        big = sum(1 for _, p in module.named_parameters() if p.numel() >= 64)
+        assert found >= 0.8 * big, f"{part}: only {found} of {big} weights found by name in the package"
+
+
+def test_split_einsum_attention_equals_default():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 64, 32), torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    heads = 4
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(y.view(2, -1, heads, 8).transpose(1, 2) for y in (q, k, v))).transpose(1, 2).reshape(2, 64, 32)
+    torch.testing.assert_close(split_einsum_attention(q, k, v, heads), ref, rtol=1e-5, atol=1e-6)
+    unet = randomize(UNet(tiny(32)), 4).eval()
+    z, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        want = unet(z, 500, ctx)
+        for m in unet.modules():
+            if isinstance(m, Attention):
+                m.split_einsum = True
+        torch.testing.assert_close(unet(z, 500, ctx), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input(tmp_path, monkeypatch):
+    pipe = tiny_pipeline()
+    pipe.save(tmp_path / "m.safetensors")
+    ck = str(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        export_script.main(["--checkpoint", ck, "--resolution", "96", "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        export_script.main(["--checkpoint", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(ValueError, match="parts"):
+        export_script.main(["--checkpoint", ck, "--parts", "unet,vocoder"])
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # as if not installed
+    with pytest.raises(ValueError, match="coremltools is not installed"):
+        export_script.main(["--checkpoint", ck])
