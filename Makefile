@@ -20,7 +20,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 	touch $@
 
 sample: $(VENV)/.runtime  ## install, then sample an image with the bundled model
-	$(PY) sample.py --prompt "$(PROMPT)" --out samples
+	$(PY) sample.py --prompt "$(PROMPT)" --out samples $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
@@ -28,8 +28,10 @@ lint: $(VENV)/.dev
 test: $(VENV)/.dev lint  ## install, lint, run the test suite
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run
 	$(PY) bench/unet_speed.py
+	$(PY) bench/unet_presets.py
+	$(PY) bench/decoder_prune.py
 
 toy: $(VENV)/.runtime  ## retrain every bundled toy model from scratch (about 30 min on 2 CPU cores)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors

@@ -61,3 +61,34 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         draw.text((right - 150, top + 6 + 14 * i), f"— {name}", fill=color, font=font)
     return image
+
+
+def bar_chart(series: dict[str, Sequence[float]], labels: Sequence[str], title: str = "",
+              size: tuple[int, int] | None = None) -> Image.Image:
+    """One panel of vertical bars per named series over shared labels (the paper's Fig. 2: latency, params)."""
+    font = ImageFont.load_default()
+    n = len(labels)
+    width = size[0] if size else max(640, 70 + 22 * n)
+    panel = 170
+    image = Image.new("RGB", (width, size[1] if size else 40 + panel * len(series) + 80), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), title, fill="black", font=font)
+    left, right = 60, width - 10
+    step = (right - left) / max(1, n)
+    for k, (name, values) in enumerate(series.items()):
+        top, bottom = 30 + k * panel + 14, 30 + (k + 1) * panel - 6
+        top_value = max(values) or 1.0
+        draw.text((4, top - 14), name, fill="black", font=font)
+        draw.text((4, top), f"{top_value:.3g}", fill="black", font=font)
+        draw.line([left, bottom, right, bottom], fill="black")
+        for i, v in enumerate(values):
+            x0 = left + i * step + 2
+            y0 = bottom - (bottom - top) * v / top_value
+            color = PALETTE[0] if "A" in labels[i].split(".")[-1] else PALETTE[1]
+            draw.rectangle([x0, y0, x0 + step - 4, bottom], fill=color)
+    base = 30 + len(series) * panel
+    for i, label in enumerate(labels):  # vertical labels: draw on a strip and rotate
+        strip = Image.new("RGB", (72, 12), "white")
+        ImageDraw.Draw(strip).text((0, 0), label, fill="black", font=font)
+        image.paste(strip.rotate(90, expand=True), (int(left + i * step + step / 2 - 6), base))
+    return image

@@ -1,0 +1,127 @@
+"""Alg. 1's parts: the latency lookup table, evolving actions on the spec, weight carry-over, checkpoints."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize
+
+from snapfusion_min import load_pipeline
+from snapfusion_min.arch import tiny, walk
+from snapfusion_min.evolve import Action, apply, candidate_actions, evolve_unet, measure_table, measure_unet
+from snapfusion_min.pipeline import Pipeline
+from snapfusion_min.text_encoder import TextConfig, TextEncoder
+from snapfusion_min.unet import UNet
+from snapfusion_min.vae import VAE, VAEConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evolve as evolve_script  # noqa: E402
+
+
+@pytest.fixture
+def unet():
+    return randomize(UNet(tiny(32)), 0).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 500]), torch.randn(2, 16, 32, generator=g)
+
+
+def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
+    """A table built on one spec predicts the measured forward time of evolved specs, without new timings.
+
+    The table is calibrated on the spec it was built from (its in-situ factor), so that spec is exact by construction;
+    the test is whether per-block costs carry over to specs with one block, and with a quarter of the latency, gone.
+    Single thread, 16x16 latent: within 15%.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = measure_table(unet, latent=16, batch=2, context_len=16, repeat=15)
+        assert 0.9 < table.in_situ < 1.6  # blocks cost a little more in place than alone, never much less
+        one = evolve_unet(unet, Action("-", ("up3.A2",)))
+        many = unet
+        for action in ["-down1.A0", "-up3.A0", "-up3.A1", "-mid.R0", "-down2.R1+up2.R0", "-up1.A2"]:
+            many = evolve_unet(many, Action(action[0], tuple(action[1:].split("+"))))
+        results = [(table.predict(u.spec), measure_unet(u, 16, 2, 16, repeat=15)) for u in (one, many)]
+    finally:
+        torch.set_num_threads(threads)
+    for predicted, measured in results:
+        assert abs(predicted / measured - 1) < 0.15, results
+    assert results[1][1] < 0.85 * results[0][1]  # the second spec really is much faster: not a trivial check
+    assert len(table.ms) < len(unet.spec.addresses())  # blocks of equal configuration share an entry
+
+
+def test_removing_changes_spec_and_params_not_output_shape(unet):
+    z, t, c = inputs()
+    n0 = sum(p.numel() for p in unet.parameters())
+    actions = candidate_actions(unet.spec, "-")
+    assert {str(a) for a in actions} >= {"-down1.A0", "-mid.R0", "-down2.R1+up2.R0", "-up3.A2"}
+    for action in actions:
+        smaller = evolve_unet(unet, action)
+        assert smaller.spec != unet.spec
+        assert sum(p.numel() for p in smaller.parameters()) < n0
+        assert smaller(z, t, c).shape == (2, 4, 8, 8)
+        kept = smaller.state_dict()
+        for key, value in unet.state_dict().items():  # every kept block keeps its weights
+            if key in kept:
+                assert torch.equal(kept[key], value)
+
+
+@torch.no_grad()
+def test_removing_an_attention_block_equals_skipping_it(unet):
+    """Deleting an A block (or a mid ResNet) from the spec = running it as the identity (Eq. 5)."""
+    z, t, c = inputs()
+    for address in ("down2.A1", "mid.A0", "up1.A0", "mid.R1"):
+        unet.removed = {address}
+        want = unet(z, t, c)
+        unet.removed = set()
+        torch.testing.assert_close(evolve_unet(unet, Action("-", (address,)))(z, t, c), want, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_copy_reproduces_its_source(unet):
+    z, t, c = inputs()
+    width = {f"{b.stage}.{b.name}": b.c_in for b in walk(unet.spec)[0]}
+    for address in ("down1.A0", "mid.R0", "up2.A1"):
+        bigger = evolve_unet(unet, Action("+", (address,)))
+        stage, name = address.split(".")
+        new = bigger.spec.stages[stage][bigger.spec.stages[stage].index(name) + 1]
+        assert new not in unet.spec.stages[stage]
+        x = torch.randn(2, width[address], 4, 4)
+        cond = c if name[0] == "A" else torch.randn(2, 4 * 32)  # text for A, time embedding for R
+        torch.testing.assert_close(bigger.stages[stage][new](x, cond), unet.stages[stage][name](x, cond),
+                                   rtol=0, atol=0)
+        assert bigger(z, t, c).shape == (2, 4, 8, 8)
+
+
+def test_evolved_checkpoint_round_trips(tmp_path, unet):
+    text = TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16))
+    vae = VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8))
+    evolved = evolve_unet(evolve_unet(unet, Action("-", ("down2.A0",))), Action("+", ("up1.A1",)))
+    Pipeline(evolved, vae, text, "v", 0.5).save(tmp_path / "evolved.safetensors")
+    again = load_pipeline(tmp_path / "evolved.safetensors")
+    assert again.unet.spec == evolved.spec and "A3" in again.unet.spec.stages["up1"]
+    z, t, c = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(again.unet(z, t, c), evolved(z, t, c), rtol=0, atol=1e-5)  # memory layout
+
+
+def test_bad_input(tmp_path, unet):
+    with pytest.raises(ValueError, match="unknown block address"):
+        apply(unet.spec, Action("-", ("down2.A7",)))
+    with pytest.raises(ValueError, match="unknown block address"):
+        apply(unet.spec, Action("-", ("side1.R0",)))
+    with pytest.raises(ValueError, match="breaks the architecture|shapes"):
+        apply(unet.spec, Action("-", ("up3.R0",)))  # an up ResNet alone would leave a skip connection unconsumed
+    text = TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16))
+    vae = VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8))
+    Pipeline(unet, vae, text, "v", 0.5, sampler={"resolution": 64}).save(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="below"):
+        evolve_script.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--target", "0.01",
+                            "--out", str(tmp_path / "e.safetensors")])
+    with pytest.raises(ValueError, match="target"):
+        evolve_script.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--target", "1.5",
+                            "--out", str(tmp_path / "e.safetensors")])
