@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ae.add_argument("--kl", type=float, default=1e-6, help="KL weight, as SD's VAE (default: 1e-6)")
     ae.add_argument("--object-weight", type=float,
                     help="extra loss weight of pixels unlike the image border (default: 8 on toy data, 0 on a folder)")
+    ae.add_argument("--crop", type=int, help="train on crops of this side around the object, a multiple of 8 "
+                    "(default: 40 on toy data, 0 = whole images on a folder)")
     ae.add_argument("--edge-weight", type=float, default=1.0,
                     help="weight of the L1 loss on image gradients, which keeps edges sharp (default: 1)")
     u = sub.add_parser("unet", parents=[common], help="the denoising UNet (Eq. 6), with robust training (Eq. 5)")
@@ -117,9 +119,32 @@ def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
     """
     if boost == 0:
         return torch.ones_like(x[:, :1])
+    return 1 + boost * object_mask(x).float()
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W]: True where a pixel differs from its image's border colour (the median of the border)."""
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [B, C, 4W]
     background = border.median(dim=-1).values[..., None, None]
-    return 1 + boost * ((x - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    return (x - background).abs().amax(dim=1, keepdim=True) > 0.1
+
+
+def crop_objects(x: torch.Tensor, size: int, factor: int) -> torch.Tensor:
+    """size x size crops around each image's object, at a random offset of up to one latent cell, on the latent grid.
+
+    A toy object covers 4-15% of the image: full images spend most of the autoencoder's compute on flat background.
+    The autoencoder is convolutional, so it learns the same maps from crops, about 4x more object views per second.
+    """
+    h, w = x.shape[-2:]
+    crops = []
+    for image, mask in zip(x, object_mask(x)[:, 0]):
+        ys, xs = mask.nonzero(as_tuple=True)
+        cy, cx = (ys.float().mean().item(), xs.float().mean().item()) if len(ys) else (h / 2, w / 2)
+        jitter = torch.randint(-1, 2, (2,)).tolist()
+        top = min(max(0, factor * (round((cy - size / 2) / factor) + jitter[0])), h - size)
+        left = min(max(0, factor * (round((cx - size / 2) / factor) + jitter[1])), w - size)
+        crops.append(image[:, top:top + size, left:left + size])
+    return torch.stack(crops)
 
 
 def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
@@ -129,13 +154,14 @@ def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
     with torch.no_grad():  # a narrow posterior from the start (std e^-3): a wide one teaches the decoder to blur
         vae.encoder.quant_conv.bias[TOY_VAE.latent_channels:] = -6.0
     broadcast_parameters(vae, d)
-    steps, batch, lr = args.steps or 3000, args.batch_size or 16, args.lr or 2e-3
+    steps, batch, lr = args.steps or 4000, args.batch_size or 32, args.lr or 2e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01)
     data = make_dataset(args.data, 64, args.seed, args.skip_bad)
     for step in tqdm(range(steps), desc="autoencoder", disable=not d.main):
         seed_step(args.seed, step, d.rank)
         x, _ = batch_at(data, step, batch, d, args.seed)
-        x = x.to(d.device)
+        crop = args.crop if args.crop is not None else 40 * (args.data == "toy")
+        x = (crop_objects(x, crop, TOY_VAE.factor) if crop else x).to(d.device)
         mean, logvar = vae.encoder(x).chunk(2, dim=1)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar.clamp(-30, 20))
         rec = vae.decode(z)

@@ -76,3 +76,23 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
     assert "Traceback" not in nan.stderr
     assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
     load_pipeline(tmp_path / "m.safetensors")
+
+
+def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():
+    sys.path.insert(0, str(ROOT))
+    import train
+    from snapfusion_min.data import ToyWorld
+
+    data = ToyWorld("train", length=100, seed=0, resolution=64)
+    x = torch.stack([data[i][0] for i in range(32)])
+    torch.manual_seed(0)
+    crops = train.crop_objects(x, 40, 8)
+    assert crops.shape == (32, 3, 40, 40)
+    mask = train.object_mask(x)[:, 0]
+    for image, crop, m in zip(x, crops, mask):
+        windows = [(top, left) for top in range(0, 25, 8) for left in range(0, 25, 8)
+                   if torch.equal(image[:, top:top + 40, left:left + 40], crop)]
+        assert windows, "a crop is not a window of its image on the 8-pixel latent grid"
+        ys, xs = m.nonzero(as_tuple=True)
+        cy, cx = ys.float().mean().item(), xs.float().mean().item()
+        assert any(top <= cy < top + 40 and left <= cx < left + 40 for top, left in windows)
