@@ -118,6 +118,9 @@ def test_bad_input(tmp_path, monkeypatch):
         export_script.main(["--checkpoint", str(tmp_path / "missing.safetensors")])
     with pytest.raises(ValueError, match="parts"):
         export_script.main(["--checkpoint", ck, "--parts", "unet,vocoder"])
+    monkeypatch.setattr(sys, "platform", "linux")
+    with pytest.raises(ValueError, match="needs macOS"):
+        export_script.main(["--checkpoint", ck, "--verify", "--out", str(tmp_path / "v")])
     monkeypatch.setitem(sys.modules, "coremltools", None)  # as if not installed
     with pytest.raises(ValueError, match="coremltools is not installed"):
         export_script.main(["--checkpoint", ck])
