@@ -344,9 +344,11 @@ def train_decoder(args: argparse.Namespace, d: Dist) -> None:
     if d.main:
         Pipeline(pipe.unet, student.eval(), pipe.text_encoder, pipe.prediction, pipe.latent_scale, args.out,
                  pipe.sampler).save(args.out)
-        recent = losses[-100:] or [float("nan")]
+        recent = losses[-100:]
+        fit = (f"image MSE to the teacher decoder {sum(recent) / len(recent):.5f}" if recent
+               else "pruned only, not distilled")
         print(f"wrote {args.out}: decoder widths {student.cfg.decoder_channels} (from {pipe.vae.cfg.decoder_channels})"
-              f"; image MSE to the teacher decoder {sum(recent) / len(recent):.5f}")
+              f"; {fit}")
 
 
 def main(argv: list[str] | None = None) -> None:
