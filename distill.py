@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-max", type=float, default=d.w_max)
     p.add_argument("--cfg-prob", type=float, default=d.cfg_prob, help="p of Eq. 11 (default: 0.1)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the rescaled L_ori, Eq. 11 (default 0.2)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale saved as the student's default")
+    p.add_argument("--guidance", type=float, help="CFG scale saved as the student's default (default: the teacher's)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (per stage when progressive)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     check_pair(teacher, student)
     for i, cfg in enumerate(configs):
         student.sampler = {**student.sampler, "steps": cfg.student_steps, "spacing": "trailing",
-                           "guidance": args.guidance, "distilled": True}
+                           "guidance": args.guidance or teacher.sampler["guidance"], "distilled": True}
         out = args.out if i == len(configs) - 1 else f"{args.out}.stage{cfg.student_steps}.safetensors"
         result = distill_stage(args, d, teacher, student, cfg, out)
         if args.stop_after is not None:

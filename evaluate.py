@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--remove", action="append", default=[], help="block address to run as identity, e.g. up2.A0")
     p.add_argument("--decoder", action="append", default=[],
                    help="table mode: decode the same latents with the (pruned) autoencoder of this checkpoint too")
+    p.add_argument("--spacing", choices=["leading", "trailing"],
+                   help="timestep grid of undistilled checkpoints (default: each one's own; students keep theirs)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--grid", help="write a PNG grid of the first 16 samples here")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoints = args.checkpoint or [str(ROOT / "models" / "toy" / "model.safetensors")]
     pipes, clip = [load_pipeline(c) for c in checkpoints], load_toy_clip(args.clip)
+    for pipe in pipes:
+        if args.spacing and not pipe.sampler.get("distilled"):
+            pipe.sampler["spacing"] = args.spacing
 
     def judge(pipe, removed: list[str], steps: int | None = None, guidance: float | None = None) -> dict:  # noqa: ANN001
         unknown = set(removed) - set(pipe.unet.spec.addresses())

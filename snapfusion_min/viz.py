@@ -34,7 +34,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     font = ImageFont.load_default()
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, size[0] - 20, 30, size[1] - 45
+    left, right, top, bottom = 60, size[0] - 20, 44, size[1] - 45
     xs = [x for sx, _ in series.values() for x in sx]
     ys = [y for _, sy in series.values() for y in sy]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
@@ -48,9 +48,9 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         fx, fy = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
         draw.text((px(fx, y0)[0] - 12, bottom + 4), f"{fx:.3g}", fill="black", font=font)
         draw.text((4, px(x0, fy)[1] - 6), f"{fy:.3g}", fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((left, 6), title, fill="black", font=font)
     draw.text(((left + right) // 2 - 3 * len(xlabel), size[1] - 18), xlabel, fill="black", font=font)
-    draw.text((4, 16), ylabel, fill="black", font=font)
+    draw.text((4, 26), ylabel, fill="black", font=font)
     for i, (name, (sx, sy)) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         points = [px(x, y) for x, y in zip(sx, sy)]
@@ -59,7 +59,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         if markers or len(points) == 1:
             for x, y in points:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((right - 150, top + 6 + 14 * i), f"— {name}", fill=color, font=font)
+        draw.text((right - 150, top + 6 + 14 * i), f"- {name}", fill=color, font=font)
     return image
 
 
