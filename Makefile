@@ -6,7 +6,7 @@ PROMPT ?= a large red circle at the top left on a gray background
 
 TOY := models/toy
 
-.PHONY: sample test lint bench toy evaluate clean
+.PHONY: sample test lint bench toy recipe evaluate clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ toy: $(VENV)/.runtime  ## retrain every bundled toy model from scratch (about 32
 	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
 		--out $(TOY)/model.safetensors
 	$(PY) evaluate.py --grid docs/toy_heldout_samples.png
+
+recipe: $(VENV)/.runtime  ## the whole SnapFusion recipe at toy scale -> report/README.md
+	$(PY) recipe.py
 
 evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts
 	$(PY) evaluate.py

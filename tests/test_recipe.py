@@ -1,0 +1,59 @@
+"""recipe.py --quick: every stage of the recipe runs, writes its output, and the report has every table and figure."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapfusion_min import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("recipe")
+    run = subprocess.run([sys.executable, str(ROOT / "recipe.py"), "--quick", "--work", str(work), "--report",
+                          str(work / "report")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return work, run.stdout
+
+
+def test_every_stage_produced_its_output(quick_run):
+    work, out = quick_run
+    done = json.loads((work / "recipe.json").read_text())["done"]
+    assert list(done) == ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16",
+                          "student8", "vanilla8", "cfg8", "pruned0", "pruned", "final", "coreml"]
+    for name in [n for n in done if n != "coreml"]:
+        assert (work / f"{name}.safetensors").is_file(), name
+    assert {p.name for p in (work / "coreml").glob("*.mlpackage")} >= {"unet.mlpackage", "decoder.mlpackage"}
+    final, teacher = load_pipeline(work / "final.safetensors"), load_pipeline(work / "teacher.safetensors")
+    # the final model: evolved (fewer blocks), distilled to 8 trailing steps, with the 50%-pruned decoder
+    assert len(final.unet.spec.addresses()) < len(teacher.unet.spec.addresses())
+    assert final.sampler["steps"] == 8 and final.sampler["spacing"] == "trailing" and final.sampler["distilled"]
+    assert [2 * c for c in final.vae.cfg.decoder_channels] == list(teacher.vae.cfg.decoder_channels)
+
+
+def test_report_has_every_table_and_figure(quick_run):
+    work, _ = quick_run
+    report = work / "report"
+    text = (report / "README.md").read_text()
+    for heading in ["## Table 1", "## Table 2 / Fig. 4", "## Fig. 5", "## Fig. 2", "## Fig. 6c", "## Fig. 8",
+                    "## The goal", "## Final samples", "## Stage times"]:
+        assert heading in text, heading
+    for png in ["fig2_latency.png", "fig4_fid_clip.png", "fig5_blocks_removed.png", "fig6_distillation.png",
+                "samples.png"]:
+        assert (report / png).stat().st_size > 1000, png
+        assert f"]({png})" in text, png
+    verdict = json.loads((report / "results.json").read_text())
+    assert verdict["speedup"] > 1  # 8 evolved steps vs 50 steps of the baseline: faster even untrained
+    assert "paper" in text and "End-to-end speed-up, measured" in text
+
+
+def test_a_run_with_another_budget_is_refused(quick_run):
+    work, _ = quick_run
+    run = subprocess.run([sys.executable, str(ROOT / "recipe.py"), "--work", str(work), "--report",
+                          str(work / "report2")], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "another budget" in run.stderr and "Traceback" not in run.stderr
