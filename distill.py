@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     student = load_pipeline(args.student_init or args.teacher).to(d.device)
     check_pair(teacher, student)
     for i, cfg in enumerate(configs):
+        guidance = teacher.sampler["guidance"] if args.guidance is None else args.guidance
         student.sampler = {**student.sampler, "steps": cfg.student_steps, "spacing": "trailing",
-                           "guidance": args.guidance or teacher.sampler["guidance"], "distilled": True}
+                           "guidance": guidance, "distilled": True}
         out = args.out if i == len(configs) - 1 else f"{args.out}.stage{cfg.student_steps}.safetensors"
         result = distill_stage(args, d, teacher, student, cfg, out)
         if args.stop_after is not None:

@@ -101,33 +101,53 @@ def main(argv: list[str] | None = None) -> dict:
     return r
 
 
+def sweep(configs: list[tuple], judge, curve: str | Path | None = None, title: str = "",  # noqa: ANN001
+          first: str = "model") -> tuple[list[str], list[dict]]:
+    """Markdown table over (label, pipeline, steps, guidance) configurations: CLIP score, FID, color / shape accuracy
+    (Fig. 4, 6), rows printed as they come; with ``curve``, FID-vs-CLIP curves over guidance, one per (label, steps).
+
+    ``judge(pipe, steps, guidance)`` returns what ``toyclip.evaluate_generation`` does. Returns the table's lines and
+    one result per configuration, in order.
+    """
+    lines = [f"| {first} | steps | guidance | CLIP | FID | color | shape |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
+    results, curves = [], {}
+    for label, pipe, steps, guidance in configs:
+        r = judge(pipe, steps, guidance)
+        r.pop("images", None)
+        results.append(r)
+        xs, ys = curves.setdefault(f"{label} ({steps} steps)", ([], []))
+        xs.append(r["clip_score"])
+        ys.append(r["fid"])
+        lines.append(f"| {label} | {steps} | {guidance:g} | {r['clip_score']:.4f} | {r['fid']:.3f} | "
+                     f"{r['accuracy']['color']:.0%} | {r['accuracy']['shape']:.0%} |")
+        print(lines[-1], flush=True)
+    if curve:
+        from snapfusion_min.viz import line_plot
+
+        line_plot(curves, title, "CLIP score (toy CLIP)", "FID (toy-CLIP features)", markers=True).save(curve)
+    return lines, results
+
+
 def sweep_table(names: list[str], pipes: list, args: argparse.Namespace, judge) -> dict:  # noqa: ANN001
-    """Markdown table over checkpoints x steps x guidance: CLIP score, FID, color / shape accuracy (Fig. 4, 6).
+    """Table over checkpoints x steps x guidance (see ``sweep``).
 
     A checkpoint whose default is fewer steps than a requested one (a distilled student) runs at its own steps only.
     """
-    results, curves = {}, {}
-    print("| checkpoint | steps | guidance | CLIP | FID | color | shape |\n|---|---|---|---|---|---|---|")
+    keys, configs = [], []
     for name, pipe in zip(names, pipes):
         own = pipe.sampler["steps"]
         for steps in sorted({s if s <= own or not pipe.sampler.get("distilled") else own
                              for s in (args.steps or [own])}):
             for guidance in args.guidance or [pipe.sampler["guidance"]]:
-                r = judge(pipe, [], steps, guidance)
-                r.pop("images")
-                results[(name, steps, guidance)] = r
-                label = f"{Path(name).stem} ({steps} steps)"
-                curves.setdefault(label, ([], []))[0].append(r["clip_score"])
-                curves[label][1].append(r["fid"])
-                print(f"| {Path(name).stem} | {steps} | {guidance:g} | {r['clip_score']:.4f} | {r['fid']:.3f} | "
-                      f"{r['accuracy']['color']:.0%} | {r['accuracy']['shape']:.0%} |", flush=True)
+                keys.append((name, steps, guidance))
+                configs.append((Path(name).stem, pipe, steps, guidance))
+    title = f"FID vs CLIP score over guidance {', '.join(f'{g:g}' for g in args.guidance or [])}"
+    _, results = sweep(configs, lambda pipe, steps, guidance: judge(pipe, [], steps, guidance), args.curve, title,
+                       first="checkpoint")
     if args.curve:
-        from snapfusion_min.viz import line_plot
-
-        title = f"FID vs CLIP score over guidance {', '.join(f'{g:g}' for g in args.guidance or [])}"
-        line_plot(curves, title, "CLIP score (toy CLIP)", "FID (toy-CLIP features)", markers=True).save(args.curve)
         print(f"wrote {args.curve}")
-    return results
+    return dict(zip(keys, results))
 
 
 def ablation_table(names: list[str], pipes: list, rows: list[str], judge) -> dict:  # noqa: ANN001

@@ -144,44 +144,27 @@ def latency_table(base, ours, b: Budget, base_steps: int, our_steps: int) -> tup
             "text encoder": (pipe.text_encoder, lambda pipe=pipe, ids=ids: pipe.text_encoder(ids), 1),
             "UNet": (pipe.unet, lambda pipe=pipe, z=z, t=t, c=context: pipe.unet(z, t, c), steps),
             "decoder": (pipe.vae.decoder, lambda pipe=pipe, z=z: pipe.decode(z[:1]), 1)}
-        total = 0.0
+        per_call = {}
         for part, (module, fn, n) in parts.items():
-            ms = 1e3 * median_time(fn, warmup=2, repeat=b.repeat)
-            total += ms * n
+            ms = per_call[part] = 1e3 * median_time(fn, warmup=2, repeat=b.repeat)
             rows.append(f"| {name} | {part} | {count_params(module) / 1e6:.3f}M | {ms:.2f} | {n} | {ms * n:.1f} |")
         e2e = 1e3 * median_time(lambda pipe=pipe, steps=steps: pipe([prompt], steps=steps, guidance=2.0, height=64,
                                                                      width=64, spacing=pipe.sampler["spacing"]),
                                 warmup=1, repeat=b.repeat)
-        totals[name] = {"sum_ms": total, "e2e_ms": e2e, "decoder_ms": ms}  # the loop's last part is the decoder
+        totals[name] = {"sum_ms": sum(per_call[part] * n for part, (_, _, n) in parts.items()), "e2e_ms": e2e,
+                        "decoder_ms": per_call["decoder"]}
         rows.append(f"| {name} | **end to end** (measured, one image) | | | | **{e2e:.1f}** |")
     return rows, totals
 
 
-def judge_all(configs: list[tuple[str, object, int, float]], clip, n: int) -> dict:  # noqa: ANN001
+def judge_all(configs: list[tuple], clip, n: int, curve: Path, title: str) -> tuple[list[str], dict]:  # noqa: ANN001
+    """evaluate.sweep on held-out prompts: the markdown table, the curve PNG, results by (label, steps, guidance)."""
+    import evaluate
     from snapfusion_min.toyclip import evaluate_generation
 
-    out = {}
-    for label, pipe, steps, guidance in configs:
-        r = evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance)
-        out[(label, steps, guidance)] = {"clip": r["clip_score"], "fid": r["fid"], "color": r["accuracy"]["color"],
-                                         "shape": r["accuracy"]["shape"]}
-        print(f"  {label}, {steps} steps, w {guidance:g}: CLIP {r['clip_score']:.4f} FID {r['fid']:.2f}", flush=True)
-    return out
-
-
-def sweep_section(results: dict, curve: Path, title: str) -> list[str]:
-    from snapfusion_min.viz import line_plot
-
-    lines = ["| model | steps | guidance | CLIP score | FID | color | shape |", "|---|---|---|---|---|---|---|"]
-    series: dict[str, tuple[list, list]] = {}
-    for (label, steps, g), r in results.items():
-        lines.append(f"| {label} | {steps} | {g:g} | {r['clip']:.4f} | {r['fid']:.2f} | {r['color']:.0%} | "
-                     f"{r['shape']:.0%} |")
-        xs, ys = series.setdefault(f"{label} ({steps})", ([], []))
-        xs.append(r["clip"])
-        ys.append(r["fid"])
-    line_plot(series, title, "CLIP score (toy CLIP)", "FID (toy-CLIP features)", markers=True).save(curve)
-    return lines + ["", f"![{title}]({curve.name})"]
+    lines, results = evaluate.sweep(configs, lambda pipe, steps, guidance: evaluate_generation(
+        pipe, clip, n=n, steps=steps, guidance=guidance), curve, title)
+    return lines + ["", f"![{title}]({curve.name})"], {(c[0], c[2], c[3]): r for c, r in zip(configs, results)}
 
 
 def ablation_grid(plain, robust, path: Path) -> None:  # noqa: ANN001
@@ -213,21 +196,21 @@ def goals(t2: dict, f6: dict, totals: dict, base: str, base_steps: int, g0: floa
     ours = {"ours (pruned decoder)": {g: r for (label, _, g), r in t2.items() if label == "ours, 8 steps"},
             "ours with the original decoder": {g: r for (label, _, g), r in f6.items() if label == "mixed (p = 0.1)"}}
     baseline = {g: r for (label, steps, g), r in t2.items() if label == base and steps == base_steps}
-    b_best = max(baseline, key=lambda g: baseline[g]["clip"])
-    dec = totals["ours"]["e2e_ms"]  # speed-up with the original decoder: swap the decoder's measured latency
-    speedups = {"ours (pruned decoder)": totals["baseline"]["e2e_ms"] / dec,
-                "ours with the original decoder": totals["baseline"]["e2e_ms"]
-                / (dec - totals["ours"]["decoder_ms"] + totals["baseline"]["decoder_ms"])}
+    b_best = max(baseline, key=lambda g: baseline[g]["clip_score"])
+    base_ms, ours_ms = totals["baseline"]["e2e_ms"], totals["ours"]["e2e_ms"]
+    # with the original decoder: our measured end to end, the pruned decoder's latency swapped for the original's
+    speedups = {"ours (pruned decoder)": base_ms / ours_ms, "ours with the original decoder":
+                base_ms / (ours_ms - totals["ours"]["decoder_ms"] + totals["baseline"]["decoder_ms"])}
     lines = ["## The goal: ≥ 10× faster, CLIP score within 0.01, FID ≤ 1.5× the 50-step baseline's", "",
              "| model | guidance (ours / baseline) | speed-up | CLIP difference | FID ratio | all met |",
              "|---|---|---|---|---|---|"]
     verdict = {}
     for name, rows in ours.items():
-        best = max(rows, key=lambda g: rows[g]["clip"])
+        best = max(rows, key=lambda g: rows[g]["clip_score"])
         for g, gb in ((g0, g0), (best, b_best)):
             if g not in rows or gb not in baseline:
                 continue
-            d_clip, ratio = rows[g]["clip"] - baseline[gb]["clip"], rows[g]["fid"] / baseline[gb]["fid"]
+            d_clip, ratio = rows[g]["clip_score"] - baseline[gb]["clip_score"], rows[g]["fid"] / baseline[gb]["fid"]
             met = speedups[name] >= 10 and d_clip >= -0.01 and ratio <= 1.5
             lines.append(f"| {name} | {g:g} / {gb:g} | {speedups[name]:.1f}× | {d_clip:+.4f} | {ratio:.2f} | "
                          f"{'yes' if met else 'no'} |")
@@ -264,11 +247,11 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
               "and each UNet call is one batch of two (CFG: conditional and unconditional).", ""]
 
     print("report: Table 2 / Fig. 4")
-    t2 = judge_all([(f"baseline {base_steps}-step", teacher, base_steps, g) for g in b.guidance]
-                   + [("baseline, 8-step DDIM", teacher, 8, g) for g in b.guidance]
-                   + [("ours, 8 steps", final, 8, g) for g in b.guidance], clip, b.eval_n)
-    lines += ["## Table 2 / Fig. 4: FID and CLIP score, final 8-step model vs the baseline", "",
-              *sweep_section(t2, report / "fig4_fid_clip.png", "Fig. 4: FID vs CLIP over guidance"), "",
+    table, t2 = judge_all([(f"baseline {base_steps}-step", teacher, base_steps, g) for g in b.guidance]
+                          + [("baseline, 8-step DDIM", teacher, 8, g) for g in b.guidance]
+                          + [("ours, 8 steps", final, 8, g) for g in b.guidance], clip, b.eval_n,
+                          report / "fig4_fid_clip.png", "Fig. 4: FID vs CLIP over guidance")
+    lines += ["## Table 2 / Fig. 4: FID and CLIP score, final 8-step model vs the baseline", "", *table, "",
               "No DPM-Solver sampler is implemented here; the 8-step baseline is plain DDIM (Table 2's DPM rows have "
               "no analogue).", ""]
     print("report: Fig. 5")
@@ -292,12 +275,11 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
     students = {"mixed (p = 0.1)": p["student8"], "vanilla": p["vanilla8"], "CFG only (p = 1)": p["cfg8"]}
     evolved = load_pipeline(p["evolved"])
     evolved.sampler["spacing"] = "trailing"
-    f6 = judge_all([("evolved, undistilled", evolved, 8, g) for g in b.guidance]
-                   + [(name, load_pipeline(path), 8, g) for name, path in students.items() for g in b.guidance],
-                   clip, b.eval_n)
+    table, f6 = judge_all([("evolved, undistilled", evolved, 8, g) for g in b.guidance]
+                          + [(name, load_pipeline(path), 8, g) for name, path in students.items() for g in b.guidance],
+                          clip, b.eval_n, report / "fig6_distillation.png", "Fig. 6: 8-step students, FID vs CLIP")
     lines += ["## Fig. 6c: distillation losses, 16 → 8 steps (teacher: the 16-step distilled baseline; student "
-              "initialised from the 16-step evolved UNet, App. D)", "",
-              *sweep_section(f6, report / "fig6_distillation.png", "Fig. 6: 8-step students, FID vs CLIP"), "",
+              "initialised from the 16-step evolved UNet, App. D)", "", *table, "",
               "CFG range and probability sweeps (Fig. 6d) are `distill.py --w-min/--w-max/--cfg-prob`; not run here.",
               ""]
 
@@ -343,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # the scripts' main() functions are the stages
+    from snapfusion_min.checkpoint import atomic_write
+
     b = QUICK if args.quick else Budget()
     work, report = Path(args.work), Path(args.report)
     work.mkdir(parents=True, exist_ok=True)
@@ -361,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         run()
         record["done"][name] = time.perf_counter() - start
-        record_path.write_text(json.dumps(record, indent=1))
+        atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     start = time.perf_counter()
     verdict = write_report(b, p, report, dict(record["done"]), args.quick)  # report time: printed below
     print(f"[recipe] report written to {report / 'README.md'} in {(time.perf_counter() - start) / 60:.1f} min: "
