@@ -1,7 +1,7 @@
 """The whole SnapFusion recipe at toy scale, in one command, and a report with the paper's tables and figures.
 
-    python recipe.py                    # every stage from scratch (about 85 min on 2 CPU cores) -> report/README.md
-    python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher (about 50 min)
+    python recipe.py                    # every stage from scratch (74 min on 2 CPU cores) -> report/README.md
+    python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher (about 45 min)
     python recipe.py --quick --work /tmp/r --report /tmp/r/report     # every stage in minutes (the tests run it)
 
 Stages, in order (each one is skipped once done, as recorded in <work>/recipe.json; the training stages resume
@@ -46,7 +46,7 @@ class Budget:
     evolve_n: int = 64
     distill: int = 600
     decoder_latents: int = 1024
-    decoder_steps: int = 2000
+    decoder_steps: int = 5000
     eval_n: int = 200
     guidance: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
     repeat: int = 7

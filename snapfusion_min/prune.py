@@ -35,18 +35,18 @@ class Axis:
 def decoder_axes(cfg: VAEConfig) -> list[Axis]:
     """Walk the decoder in execution order (as ``Decoder.forward``) and collect its channel axes."""
     axes: list[Axis] = []
-    stream = Axis(cfg.groups, writers=["conv_in"])
+    stream = Axis(cfg.decoder_groups, writers=["conv_in"])
 
     def resnet(prefix: str, has_shortcut: bool) -> None:
         nonlocal stream
         stream.norms.append(f"{prefix}.norm1")
         stream.readers.append(f"{prefix}.conv1")
-        axes.append(Axis(cfg.groups, writers=[f"{prefix}.conv1"], readers=[f"{prefix}.conv2"],
+        axes.append(Axis(cfg.decoder_groups, writers=[f"{prefix}.conv1"], readers=[f"{prefix}.conv2"],
                          norms=[f"{prefix}.norm2"]))  # the hidden width
         if has_shortcut:  # out = shortcut(x) + h: a new stream starts here
             stream.readers.append(f"{prefix}.conv_shortcut")
             axes.append(stream)
-            stream = Axis(cfg.groups, writers=[f"{prefix}.conv_shortcut"])
+            stream = Axis(cfg.decoder_groups, writers=[f"{prefix}.conv_shortcut"])
         stream.writers.append(f"{prefix}.conv2")
 
     resnet("mid.res1", False)
@@ -63,7 +63,7 @@ def decoder_axes(cfg: VAEConfig) -> list[Axis]:
         if i < len(c) - 1:
             stream.readers.append(f"levels.{i}.upsample")
             axes.append(stream)
-            stream = Axis(cfg.groups, writers=[f"levels.{i}.upsample"])
+            stream = Axis(cfg.decoder_groups, writers=[f"levels.{i}.upsample"])
     stream.norms.append("norm_out")
     stream.readers.append("conv_out")
     axes.append(stream)
@@ -71,16 +71,25 @@ def decoder_axes(cfg: VAEConfig) -> list[Axis]:
 
 
 def pruned_config(cfg: VAEConfig, ratio: float) -> VAEConfig:
-    """Each decoder width keeps ``round(ratio * width / groups)`` channels per group (at least one)."""
+    """Each decoder width keeps ``round(ratio * width / groups)`` channels per GroupNorm group (at least one).
+
+    A group left with one channel would make its GroupNorm an instance norm, which erases every channel's mean -- in
+    the last layers, the image's colours. Where that would happen, pairs of neighbouring groups merge (fewer
+    ``decoder_groups``) until each group holds at least two channels. SD-v1.5's decoder at r = 0.5 keeps 2-8
+    channels per group and is unchanged; the toy decoder's last level (16 channels in 8 groups) needs the merge.
+    """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"pruning ratio r must be in (0, 1], got {ratio}")
-    per_group = [max(1, round(ratio * w / cfg.groups)) for w in cfg.decoder_channels]
-    widths = tuple(k * cfg.groups for k in per_group)
+    per_group = [max(1, round(ratio * w / cfg.decoder_groups)) for w in cfg.decoder_channels]
+    widths = tuple(k * cfg.decoder_groups for k in per_group)
+    groups = cfg.decoder_groups
+    while min(widths) // groups < 2 and groups % 2 == 0:
+        groups //= 2
     c = cfg.decoder_channels
     for i in range(1, len(c)):  # a level keeps its 1x1 shortcut only if widths still differ
         if (c[i - 1] == c[i]) != (widths[i - 1] == widths[i]):
             raise ValueError(f"r={ratio} maps decoder widths {c} to {widths}, which changes the layer structure")
-    return dataclasses.replace(cfg, decoder_channels=widths)
+    return dataclasses.replace(cfg, decoder_channels=widths, decoder_groups=groups)
 
 
 def l1_keep(state: dict[str, torch.Tensor], axis: Axis, keep: int) -> torch.Tensor:
@@ -95,13 +104,13 @@ def l1_keep(state: dict[str, torch.Tensor], axis: Axis, keep: int) -> torch.Tens
 
 def kept_channels(vae: VAE, ratio: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For each decoder layer, the kept output channels (writers and GroupNorms) and input channels (readers)."""
-    cfg = pruned_config(vae.cfg, ratio)
-    state = vae.decoder.state_dict()
+    pruned_config(vae.cfg, ratio)  # checks r and the layer structure
+    state, groups = vae.decoder.state_dict(), vae.cfg.decoder_groups
     out_index: dict[str, torch.Tensor] = {}
     in_index: dict[str, torch.Tensor] = {}
     for axis in decoder_axes(vae.cfg):
         width = state[f"{axis.writers[0]}.weight"].shape[0]  # attention widths equal the stream's: same rule
-        keep = l1_keep(state, axis, max(1, round(ratio * width / cfg.groups)) * cfg.groups)
+        keep = l1_keep(state, axis, max(1, round(ratio * width / groups)) * groups)
         for name in axis.writers + axis.norms:
             out_index[name] = keep
         for name in axis.readers:

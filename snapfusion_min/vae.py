@@ -27,15 +27,19 @@ class VAEConfig:
     latent_channels: int = 4
     image_channels: int = 3
     groups: int = 32
+    decoder_groups: int | None = None  # GroupNorm groups of the decoder (None: groups); pruning may merge groups
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
+        if self.decoder_groups is None:
+            object.__setattr__(self, "decoder_groups", self.groups)
         if len(self.channels) != len(self.decoder_channels) or self.layers < 1:
             raise ValueError(f"VAE needs as many decoder as encoder levels and layers >= 1, got {self}")
-        for c in self.channels + self.decoder_channels:
-            if c % self.groups:
-                raise ValueError(f"VAE width {c} is not divisible by groups={self.groups}")
+        for widths, groups in ((self.channels, self.groups), (self.decoder_channels, self.decoder_groups)):
+            for c in widths:
+                if c % groups:
+                    raise ValueError(f"VAE width {c} is not divisible by {groups} GroupNorm groups")
 
     @property
     def factor(self) -> int:
@@ -106,15 +110,15 @@ class Decoder(nn.Module):
         c = cfg.decoder_channels
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.conv_in = nn.Conv2d(cfg.latent_channels, c[0], 3, padding=1)
-        self.mid = Mid(c[0], cfg.groups)
+        self.mid = Mid(c[0], cfg.decoder_groups)
         self.levels = nn.ModuleList()
         for i, width in enumerate(c):
             level = nn.Module()
-            level.res = nn.ModuleList(_res(c[max(i - 1, 0)] if j == 0 else width, width, cfg.groups)
+            level.res = nn.ModuleList(_res(c[max(i - 1, 0)] if j == 0 else width, width, cfg.decoder_groups)
                                       for j in range(cfg.layers + 1))
             level.upsample = nn.Conv2d(width, width, 3, padding=1) if i < len(c) - 1 else None
             self.levels.append(level)
-        self.norm_out = nn.GroupNorm(cfg.groups, c[-1], eps=1e-6)
+        self.norm_out = nn.GroupNorm(cfg.decoder_groups, c[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(c[-1], cfg.image_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
 
     The table is calibrated on the spec it was built from (its in-situ factor), so that spec is exact by construction;
     the test is whether per-block costs carry over to specs with one block, and with a quarter of the latency, gone.
-    Single thread, 16x16 latent: within 15%.
+    Single thread, 16x16 latent: within 15%. Latency is compared relative to the original spec, timed in the same
+    rounds as the evolved ones, so a machine that drifts between the table and the check does not decide the test.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -45,11 +46,13 @@ def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
         many = unet
         for action in ["-down1.A0", "-up3.A0", "-up3.A1", "-mid.R0", "-down2.R1+up2.R0", "-up1.A2"]:
             many = evolve_unet(many, Action(action[0], tuple(action[1:].split("+"))))
-        results = [(table.predict(u.spec), measure_unet(u, 16, 2, 16, repeat=15)) for u in (one, many)]
+        rounds = [[measure_unet(u, 16, 2, 16, repeat=5) for u in (unet, one, many)] for _ in range(3)]
     finally:
         torch.set_num_threads(threads)
-    for predicted, measured in results:
-        assert abs(predicted / measured - 1) < 0.15, results
+    base, *measured = (min(r[i] for r in rounds) for i in range(3))
+    results = [(table.predict(u.spec) / table.predict(unet.spec), m / base) for u, m in zip((one, many), measured)]
+    for predicted, measured_ratio in results:
+        assert abs(predicted / measured_ratio - 1) < 0.15, results
     assert results[1][1] < 0.85 * results[0][1]  # the second spec really is much faster: not a trivial check
     assert len(table.ms) < len(unet.spec.addresses())  # blocks of equal configuration share an entry
 

@@ -75,6 +75,21 @@ def test_sd15_decoder_at_half_width_has_a_quarter_of_the_parameters():
     assert 12e6 < p1 < 13e6 and 0.24 < p1 / p0 < 0.26  # the paper's "13M"
 
 
+def test_groups_merge_where_one_channel_per_group_would_be_left():
+    """At r = 0.5 the toy decoder's last level (16 channels, 8 groups) would keep one channel per group, an instance
+    norm; pairs of groups merge instead. SD-v1.5's decoder keeps its 32 groups."""
+    assert pruned_config(VAEConfig(), 0.5).decoder_groups == 32
+    cfg = pruned_config(SMALL, 0.5)
+    assert (cfg.groups, cfg.decoder_groups) == (8, 4)
+    small = prune_decoder(small_vae(), 0.5)
+    norms = [m for m in small.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
+    assert all(m.num_groups == 8 for m in small.encoder.modules() if isinstance(m, torch.nn.GroupNorm))
+    # each merged group holds the kept channels of two original groups, in order
+    keep = kept_channels(small_vae(), 0.5)[0]["norm_out"]
+    assert keep.tolist() == sorted(keep.tolist()) and (keep // 2).tolist() == list(range(8))
+
+
 def test_pruned_decoder_keeps_output_shape_and_round_trips(tmp_path):
     vae = small_vae(3)
     small = prune_decoder(vae, 0.5)
