@@ -126,6 +126,11 @@ def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
     return 1 + boost * object_mask(x).float()
 
 
+def object_boost(args: argparse.Namespace) -> float:
+    """``--object-weight``, defaulting to 8 on toy data and 0 (no weighting) on a folder of real images."""
+    return args.object_weight if args.object_weight is not None else 8.0 * (args.data == "toy")
+
+
 def object_mask(x: torch.Tensor) -> torch.Tensor:
     """[B, 1, H, W]: True where a pixel differs from its image's border colour (the median of the border)."""
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [B, C, 4W]
@@ -177,7 +182,7 @@ def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
         mean, logvar = vae.encoder(x).chunk(2, dim=1)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar.clamp(-30, 20))
         rec = vae.decode(z)
-        weight = object_weights(x, args.object_weight if args.object_weight is not None else 8.0 * (args.data == "toy"))
+        weight = object_weights(x, object_boost(args))
         # LDM weighs the per-image KL against the per-image *sum* of reconstruction errors; ours are pixel means,
         # so the KL is divided by the pixel count too (else the posterior stays wide and the decoder learns blur)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
@@ -337,12 +342,11 @@ def train_decoder(args: argparse.Namespace, d: Dist) -> None:
     broadcast_parameters(decoder, d)
     steps = 1000 if args.steps is None else args.steps  # 0: pruned only, the lower reference of §3.2
     batch, lr = args.batch_size or 16, args.lr or 1e-3
-    boost = args.object_weight if args.object_weight is not None else 8.0 * (args.data == "toy")
+    boost = object_boost(args)
     opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01)
     # the latent-image pairs of App. B.2: the teacher's images made once when they fit in 1 GiB, else at each step
-    factor = pipe.vae.cfg.factor
-    images = None
-    if steps and latents[:1].numel() * 3 / pipe.vae.cfg.latent_channels * factor**2 * 4 * len(latents) <= 2**30:
+    cfg, images = pipe.vae.cfg, None
+    if steps and latents.numel() // cfg.latent_channels * cfg.image_channels * cfg.factor**2 * 4 <= 2**30:  # fp32
         with torch.no_grad():
             images = torch.cat([teacher(latents[i:i + 64].to(d.device)) for i in range(0, len(latents), 64)])
     losses = []

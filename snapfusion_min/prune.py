@@ -70,6 +70,11 @@ def decoder_axes(cfg: VAEConfig) -> list[Axis]:
     return axes
 
 
+def kept_width(width: int, groups: int, ratio: float) -> int:
+    """Channels a width of ``groups`` GroupNorm groups keeps: ``round(ratio * width / groups)`` per group, >= 1."""
+    return max(1, round(ratio * width / groups)) * groups
+
+
 def pruned_config(cfg: VAEConfig, ratio: float) -> VAEConfig:
     """Each decoder width keeps ``round(ratio * width / groups)`` channels per GroupNorm group (at least one).
 
@@ -80,8 +85,7 @@ def pruned_config(cfg: VAEConfig, ratio: float) -> VAEConfig:
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"pruning ratio r must be in (0, 1], got {ratio}")
-    per_group = [max(1, round(ratio * w / cfg.decoder_groups)) for w in cfg.decoder_channels]
-    widths = tuple(k * cfg.decoder_groups for k in per_group)
+    widths = tuple(kept_width(w, cfg.decoder_groups, ratio) for w in cfg.decoder_channels)
     groups = cfg.decoder_groups
     while min(widths) // groups < 2 and groups % 2 == 0:
         groups //= 2
@@ -110,7 +114,7 @@ def kept_channels(vae: VAE, ratio: float) -> tuple[dict[str, torch.Tensor], dict
     in_index: dict[str, torch.Tensor] = {}
     for axis in decoder_axes(vae.cfg):
         width = state[f"{axis.writers[0]}.weight"].shape[0]  # attention widths equal the stream's: same rule
-        keep = l1_keep(state, axis, max(1, round(ratio * width / groups)) * groups)
+        keep = l1_keep(state, axis, kept_width(width, groups, ratio))
         for name in axis.writers + axis.norms:
             out_index[name] = keep
         for name in axis.readers:
