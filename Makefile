@@ -33,7 +33,7 @@ bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run
 	$(PY) bench/unet_presets.py
 	$(PY) bench/decoder_prune.py
 
-toy: $(VENV)/.runtime  ## retrain every bundled toy model from scratch (about 32 min on 2 CPU cores)
+toy: $(VENV)/.runtime  ## retrain every bundled toy model from scratch (about 28 min on 2 CPU cores)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors
 	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
 	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \

@@ -82,7 +82,7 @@ def distill_stage(args: argparse.Namespace, d: Dist, teacher: Pipeline, student:
     """One teacher -> student distillation (Eq. 11), with EMA, exact resume and DDP like train.py."""
     unet, state_path = student.unet.train(), Path(out + ".state.pt")
     teacher.unet.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
     ema, start, losses = EMA(unet, args.ema), 0, []
     tag = unet.spec.to_json() + repr(cfg)
     if args.resume:

@@ -36,8 +36,8 @@ class Budget:
     """Steps and sample counts of every stage."""
 
     clip: int = 1000
-    autoencoder: int = 4000
-    unet: int = 2500
+    autoencoder: int = 3000
+    unet: int = 3500
     robust: int = 500
     evolve_iterations: int = 4
     evolve_actions: int = 6

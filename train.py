@@ -108,7 +108,7 @@ def train_clip(args: argparse.Namespace) -> None:
 
     model = train_toy_clip(steps=args.steps or 1000, batch=args.batch_size or 128, lr=args.lr or 2e-3, seed=args.seed)
     accuracy = evaluate_toy_clip(model)
-    meta = {"snapfusion_min_toy_clip": json.dumps({"zero_shot_accuracy_heldout": accuracy, "argv": sys.argv[1:]})}
+    meta = {"snapfusion_min_toy_clip": json.dumps({"zero_shot_accuracy_heldout": accuracy, "argv": args.argv})}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(args.out, lambda tmp: save_file(state, tmp, metadata=meta))
     print("zero-shot accuracy on held-out real toy images: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
@@ -171,8 +171,8 @@ def train_autoencoder(args: argparse.Namespace, d: Dist) -> None:
     with torch.no_grad():  # a narrow posterior from the start (std e^-3): a wide one teaches the decoder to blur
         vae.encoder.quant_conv.bias[TOY_VAE.latent_channels:] = -6.0
     broadcast_parameters(vae, d)
-    steps, batch, lr = args.steps or 4000, args.batch_size or 32, args.lr or 2e-3
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01)
+    steps, batch, lr = args.steps or 3000, args.batch_size or 32, args.lr or 2e-3
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.01, fused=True)
     data = make_dataset(args.data, 64, args.seed, args.skip_bad)
     for step in tqdm(range(steps), desc="autoencoder", disable=not d.main):
         seed_step(args.seed, step, d.rank)
@@ -253,8 +253,8 @@ def train_unet(args: argparse.Namespace, d: Dist) -> None:
     pipe.to(d.device)
     unet, state_path = pipe.unet.train(), Path(args.out + ".state.pt")
     unet.keep_prob = args.keep_prob
-    steps, batch, lr = args.steps or 2500, args.batch_size or 32, args.lr or 1e-3
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    steps, batch, lr = args.steps or 3500, args.batch_size or 32, args.lr or 1e-3
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01, fused=True)
     ema, start, losses = EMA(unet, args.ema), 0, []
     tag = unet.spec.to_json()
     if args.resume:
@@ -343,7 +343,7 @@ def train_decoder(args: argparse.Namespace, d: Dist) -> None:
     steps = 1000 if args.steps is None else args.steps  # 0: pruned only, the lower reference of §3.2
     batch, lr = args.batch_size or 16, args.lr or 1e-3
     boost = object_boost(args)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01, fused=True)
     # the latent-image pairs of App. B.2: the teacher's images made once when they fit in 1 GiB, else at each step
     cfg, images = pipe.vae.cfg, None
     if steps and latents.numel() // cfg.latent_channels * cfg.image_channels * cfg.factor**2 * 4 <= 2**30:  # fp32
@@ -381,6 +381,7 @@ def train_decoder(args: argparse.Namespace, d: Dist) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in the toy CLIP's metadata
     d = setup_distributed(pick_device(args.device))
     if args.stage == "clip":
         train_clip(args)

@@ -60,7 +60,7 @@ def train_toy_clip(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: 
     tokenizer = Tokenizer(TOY_TEXT.context_length)
     data = ToyWorld("train", length=steps * batch, seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss_fn = ClipLoss()
     model.train()
