@@ -129,31 +129,37 @@ def stages(b: Budget, p: dict[str, Path], work: Path, report: Path, bundled: boo
 
 
 def latency_table(base, ours, b: Budget, base_steps: int, our_steps: int) -> tuple[list[str], dict]:  # noqa: ANN001
-    """Table 1: params, latency per call and in total of text encoder, UNet, decoder; baseline vs ours."""
-    from snapfusion_min.cost import count_params, median_time
+    """Table 1: params, latency per call and in total of text encoder, UNet, decoder; baseline vs ours.
+
+    Every part of both pipelines and both end-to-end runs are timed in the same interleaved rounds, so a slow spell
+    of the machine moves baseline and ours alike and the speed-up holds.
+    """
+    from snapfusion_min.cost import count_params, median_times
 
     prompt = "a large red circle at the top left on a gray background"
-    rows, totals = [], {}
+    parts, fns = {}, {}
     for name, pipe, steps in (("baseline", base, base_steps), ("ours", ours, our_steps)):
         z = torch.randn(2, pipe.unet.spec.in_channels, 8, 8)
         t = torch.tensor([500, 500])
         ids = pipe.tokenizer([prompt, ""])
         with torch.no_grad():
             context = pipe.text_encoder(ids)
-        parts = {
-            "text encoder": (pipe.text_encoder, lambda pipe=pipe, ids=ids: pipe.text_encoder(ids), 1),
-            "UNet": (pipe.unet, lambda pipe=pipe, z=z, t=t, c=context: pipe.unet(z, t, c), steps),
-            "decoder": (pipe.vae.decoder, lambda pipe=pipe, z=z: pipe.decode(z[:1]), 1)}
-        per_call = {}
-        for part, (module, fn, n) in parts.items():
-            ms = per_call[part] = 1e3 * median_time(fn, warmup=2, repeat=b.repeat)
-            rows.append(f"| {name} | {part} | {count_params(module) / 1e6:.3f}M | {ms:.2f} | {n} | {ms * n:.1f} |")
-        e2e = 1e3 * median_time(lambda pipe=pipe, steps=steps: pipe([prompt], steps=steps, guidance=2.0, height=64,
-                                                                     width=64, spacing=pipe.sampler["spacing"]),
-                                warmup=1, repeat=b.repeat)
-        totals[name] = {"sum_ms": sum(per_call[part] * n for part, (_, _, n) in parts.items()), "e2e_ms": e2e,
-                        "decoder_ms": per_call["decoder"]}
-        rows.append(f"| {name} | **end to end** (measured, one image) | | | | **{e2e:.1f}** |")
+        parts[name] = {"text encoder": (pipe.text_encoder, 1), "UNet": (pipe.unet, steps),
+                       "decoder": (pipe.vae.decoder, 1)}
+        fns |= {(name, "text encoder"): lambda pipe=pipe, ids=ids: pipe.text_encoder(ids),
+                (name, "UNet"): lambda pipe=pipe, z=z, t=t, c=context: pipe.unet(z, t, c),
+                (name, "decoder"): lambda pipe=pipe, z=z: pipe.decode(z[:1]),
+                (name, "e2e"): lambda pipe=pipe, steps=steps: pipe([prompt], steps=steps, guidance=2.0, height=64,
+                                                                   width=64, spacing=pipe.sampler["spacing"])}
+    ms = {key: 1e3 * s for key, s in median_times(fns, warmup=2, repeat=b.repeat).items()}
+    rows, totals = [], {}
+    for name, calls in parts.items():
+        for part, (module, n) in calls.items():
+            rows.append(f"| {name} | {part} | {count_params(module) / 1e6:.3f}M | {ms[name, part]:.2f} | {n} | "
+                        f"{ms[name, part] * n:.1f} |")
+        rows.append(f"| {name} | **end to end** (measured, one image) | | | | **{ms[name, 'e2e']:.1f}** |")
+        totals[name] = {"sum_ms": sum(ms[name, part] * n for part, (_, n) in calls.items()),
+                        "e2e_ms": ms[name, "e2e"], "decoder_ms": ms[name, "decoder"]}
     return rows, totals
 
 

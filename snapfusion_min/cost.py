@@ -26,6 +26,17 @@ def count_macs(fn: Callable[[], object]) -> int:
 def median_time(fn: Callable[[], object], warmup: int = 1, repeat: int = 5,
                 device: torch.device | None = None) -> float:
     """Median wall time of ``fn`` in seconds, after ``warmup`` calls; synchronises CUDA / MPS around each call."""
+    return median_times({"fn": fn}, warmup, repeat, device)["fn"]
+
+
+@torch.no_grad()
+def median_times(fns: dict[str, Callable[[], object]], warmup: int = 1, repeat: int = 5,
+                 device: torch.device | None = None) -> dict[str, float]:
+    """Median wall time in seconds of each of ``fns``, timed in interleaved rounds (each once per round).
+
+    Things to compare are timed side by side: a machine that slows down for a while slows all of them alike, so
+    their ratios hold where separate runs of ``median_time`` would drift apart.
+    """
 
     def sync() -> None:
         if device is not None and device.type == "cuda":
@@ -33,13 +44,15 @@ def median_time(fn: Callable[[], object], warmup: int = 1, repeat: int = 5,
         elif device is not None and device.type == "mps":
             torch.mps.synchronize()
 
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
