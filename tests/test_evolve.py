@@ -33,7 +33,7 @@ def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
     """A table built on one spec predicts the measured forward time of evolved specs, without new timings.
 
     The table is calibrated on the spec it was built from (its in-situ factor), so that spec is exact by construction;
-    the test is whether per-block costs carry over to specs with one block, and with a quarter of the latency, gone.
+    the test is whether per-block costs carry over to specs with one block, and with over 40% of the latency, gone.
     Single thread, 16x16 latent: within 15%. Latency is compared relative to the original spec, timed in the same
     rounds as the evolved ones, so a machine that drifts between the table and the check does not decide the test.
     """
@@ -44,16 +44,17 @@ def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
         assert 0.9 < table.in_situ < 1.6  # blocks cost a little more in place than alone, never much less
         one = evolve_unet(unet, Action("-", ("up3.A2",)))
         many = unet
-        for action in ["-down1.A0", "-up3.A0", "-up3.A1", "-mid.R0", "-down2.R1+up2.R0", "-up1.A2"]:
+        for action in ["-down1.A0", "-up3.A0", "-up3.A1", "-mid.R0", "-down2.R1+up2.R0", "-up1.A2", "-down1.A1",
+                       "-up3.A2"]:
             many = evolve_unet(many, Action(action[0], tuple(action[1:].split("+"))))
-        rounds = [[measure_unet(u, 16, 2, 16, repeat=5) for u in (unet, one, many)] for _ in range(3)]
+        rounds = [[measure_unet(u, 16, 2, 16, repeat=5) for u in (unet, one, many)] for _ in range(5)]
     finally:
         torch.set_num_threads(threads)
     base, *measured = (min(r[i] for r in rounds) for i in range(3))
     results = [(table.predict(u.spec) / table.predict(unet.spec), m / base) for u, m in zip((one, many), measured)]
     for predicted, measured_ratio in results:
         assert abs(predicted / measured_ratio - 1) < 0.15, results
-    assert results[1][1] < 0.85 * results[0][1]  # the second spec really is much faster: not a trivial check
+    assert results[1][1] < 0.85 * results[0][1], results  # the second spec really is much faster: not a trivial check
     assert len(table.ms) < len(unet.spec.addresses())  # blocks of equal configuration share an entry
 
 
