@@ -25,7 +25,7 @@ def test_every_stage_produced_its_output(quick_run):
     work, out = quick_run
     done = json.loads((work / "recipe.json").read_text())["done"]
     assert list(done) == ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16",
-                          "student8", "vanilla8", "cfg8", "pruned0", "pruned", "final", "coreml"]
+                          "student8", "vanilla8", "cfg8", "paper_range8", "pruned0", "pruned", "final", "coreml"]
     for name in [n for n in done if n != "coreml"]:
         assert (work / f"{name}.safetensors").is_file(), name
     assert {p.name for p in (work / "coreml").glob("*.mlpackage")} >= {"unet.mlpackage", "decoder.mlpackage"}
