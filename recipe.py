@@ -227,7 +227,7 @@ def goals(t2: dict, f6: dict, totals: dict, base: str, base_steps: int, g0: floa
     verdict = {}
     for name, rows in ours.items():
         best = max(rows, key=lambda g: rows[g]["clip_score"])
-        for g, gb in ((g0, g0), (best, b_best)):
+        for g, gb in dict.fromkeys([(g0, g0), (best, b_best)]):  # one row when the best is the default
             if g not in rows or gb not in baseline:
                 continue
             d_clip, ratio = rows[g]["clip_score"] - baseline[gb]["clip_score"], rows[g]["fid"] / baseline[gb]["fid"]
