@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_table(pipe, args: argparse.Namespace):  # noqa: ANN001, ANN201
     """Load (if any) and complete the lookup table for this UNet's blocks."""
+    from snapfusion_min.cost import threads
     from snapfusion_min.evolve import LatencyTable, measure_table
 
     latent = pipe.sampler["resolution"] // pipe.vae.cfg.factor
@@ -68,10 +69,8 @@ def build_table(pipe, args: argparse.Namespace):  # noqa: ANN001, ANN201
     if table is not None and (table.batch, table.latent) != (args.batch, latent):
         raise ValueError(f"{args.table} was measured at batch {table.batch}, latent {table.latent}; need "
                          f"{args.batch}, {latent}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    table = measure_table(pipe.unet, latent, args.batch, pipe.text_encoder.cfg.context_length, table=table)
-    torch.set_num_threads(threads)
+    with threads(args.threads):
+        table = measure_table(pipe.unet, latent, args.batch, pipe.text_encoder.cfg.context_length, table=table)
     if args.table:
         table.save(args.table)
     return table
@@ -222,15 +221,13 @@ def minimum_latency(spec, table) -> float:  # noqa: ANN001
 
 
 def report(name: str, pipe, clip, table, args: argparse.Namespace) -> dict:  # noqa: ANN001
-    from snapfusion_min.cost import count_params
+    from snapfusion_min.cost import count_params, threads
     from snapfusion_min.evolve import measure_unet
     from snapfusion_min.toyclip import evaluate_generation
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     latent = pipe.sampler["resolution"] // pipe.vae.cfg.factor
-    measured = measure_unet(pipe.unet, latent, args.batch, pipe.text_encoder.cfg.context_length)
-    torch.set_num_threads(threads)
+    with threads(args.threads):
+        measured = measure_unet(pipe.unet, latent, args.batch, pipe.text_encoder.cfg.context_length)
     r = evaluate_generation(pipe, clip, n=args.eval_n, seed=1234)
     return {"name": name, "measured_ms": measured, "predicted_ms": table.predict(pipe.unet.spec),
             "params": count_params(pipe.unet), "clip": r["clip_score"], "fid": r["fid"],

@@ -142,7 +142,7 @@ def latency_table(base, ours, b: Budget, base_steps: int, our_steps: int) -> tup
     of the machine moves baseline and ours alike and the speed-up holds. On one thread, as the evolving stage's
     lookup table: at these sizes a second thread does not speed the baseline's UNet up and slows the evolved one down.
     """
-    from snapfusion_min.cost import count_params, median_times
+    from snapfusion_min.cost import count_params, median_times, threads
 
     prompt = "a large red circle at the top left on a gray background"
     parts, fns = {}, {}
@@ -159,12 +159,8 @@ def latency_table(base, ours, b: Budget, base_steps: int, our_steps: int) -> tup
                 (name, "decoder"): lambda pipe=pipe, z=z: pipe.decode(z[:1]),
                 (name, "e2e"): lambda pipe=pipe, steps=steps: pipe([prompt], steps=steps, guidance=2.0, height=64,
                                                                    width=64, spacing=pipe.sampler["spacing"])}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         ms = {key: 1e3 * s for key, s in median_times(fns, warmup=2, repeat=b.repeat).items()}
-    finally:
-        torch.set_num_threads(threads)
     rows, totals = [], {}
     for name, calls in parts.items():
         for part, (module, n) in calls.items():

@@ -9,6 +9,7 @@ from conftest import randomize
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import tiny, walk
+from snapfusion_min.cost import threads
 from snapfusion_min.evolve import Action, apply, candidate_actions, evolve_unet, measure_table, measure_unet
 from snapfusion_min.pipeline import Pipeline
 from snapfusion_min.text_encoder import TextConfig, TextEncoder
@@ -37,9 +38,7 @@ def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
     Single thread, 16x16 latent: within 15%. Latency is compared relative to the original spec, timed in the same
     rounds as the evolved ones, so a machine that drifts between the table and the check does not decide the test.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         table = measure_table(unet, latent=16, batch=2, context_len=16, repeat=15)
         assert 0.9 < table.in_situ < 1.6  # blocks cost a little more in place than alone, never much less
         one = evolve_unet(unet, Action("-", ("up3.A2",)))
@@ -48,8 +47,6 @@ def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
                        "-up3.A2"]:
             many = evolve_unet(many, Action(action[0], tuple(action[1:].split("+"))))
         rounds = [[measure_unet(u, 16, 2, 16, repeat=5) for u in (unet, one, many)] for _ in range(5)]
-    finally:
-        torch.set_num_threads(threads)
     base, *measured = (min(r[i] for r in rounds) for i in range(3))
     results = [(table.predict(u.spec) / table.predict(unet.spec), m / base) for u, m in zip((one, many), measured)]
     for predicted, measured_ratio in results:
