@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .arch import DOWN_STAGES, LEVEL, STAGES, UP_STAGES, ArchSpec, walk
-from .cost import count_macs, count_params, median_time
+from .cost import count_macs, count_params, median_time, median_times
 from .unet import UNet
 
 PAIRS = {"down1": "up3", "down2": "up2", "down3": "up1", "mid_down": "mid_up"}
@@ -127,9 +127,10 @@ class LatencyTable:
     dtype: str
     ms: dict[str, float] = field(default_factory=dict)  # config key -> ms, timed alone
     skeleton_ms: float = 0.0
-    # A block timed alone runs with warm caches and nothing dispatched between blocks; inside the UNet it costs more
-    # (15-30% on CPU for small blocks). The factor (measured - skeleton) / sum of block medians, taken on the spec
-    # the table was built from, carries that over to every block; tests check it on *other* (evolved) specs.
+    # A block timed alone runs with nothing dispatched between blocks; inside the UNet it costs a little more (3-10%
+    # on CPU for the toy UNet's blocks, timed in the same rounds). The factor (measured - skeleton) / sum of block
+    # medians, taken on the spec the table was built from, carries that over to every block; tests check it on
+    # *other* (evolved) specs.
     in_situ: float = 1.0
     measured_ms: dict[str, float] = field(default_factory=dict)  # spec summary -> measured whole forward
 
@@ -180,35 +181,41 @@ def block_inputs(unet: UNet, latent: int, batch: int, context_len: int) -> dict[
 
 def measure_table(unet: UNet, latent: int, batch: int = 2, context_len: int = 77, repeat: int = 20,
                   table: LatencyTable | None = None, log: bool = False) -> LatencyTable:
-    """Time each block configuration of ``unet`` not yet in ``table`` (warm-up, median of ``repeat``), the skeleton,
-    and the whole forward pass."""
+    """Time each block configuration of ``unet`` not yet in ``table``, the skeleton and the whole forward pass
+    (warm-up, median of ``repeat``), all in the same interleaved rounds: the in-situ factor is a ratio of these
+    timings, so a machine that slows down for a while must slow both sides of it alike."""
     device = next(unet.parameters()).device
     table = table or LatencyTable(str(device), batch, latent, str(next(unet.parameters()).dtype))
     inputs = block_inputs(unet, latent, batch, context_len)
-    for address, key in block_keys(unet.spec, latent, batch).items():
-        if key not in table.ms:
-            stage, name = address.split(".")
-            block = unet.stages[stage][name]
-            table.ms[key] = 1e3 * median_time(lambda b=block, a=inputs[address]: b(*a), 2, repeat, device)
-            if log:
-                print(f"  {address:14s} {key:40s} {table.ms[key]:8.3f} ms")
     z, t, ctx = whole_inputs(unet, latent, batch, context_len)
-    with torch.no_grad():
-        saved = unet.removed
-        unet.removed = set(unet.spec.addresses())  # the skeleton: every block is the identity / its shortcut
-        skeleton = 1e3 * median_time(lambda: unet(z, t, ctx), 2, repeat, device)
-        unet.removed = saved
-        shortcut_ms = 0.0  # dropped ResNets that change width still run their 1x1 shortcut: not skeleton
-        for address, args in inputs.items():
-            stage, name = address.split(".")
-            block = unet.stages[stage][name]
-            if name[0] == "R" and block.conv_shortcut is not None:
-                shortcut_ms += 1e3 * median_time(lambda b=block, a=args[0]: b.shortcut(a), 1, repeat, device)
-        table.skeleton_ms = max(0.0, skeleton - shortcut_ms)
-        measured = measure_unet(unet, latent, batch, context_len, repeat)
-        table.measured_ms[spec_id(unet.spec)] = measured
-        alone = sum(table.ms[key] for key in block_keys(unet.spec, latent, batch).values())
-        table.in_situ = (measured - table.skeleton_ms) / alone if alone > 0 else 1.0
+    fns, new = {}, {}
+    for address, key in block_keys(unet.spec, latent, batch).items():
+        stage, name = address.split(".")
+        block = unet.stages[stage][name]
+        if key not in table.ms and key not in new.values():
+            new[address] = key
+            fns[address] = lambda b=block, a=inputs[address]: b(*a)
+        if name[0] == "R" and block.conv_shortcut is not None:  # a dropped ResNet that changes width still runs
+            fns["shortcut " + address] = lambda b=block, a=inputs[address][0]: b.shortcut(a)  # its 1x1 shortcut
+
+    def skeleton() -> None:  # every block is the identity / its shortcut
+        saved, unet.removed = unet.removed, set(unet.spec.addresses())
+        try:
+            unet(z, t, ctx)
+        finally:
+            unet.removed = saved
+
+    fns["skeleton"], fns["whole"] = skeleton, lambda: unet.eval()(z, t, ctx)
+    ms = {name: 1e3 * s for name, s in median_times(fns, 2, repeat, device).items()}
+    for address, key in new.items():
+        table.ms[key] = ms[address]
+        if log:
+            print(f"  {address:14s} {key:40s} {table.ms[key]:8.3f} ms")
+    shortcut_ms = sum(v for name, v in ms.items() if name.startswith("shortcut "))
+    table.skeleton_ms = max(0.0, ms["skeleton"] - shortcut_ms)
+    table.measured_ms[spec_id(unet.spec)] = ms["whole"]
+    alone = sum(table.ms[key] for key in block_keys(unet.spec, latent, batch).values())
+    table.in_situ = (ms["whole"] - table.skeleton_ms) / alone if alone > 0 else 1.0
     return table
 
 
