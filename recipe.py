@@ -1,6 +1,6 @@
 """The whole SnapFusion recipe at toy scale, in one command, and a report with the paper's tables and figures.
 
-    python recipe.py                    # every stage from scratch (about 78 min on 2 CPU cores) -> report/
+    python recipe.py                    # every stage from scratch (86 min on 2 CPU cores) -> report/
     python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher (50 min)
     python recipe.py --quick --work /tmp/r --report /tmp/r/report     # every stage in minutes (the tests run it)
 
