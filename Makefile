@@ -6,7 +6,7 @@ PROMPT ?= a large red circle at the top left on a gray background
 
 TOY := models/toy
 
-.PHONY: sample test lint bench toy recipe evaluate clean
+.PHONY: sample test test-fast lint bench toy recipe evaluate clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,16 @@ $(VENV)/.dev: $(VENV)/.runtime
 	touch $@
 
 sample: $(VENV)/.runtime  ## install, then sample an image with the bundled model
-	$(PY) sample.py --prompt "$(PROMPT)" --out samples $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
+	$(PY) sample.py --prompt "$(PROMPT)" --out-dir samples $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 
 test: $(VENV)/.dev lint  ## install, lint, run the test suite
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (under 2 minutes)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run
 	$(PY) bench/unet_speed.py

@@ -1,8 +1,8 @@
 """Text -> PNG files with any checkpoint: SD-v1.5 single file, diffusers folder, or a snapfusion-min checkpoint.
 
     python sample.py --prompt "a red circle at the top left on a gray background"
-    python sample.py --checkpoint v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse" \
-        --steps 50 --guidance 7.5 --height 512 --width 512
+    python sample.py --checkpoint v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse" \\
+        --num-inference-steps 50 --guidance 7.5 --height 512 --width 512
 
 Sampling is DDIM (paper Eq. 2) with classifier-free guidance (Eq. 3). Image i of a run uses seed + i, so the
 same seed gives the same images whatever the batch size. Steps, guidance, spacing and resolution default to what
@@ -11,41 +11,45 @@ the checkpoint says it was trained for (a distilled student: its own N steps), e
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
-BUNDLED = Path(__file__).resolve().parent / "models" / "toy" / "model.safetensors"
+from snapfusion_min import load_pipeline
+from snapfusion_min.cli import flag, parser, run
+from snapfusion_min.diffusion import SPACINGS
+from snapfusion_min.recipe import TOY
+
+BUNDLED = TOY / "model.safetensors"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", default=str(BUNDLED),
-                   help="weights file or folder (default: the bundled toy model, models/toy/model.safetensors)")
+def build_parser():  # noqa: ANN201
+    p = parser(__doc__)
+    flag(p, "--checkpoint", str(BUNDLED), "default: the bundled toy model, models/toy/model.safetensors")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="text for the unconditional half of CFG (default: empty)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's, else 50)")
-    p.add_argument("--guidance", type=float, help="CFG scale w of Eq. 3; 1 = no CFG (default: checkpoint's, else 7.5)")
-    p.add_argument("--spacing", choices=["leading", "trailing"],
-                   help="timestep grid (default: checkpoint's, else leading)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
+    flag(p, "--num-inference-steps", None, "default: the checkpoint's, else 50")
+    flag(p, "--guidance", None, "default: the checkpoint's, else 7.5")
+    flag(p, "--spacing", None, "default: the checkpoint's, else leading", choices=SPACINGS)
+    flag(p, "--seed", 0, "image i uses seed + i")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: checkpoint's, else 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default: 4)")
-    p.add_argument("--out", default="samples", help="output folder (default: samples/)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
+    flag(p, "--batch-size", 4, "prompts per forward pass")
+    flag(p, "--out-dir", "samples")
+    flag(p, "--device", "auto")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     p.add_argument("--ema", action="store_true", help="use the EMA UNet of an SD-v1 .ckpt/.safetensors file")
     p.add_argument("--decoder", help="decode with the (pruned, §3.2) autoencoder of this checkpoint")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the checkpoint's prediction type")
-    return p.parse_args(argv)
+    return p
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args) -> list[str]:  # noqa: ANN001
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -65,45 +69,36 @@ def slug(text: str, n: int = 48) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.checkpoint == str(BUNDLED) and not BUNDLED.is_file():
         raise FileNotFoundError(f"the bundled toy model is not in this checkout ({BUNDLED}); pass --checkpoint")
-
-    from tqdm.auto import tqdm
-
-    from snapfusion_min import load_pipeline
-
     pipe = load_pipeline(args.checkpoint, ema=args.ema, prediction=args.prediction, device=args.device,
                          dtype=args.dtype)
     if args.decoder:
         other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
         pipe.set_decoder(other.vae, other.latent_scale)
-    d = pipe.sampler
-    steps, guidance, spacing, height, width = (
-        d[key] if value is None else value for key, value in (("steps", args.steps), ("guidance", args.guidance),
-                                                              ("spacing", args.spacing), ("resolution", args.height),
-                                                              ("resolution", args.width)))
-    if steps <= 0:
-        raise ValueError(f"--steps must be positive, got {steps}")
+    s = replace(pipe.sampler, **{k: v for k, v in (("steps", args.num_inference_steps), ("guidance", args.guidance),
+                                                    ("spacing", args.spacing)) if v is not None})
+    height, width = args.height or s.resolution, args.width or s.resolution
     f = pipe.vae.cfg.factor
     if height % f or width % f or height <= 0 or width <= 0:
         raise ValueError(f"--height and --width must be positive multiples of {f}, got {height}x{width}")
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{pipe.source}: {pipe.prediction}-prediction, {steps} steps ({spacing}), guidance {guidance}, "
+    print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} steps ({s.spacing}), guidance {s.guidance}, "
           f"{height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        images = pipe(batch, steps=steps, guidance=guidance, seed=args.seed + start, height=height, width=width,
-                      spacing=spacing, negative_prompt=args.negative_prompt, progress=True)
+        images = pipe(batch, steps=s.steps, guidance=s.guidance, seed=args.seed + start, height=height, width=width,
+                      spacing=s.spacing, negative_prompt=args.negative_prompt, progress=True)
         for i, (prompt, image) in enumerate(zip(batch, images)):
             meta = PngInfo()
             for key, value in (("prompt", prompt), ("negative_prompt", args.negative_prompt),
-                               ("seed", args.seed + start + i), ("steps", steps), ("guidance", guidance),
-                               ("spacing", spacing), ("checkpoint", pipe.source)):
+                               ("seed", args.seed + start + i), ("steps", s.steps), ("guidance", s.guidance),
+                               ("spacing", s.spacing), ("checkpoint", pipe.source)):
                 meta.add_text(key, str(value))
             path = out / f"{start + i:04d}-{slug(prompt)}.png"
             image.save(path, pnginfo=meta)
@@ -111,9 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback (CheckpointError is a ValueError)
-        sys.exit(f"sample.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run(main, "sample.py")

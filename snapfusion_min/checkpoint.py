@@ -3,6 +3,7 @@ the architecture spec, the prediction type and the other configs (JSON), written
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -89,3 +90,8 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], confi
                for k, v in m.state_dict().items()}
     meta = {META_KEY: json.dumps({"format_version": FORMAT_VERSION, **config})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def config_dict(cfg: object) -> dict:
+    """A stage config as JSON-ready data with the name of its class: what a checkpoint records of its training."""
+    return {"stage": type(cfg).__name__, **dataclasses.asdict(cfg)}  # type: ignore[call-overload]

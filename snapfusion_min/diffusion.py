@@ -15,6 +15,7 @@ import torch
 TRAIN_STEPS = 1000  # SD-v1.5's discrete training timesteps
 BETA_START, BETA_END = 0.00085, 0.012  # SD-v1.5's "scaled_linear" schedule
 CLEAN = -1  # pseudo-timestep of clean data: alpha = 1, sigma = 0
+SPACINGS = ("leading", "trailing")  # timestep grids of ``timesteps``
 Scalar = torch.Tensor | float  # a per-sample [B] tensor or one number
 
 

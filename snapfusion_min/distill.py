@@ -9,12 +9,18 @@ grid contains the student's (``diffusion.timesteps``) and the last student step 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import diffusion as D
+from .checkpoint import config_dict
+from .pipeline import Pipeline, load_pipeline
+from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures
+
+TRAIN = TrainConfig(train_steps=1500, batch_size=32, lr=1e-4, warmup=100)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def teacher_z(teacher: nn.Module, z_t: torch.Tensor, points: list[torch.Tensor],
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context: torch.Tensor,
-                 uncond: torch.Tensor, cfg: DistillConfig, schedule: D.Schedule, use_cfg: bool | None = None,
+                 uncond: torch.Tensor, cfg: DistillConfig, schedule: D.Schedule, *, use_cfg: bool | None = None,
                  w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One iteration's loss, Eq. 11: L = L_dstl + gamma_dyn * L_ori.
 
@@ -124,3 +130,78 @@ def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, conte
     l_ori = ((v_cond.float() - v_true.float()) ** 2).mean()  # Eq. 6
     gamma = cfg.gamma * l_dstl.detach() / l_ori.detach().clamp(min=1e-12)
     return {"loss": l_dstl + gamma * l_ori, "dstl": l_dstl, "ori": l_ori, "cfg": torch.tensor(float(use_cfg))}
+
+
+# ---- the distillation stage -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistillRun:
+    """One distillation run: the loss settings of each stage (progressive: several), and what the student keeps."""
+
+    chain: tuple[int, ...] = (16, 8)  # teacher steps -> ... -> student steps: (16, 8) direct, (64, 32, 16, 8) Fig. 6a
+    loss: DistillConfig = DistillConfig()  # Eq. 10-11's settings (its step counts are taken from ``chain``)
+    guidance: float | None = None  # CFG scale saved as the student's default; None: the teacher's
+    data: str = "toy"  # x0 for z_t and L_ori: 'toy' or a folder of captioned images
+    skip_bad: bool = False
+    train: TrainConfig = dataclasses.field(default=TRAIN)  # per stage when progressive
+
+    def stages(self) -> list[DistillConfig]:
+        """The DistillConfig of each teacher -> student stage (its checks run here)."""
+        if len(self.chain) < 2:
+            raise ValueError(f"a distillation chain needs at least two step counts, got {self.chain}")
+        return [dataclasses.replace(self.loss, teacher_steps=a, student_steps=b)
+                for a, b in zip(self.chain[:-1], self.chain[1:])]
+
+
+def check_pair(teacher: Pipeline, student: Pipeline) -> None:
+    """Refuse, before any training, a pair that cannot be distilled."""
+    if teacher.prediction != "v" or student.prediction != "v":
+        raise ValueError(f"teacher and student must both be v-prediction models (§4.1), got teacher "
+                         f"{teacher.prediction!r} and student {student.prediction!r}; fine-tune to v with train.py")
+    if teacher.unet.spec.context_dim != student.unet.spec.context_dim:
+        raise ValueError(f"text-encoder widths differ: teacher {teacher.unet.spec.context_dim}, "
+                         f"student {student.unet.spec.context_dim}")
+    if teacher.text_encoder.cfg != student.text_encoder.cfg or teacher.latent_scale != student.latent_scale:
+        raise ValueError("teacher and student must share the text encoder and the latent space")
+
+
+def distill_stage(teacher: Pipeline, student: Pipeline, cfg: DistillConfig, run: DistillRun, out: str,
+                  d: Dist) -> Pipeline:
+    """One teacher -> student distillation (Eq. 11) with ``training.fit``; returns the student with its EMA UNet."""
+    unet = student.unet.train()
+    teacher.unet.eval().requires_grad_(False)
+    t = run.train
+    data = make_dataset(run.data, student.sampler.resolution, t.seed, run.skip_bad)
+    with torch.no_grad():
+        empty = student.encode_prompts([""])
+
+    def loss_at(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, context = encoded_batch(student, data, step, micro, t, d)
+        parts = distill_loss(unet, teacher.unet, x0, context, empty.expand_as(context), cfg, student.schedule)
+        return parts["loss"], parts["dstl"]
+
+    desc = f"distill {cfg.teacher_steps}->{cfg.student_steps}"
+    stored, _ = fit(unet, loss_at, t, d, out=out, tag=unet.spec.to_json() + repr(cfg),
+                    save=save_with_figures(out, student, f"distillation loss {desc} (Eq. 11)"), desc=desc)
+    return student.with_parts(unet=stored)
+
+
+def distill(teacher_path: str, student_path: str, run: DistillRun, out: str, d: Dist = LOCAL) -> Pipeline:
+    """Distil the teacher into the student along ``run.chain`` (§4.1: 16 -> 8 directly; App. D: the student starts
+    from ``student_path``, e.g. the teacher itself). A progressive chain's intermediate students are saved as
+    <out>.stage<N>.safetensors and each teaches the next stage. The student saved carries its own sampler: N steps
+    on the trailing grid, the guidance it was distilled for."""
+    stages = run.stages()
+    teacher = load_pipeline(teacher_path).to(d.device)
+    student = load_pipeline(student_path).to(d.device)
+    check_pair(teacher, student)
+    for i, cfg in enumerate(stages):
+        guidance = teacher.sampler.guidance if run.guidance is None else run.guidance
+        student.sampler = dataclasses.replace(student.sampler, steps=cfg.student_steps, spacing="trailing",
+                                              guidance=guidance, distilled=True)
+        student.training = config_dict(run)
+        stage_out = out if i == len(stages) - 1 else f"{out}.stage{cfg.student_steps}.safetensors"
+        result = distill_stage(teacher, student, cfg, run, stage_out, d)
+        if run.train.stop_after is not None:
+            return result
+        teacher, student = result, load_pipeline(stage_out).to(d.device)  # progressive: the student teaches next
+    return student

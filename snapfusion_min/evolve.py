@@ -1,9 +1,6 @@
-"""Architecture evolving (§3.1, Alg. 1): a latency lookup table, evolving actions on the spec, and their values.
+"""Architecture evolving (§3.1, Alg. 1): evolving actions on the spec, their values, and the loop itself.
 
-* ``LatencyTable``: every R and A block timed at its real input shapes (resolution, CFG batch, dtype, device), keyed
-  by what determines its cost -- type, channels, token grid, batch -- so an evolved spec's latency is predicted
-  without timing it again (§2.2). The rest of the UNet (conv_in, time embedding, resamplers, conv_out) is one
-  'skeleton' entry.
+* Latency comes from the lookup table of ``latency.py`` (§2.2).
 * Actions: A- removes a block, A+ copies one (the copy starts from its source's weights, right after it). A block
   may be acted on only if every other block keeps its shapes, so weights carry over. Cross-attention blocks can be
   removed or copied anywhere; a ResNet of the skip-free ``mid`` stage likewise; a ResNet of a down stage goes
@@ -15,15 +12,22 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .arch import DOWN_STAGES, LEVEL, STAGES, UP_STAGES, ArchSpec, walk
-from .cost import count_macs, count_params, median_time, median_times
+from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, walk
+from .cost import count_params, threads
+from .latency import LatencyTable, measure_unet
+from .pipeline import Pipeline, load_pipeline
+from .training import TrainConfig
 from .unet import UNet
+from .unet_training import UNetConfig, train_unet, warmup_for
+
+Scorer = Callable[[Pipeline], float]  # a pipeline -> its quality (the toy CLIP score; a real CLIP at SD scale)
+BASELINES = ("random", "uniform")
 
 PAIRS = {"down1": "up3", "down2": "up2", "down3": "up1", "mid_down": "mid_up"}
 
@@ -116,132 +120,190 @@ def evolve_unet(unet: UNet, action: Action) -> UNet:
     return new.to(memory_format=unet.memory_format())
 
 
-# ---- the latency lookup table (§2.2) ----------------------------------------------------------------------------
-@dataclass
-class LatencyTable:
-    """Median milliseconds of each block configuration, plus the skeleton, on one device / batch / resolution."""
-
-    device: str
-    batch: int
-    latent: int
-    dtype: str
-    ms: dict[str, float] = field(default_factory=dict)  # config key -> ms, timed alone
-    skeleton_ms: float = 0.0
-    # A block timed alone runs with nothing dispatched between blocks; inside the UNet it costs a little more (3-10%
-    # on CPU for the toy UNet's blocks, timed in the same rounds). The factor (measured - skeleton) / sum of block
-    # medians, taken on the spec the table was built from, carries that over to every block; tests check it on
-    # *other* (evolved) specs.
-    in_situ: float = 1.0
-    measured_ms: dict[str, float] = field(default_factory=dict)  # spec summary -> measured whole forward
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
-
-    @staticmethod
-    def load(path: str | Path) -> LatencyTable:
-        return LatencyTable(**json.loads(Path(path).read_text()))
-
-    def block_ms(self, spec: ArchSpec) -> dict[str, float]:
-        """Each block's latency by its configuration key; KeyError if a configuration was never timed."""
-        keys = block_keys(spec, self.latent, self.batch)
-        return {address: self.in_situ * self.ms[key] for address, key in keys.items()}
-
-    def predict(self, spec: ArchSpec) -> float:
-        """A UNet's latency per step: skeleton + sum of its blocks (Alg. 1's lookup)."""
-        return self.skeleton_ms + sum(self.block_ms(spec).values())
 
 
-def block_keys(spec: ArchSpec, latent: int, batch: int) -> dict[str, str]:
-    """address -> configuration key: type, input/skip/output channels, token grid, batch (and heads for A)."""
-    keys = {}
-    for b in walk(spec)[0]:
-        hw = max(1, -(-latent // 2 ** LEVEL[b.stage]))
-        extra = f" h{spec.heads} ctx{spec.context_dim}" if b.name[0] == "A" else ""
-        keys[f"{b.stage}.{b.name}"] = f"{b.name[0]} {b.c_in}+{b.c_skip}->{b.c_out} {hw}x{hw} b{batch}{extra}"
-    return keys
+# ---- Algorithm 1 ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvolveConfig:
+    target: float = 0.6  # latency target, a fraction of the start's predicted latency per step
+    iterations: int = 4  # evolving steps at most
+    actions: int = 3  # actions per evolving step
+    robust_steps: int = 150  # robust training (Eq. 5) steps before each evolving step
+    finetune_steps: int = 300  # plain fine-tuning of the final architecture
+    keep_prob: float = 0.9  # p of Eq. 5 in the robust training
+    lr: float = 3e-4  # learning rate of robust training and fine-tuning
+    batch_size: int = 32
+    baseline: str | None = None  # instead of Alg. 1: 'random' valid removals or 'uniform' (stage by stage)
+    threads: int = 1  # CPU threads while timing (one gives stable medians)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target <= 1.0:
+            raise ValueError(f"target must be in (0, 1], got {self.target}")
+        if not 0.0 < self.keep_prob <= 1.0:
+            raise ValueError(f"keep-prob must be in (0, 1], got {self.keep_prob}")
+        if min(self.iterations, self.actions, self.threads) < 1 or min(self.robust_steps, self.finetune_steps) < 0:
+            raise ValueError("iterations, actions and threads must be >= 1, robust and fine-tuning steps >= 0")
+        if self.baseline not in (None, *BASELINES):
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
 
 
-@torch.no_grad()
-def block_inputs(unet: UNet, latent: int, batch: int, context_len: int) -> dict[str, tuple]:
-    """One forward pass with hooks: each block's actual input tensors (and the shared time embedding / text)."""
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    z = torch.randn(batch, unet.spec.in_channels, latent, latent, device=device, dtype=dtype)
-    ctx = torch.randn(batch, context_len, unet.spec.context_dim, device=device, dtype=dtype)
-    captured, hooks = {}, []
-    for stage in STAGES:
-        for name in unet.spec.stages[stage]:
-            def hook(module, args, address=f"{stage}.{name}"):  # noqa: ANN001, ANN202
-                captured[address] = tuple(a.clone() for a in args)
-            hooks.append(unet.stages[stage][name].register_forward_pre_hook(hook))
-    unet.eval()(z, torch.full((batch,), 500, device=device), ctx)
-    for h in hooks:
-        h.remove()
-    return captured
+def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, figures: bool = False) -> Pipeline:
+    """Robust training (keep_prob < 1) or fine-tuning of the checkpoint ``path``, in its own prediction type."""
+    unet_cfg = UNetConfig(init=path, prediction=load_pipeline(path).prediction, keep_prob=keep_prob,
+                          train=TrainConfig(train_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                            warmup=warmup_for(steps), save_every=10**9, seed=cfg.seed))
+    train_unet(unet_cfg, out, figures=figures)
+    return load_pipeline(out)
 
 
-def measure_table(unet: UNet, latent: int, batch: int = 2, context_len: int = 77, repeat: int = 20,
-                  table: LatencyTable | None = None, log: bool = False) -> LatencyTable:
-    """Time each block configuration of ``unet`` not yet in ``table``, the skeleton and the whole forward pass
-    (warm-up, median of ``repeat``), all in the same interleaved rounds: the in-situ factor is a ratio of these
-    timings, so a machine that slows down for a while must slow both sides of it alike."""
-    device = next(unet.parameters()).device
-    table = table or LatencyTable(str(device), batch, latent, str(next(unet.parameters()).dtype))
-    inputs = block_inputs(unet, latent, batch, context_len)
-    z, t, ctx = whole_inputs(unet, latent, batch, context_len)
-    fns, new = {}, {}
-    for address, key in block_keys(unet.spec, latent, batch).items():
-        stage, name = address.split(".")
-        block = unet.stages[stage][name]
-        if key not in table.ms and key not in new.values():
-            new[address] = key
-            fns[address] = lambda b=block, a=inputs[address]: b(*a)
-        if name[0] == "R" and block.conv_shortcut is not None:  # a dropped ResNet that changes width still runs
-            fns["shortcut " + address] = lambda b=block, a=inputs[address][0]: b.shortcut(a)  # its 1x1 shortcut
+def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer) -> list[dict]:
+    """Every removal action's dCLIP (score lost without its blocks), dLatency and value, lowest value first."""
+    from tqdm.auto import tqdm
 
-    def skeleton() -> None:  # every block is the identity / its shortcut
-        saved, unet.removed = unet.removed, set(unet.spec.addresses())
+    def without(removed: tuple[str, ...]) -> float:
+        pipe.unet.removed = set(removed)
         try:
-            unet(z, t, ctx)
+            return score(pipe)
         finally:
-            unet.removed = saved
+            pipe.unet.removed = set()
 
-    fns["skeleton"], fns["whole"] = skeleton, lambda: unet.eval()(z, t, ctx)
-    ms = {name: 1e3 * s for name, s in median_times(fns, 2, repeat, device).items()}
-    for address, key in new.items():
-        table.ms[key] = ms[address]
-        if log:
-            print(f"  {address:14s} {key:40s} {table.ms[key]:8.3f} ms")
-    shortcut_ms = sum(v for name, v in ms.items() if name.startswith("shortcut "))
-    table.skeleton_ms = max(0.0, ms["skeleton"] - shortcut_ms)
-    table.measured_ms[spec_id(unet.spec)] = ms["whole"]
-    alone = sum(table.ms[key] for key in block_keys(unet.spec, latent, batch).values())
-    table.in_situ = (ms["whole"] - table.skeleton_ms) / alone if alone > 0 else 1.0
-    return table
+    base, ms, rows = without(()), table.block_ms(pipe.unet.spec), []
+    for action in tqdm(candidate_actions(pipe.unet.spec, "-"), desc="scoring actions", leave=False):
+        d_clip, d_lat = base - without(action.addresses), sum(ms[a] for a in action.addresses)
+        rows.append({"action": action, "d_clip": d_clip, "d_latency_ms": d_lat, "value": d_clip / d_lat})
+    return sorted(rows, key=lambda r: r["value"])
 
 
-def whole_inputs(unet: UNet, latent: int, batch: int, context_len: int) -> tuple[torch.Tensor, ...]:
-    p = next(unet.parameters())
-    return (torch.randn(batch, unet.spec.in_channels, latent, latent, device=p.device, dtype=p.dtype),
-            torch.full((batch,), 500, device=p.device),
-            torch.randn(batch, context_len, unet.spec.context_dim, device=p.device, dtype=p.dtype))
+def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: float, n: int) -> list[tuple[Action,
+                                                                                                          dict]]:
+    """Alg. 1's choice: above the target, remove the lowest-value blocks until it is met; at or below it, copy the
+    highest-value ones while the target still holds. At most ``n`` actions, each valid after the ones before it."""
+    chosen: list[tuple[Action, dict]] = []
+    predicted = table.predict(spec)
+    if predicted > target_ms:
+        for row in rows:
+            if len(chosen) == n or predicted <= target_ms:
+                break
+            try:
+                spec = apply(spec, row["action"])[0]
+            except ValueError:
+                continue  # invalidated by an earlier action of this step
+            chosen.append((row["action"], row))
+            predicted = table.predict(spec)
+        return chosen
+    for row in reversed(rows):
+        if len(chosen) == n:
+            break
+        copy = Action("+", row["action"].addresses)
+        try:
+            trial = apply(spec, copy)[0]
+            cost = table.predict(trial)
+        except (ValueError, KeyError):  # invalid, or a configuration the table has not timed
+            continue
+        if cost <= target_ms:
+            spec = trial
+            chosen.append((copy, row))
+    return chosen
 
 
-def measure_unet(unet: UNet, latent: int, batch: int = 2, context_len: int = 77, repeat: int = 20) -> float:
-    """Measured ms of one whole UNet forward pass (one sampling step with CFG when batch = 2)."""
-    z, t, ctx = whole_inputs(unet, latent, batch, context_len)
-    return 1e3 * median_time(lambda: unet.eval()(z, t, ctx), 2, repeat, z.device)
+def evolve(checkpoint: str, table: LatencyTable, target_ms: float, score: Scorer, cfg: EvolveConfig,
+           work: Path, log: list) -> Pipeline:
+    """Algorithm 1: alternate robust training (Eq. 5) with evolving steps; every action is appended to ``log``."""
+    current, pipe = checkpoint, load_pipeline(checkpoint)
+    for it in range(cfg.iterations):
+        if cfg.robust_steps:
+            out = str(work / f"robust{it}.safetensors")
+            current, pipe = out, train(current, out, cfg.robust_steps, cfg.keep_prob, cfg)
+        chosen = choose(pipe.unet.spec, score_actions(pipe, table, score), table, target_ms, cfg.actions)
+        if not chosen:
+            break
+        for action, row in chosen:
+            pipe.unet = evolve_unet(pipe.unet, action)
+            log.append({"iteration": it, "action": str(action), "d_clip": row["d_clip"],
+                        "d_latency_ms": row["d_latency_ms"], "value": row["value"],
+                        "predicted_ms_after": table.predict(pipe.unet.spec)})
+            print(f"  step {it}: {log[-1]['action']:28s} dCLIP {row['d_clip']:+.4f}  dLatency "
+                  f"{row['d_latency_ms']:.3f} ms  value {row['value']:+.5f}  -> predicted "
+                  f"{log[-1]['predicted_ms_after']:.2f} ms", flush=True)
+        current = str(work / f"evolved{it}.safetensors")
+        pipe.save(current)
+    return pipe
 
 
-def spec_id(spec: ArchSpec) -> str:
-    return " | ".join(f"{s}:{''.join(b[0] for b in spec.stages[s])}" for s in STAGES)
+def baseline(pipe: Pipeline, table: LatencyTable, target_ms: float, rule: str, seed: int, log: list) -> Pipeline:
+    """Remove blocks by a fixed rule down to the target: 'random' valid removals, or 'uniform' (stage by stage in
+    turn, the first removable block of each)."""
+    rng, turn = random.Random(seed), 0
+    while table.predict(pipe.unet.spec) > target_ms:
+        actions = candidate_actions(pipe.unet.spec, "-")
+        if not actions:
+            raise ValueError("no removable block left before reaching the target")
+        if rule == "random":
+            action = rng.choice(actions)
+        else:
+            for k in range(len(STAGES)):
+                stage = STAGES[(turn + k) % len(STAGES)]
+                found = [a for a in actions if a.addresses[0].startswith(stage + ".")]
+                if found:
+                    action, turn = found[0], turn + k + 1
+                    break
+        pipe.unet = evolve_unet(pipe.unet, action)
+        log.append({"action": str(action), "predicted_ms_after": table.predict(pipe.unet.spec)})
+        print(f"  {rule}: {action}  -> predicted {log[-1]['predicted_ms_after']:.2f} ms", flush=True)
+    return pipe
 
 
-def block_costs(unet: UNet, latent: int, batch: int = 2, context_len: int = 77) -> dict[str, dict[str, float]]:
-    """Parameters and MACs of every block at its real input shapes (the paper's Fig. 2, with latency from a table)."""
-    inputs = block_inputs(unet, latent, batch, context_len)
-    out = {}
-    for address, args in inputs.items():
-        stage, name = address.split(".")
-        block = unet.stages[stage][name]
-        out[address] = {"params": count_params(block), "macs": count_macs(lambda b=block, a=args: b(*a))}
-    return out
+def minimum_latency(spec: ArchSpec, table: LatencyTable) -> float:
+    """Predicted latency with every removable block removed, greedily (a bound for the target check)."""
+    while actions := candidate_actions(spec, "-"):
+        spec = apply(spec, actions[0])[0]
+    return table.predict(spec)
+
+
+def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipeline], dict], cfg: EvolveConfig,
+        batch: int) -> dict:
+    """One line of the result table: measured and predicted latency per step, parameters, quality."""
+    latent = pipe.sampler.resolution // pipe.vae.cfg.factor
+    with threads(cfg.threads):
+        measured = measure_unet(pipe.unet, latent, batch, pipe.text_encoder.cfg.context_length)
+    r = evaluate(pipe)
+    return {"name": name, "measured_ms": measured, "predicted_ms": table.predict(pipe.unet.spec),
+            "params": count_params(pipe.unet), "clip": r["clip_score"], "fid": r["fid"],
+            "color": r["accuracy"]["color"], "shape": r["accuracy"]["shape"], "blocks": pipe.unet.spec.summary()}
+
+
+def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,
+                        evaluate: Callable[[Pipeline], dict], out: str) -> dict:
+    """Evolve (or a baseline) to ``cfg.target`` of the start's latency, fine-tune, save ``out``; returns the log:
+    every action and a row (latency, parameters, quality) for the start, the evolved UNet and the fine-tuned one.
+
+    A baseline gets the evolved run's whole training budget (its robust steps between evolving steps included).
+    """
+    import tempfile
+
+    pipe = load_pipeline(checkpoint)
+    target_ms = cfg.target * table.predict(pipe.unet.spec)
+    floor = minimum_latency(pipe.unet.spec, table)
+    if target_ms < floor:
+        raise ValueError(f"target {target_ms:.2f} ms is below {floor:.2f} ms, the latency with every removable block "
+                         "removed")
+    rows, log = [row("start", pipe, table, evaluate, cfg, table.batch)], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if cfg.baseline:
+            pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.seed, log)
+        else:
+            pipe = evolve(checkpoint, table, target_ms, score, cfg, work, log)
+        if table.predict(pipe.unet.spec) > target_ms:
+            print(f"warning: {cfg.iterations} evolving steps did not reach the target; raise --iterations or "
+                  "--actions", file=sys.stderr)
+        rows.append(row("evolved, before fine-tuning", pipe, table, evaluate, cfg, table.batch))
+        pipe.save(work / "final.safetensors")
+        steps = cfg.finetune_steps + (cfg.iterations * cfg.robust_steps if cfg.baseline else 0)
+        if steps:
+            train(str(work / "final.safetensors"), out, steps, 1.0, cfg, figures=True)
+        else:
+            pipe.save(out)
+    rows.append(row(cfg.baseline or "evolved", load_pipeline(out), table, evaluate, cfg, table.batch))
+    return {"config": dataclasses.asdict(cfg), "actions": log, "rows": rows}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,27 @@ from .vae import VAE, VAE_SCALE, VAEConfig
 from .weights import CheckpointError, apply_map, load_diffusers, load_ldm
 
 PREDICTIONS = ("eps", "v")
-SD15_SAMPLER = {"steps": 50, "guidance": 7.5, "spacing": "leading", "resolution": 512}  # SD-v1.5's defaults
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How a pipeline samples unless told otherwise; saved in checkpoints (defaults: SD-v1.5's)."""
+
+    steps: int = 50  # DDIM steps (Eq. 2); a distilled student: its own N
+    guidance: float = 7.5  # CFG scale w (Eq. 3); 1 = no guidance
+    spacing: str = "leading"  # timestep grid: 'leading' (SD-v1.5) or 'trailing' (students, App. D)
+    resolution: int = 512  # image side the model was trained at
+    distilled: bool = False  # a step-distilled student: it samples at its own steps only
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 1):
+            raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {self.guidance!r}")
+        if self.spacing not in D.SPACINGS:
+            raise ValueError(f"spacing must be one of {D.SPACINGS}, got {self.spacing!r}")
+        if not (isinstance(self.resolution, int) and self.resolution >= 8):
+            raise ValueError(f"resolution must be an integer >= 8, got {self.resolution!r}")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,15 +73,24 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class Pipeline:
     """The four parts of SD plus the sampler settings they were trained for."""
 
-    def __init__(self, unet: UNet, vae: VAE, text_encoder: TextEncoder, prediction: str = "eps",
-                 latent_scale: float = VAE_SCALE, source: str = "", sampler: dict | None = None):
+    def __init__(self, unet: UNet, vae: VAE, text_encoder: TextEncoder, *, prediction: str = "eps",
+                 latent_scale: float = VAE_SCALE, source: str = "", sampler: SamplerConfig | None = None,
+                 training: dict | None = None):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.tokenizer = Tokenizer(text_encoder.cfg.context_length)
         self.prediction, self.latent_scale, self.source = prediction, latent_scale, source
         self.schedule = D.Schedule()
-        self.sampler = {**SD15_SAMPLER, **(sampler or {})}  # the defaults sample.py uses, saved in checkpoints
+        self.sampler = sampler or SamplerConfig()  # what __call__ and sample.py use unless told otherwise
+        self.training = training or {}  # the stage config that made the weights, saved in checkpoints
+
+    def with_parts(self, **changes: object) -> Pipeline:
+        """A new pipeline sharing this one's parts but for ``changes`` (unet, vae, sampler, training, ...)."""
+        kw = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "prediction": self.prediction,
+              "latent_scale": self.latent_scale, "source": self.source, "sampler": self.sampler,
+              "training": self.training}
+        return Pipeline(**{**kw, **changes})  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +110,8 @@ class Pipeline:
         """What a checkpoint stores next to the weights."""
         return {"arch": json.loads(self.unet.spec.to_json()), "prediction": self.prediction,
                 "latent_scale": self.latent_scale, "vae": dataclasses.asdict(self.vae.cfg),
-                "text": dataclasses.asdict(self.text_encoder.cfg), "sampler": self.sampler}
+                "text": dataclasses.asdict(self.text_encoder.cfg), "sampler": dataclasses.asdict(self.sampler),
+                **({"training": self.training} if self.training else {})}
 
     def save(self, path: str | Path) -> None:
         save_checkpoint(path, {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
@@ -129,11 +161,18 @@ class Pipeline:
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
         return z.to(self.device, self.dtype)
 
-    def __call__(self, prompts: str | list[str], steps: int = 50, guidance: float = 7.5, seed: int = 0,
-                 height: int = 512, width: int = 512, latents: torch.Tensor | None = None, spacing: str = "leading",
-                 negative_prompt: str = "", progress: bool = False,
-                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
-        """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1])."""
+    def __call__(self, prompts: str | list[str], *, steps: int | None = None, guidance: float | None = None,
+                 seed: int = 0, height: int | None = None, width: int | None = None,
+                 latents: torch.Tensor | None = None, spacing: str | None = None, negative_prompt: str = "",
+                 progress: bool = False, output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+        """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1]).
+
+        Steps, guidance, spacing and size default to ``self.sampler``: what the checkpoint was trained for.
+        """
+        s = dataclasses.replace(self.sampler, **{k: v for k, v in (("steps", steps), ("guidance", guidance),
+                                                                   ("spacing", spacing)) if v is not None})
+        steps, guidance, spacing = s.steps, s.guidance, s.spacing
+        height, width = height or s.resolution, width or s.resolution
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae.cfg.factor
         if height % f or width % f or height <= 0 or width <= 0:
@@ -149,6 +188,13 @@ class Pipeline:
             return images
         arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arrays]
+
+
+def random_pipeline(spec: ArchSpec, vae_cfg: VAEConfig | None = None, text_cfg: TextConfig | None = None,
+                    **kw: object) -> Pipeline:
+    """A pipeline of the given shapes with freshly initialised weights (SD-v1.5's VAE and text encoder by default):
+    for timing, conversion and tests, where shapes are what count."""
+    return Pipeline(UNet(spec), VAE(vae_cfg or VAEConfig()), TextEncoder(text_cfg or TextConfig()), **kw)
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
@@ -168,8 +214,12 @@ def _from_own(path: Path, meta: dict) -> Pipeline:
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", te)):
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         apply_map(module, part, lambda k: [k], f"{path.name}: {name}")
-    return Pipeline(unet, vae, te, meta["prediction"], meta.get("latent_scale", VAE_SCALE), str(path),
-                    meta.get("sampler"))
+    try:
+        sampler = SamplerConfig(**meta.get("sampler", {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad sampler config ({e})") from None
+    return Pipeline(unet, vae, te, prediction=meta["prediction"], latent_scale=meta.get("latent_scale", VAE_SCALE),
+                    source=str(path), sampler=sampler, training=meta.get("training"))
 
 
 def _json(path: Path) -> dict:
@@ -204,12 +254,12 @@ def _from_diffusers(folder: Path) -> Pipeline:
     load_diffusers(unet, vae, te, *parts)
     sched = folder / "scheduler" / "scheduler_config.json"
     prediction = _json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
-    return Pipeline(unet, vae, te, "v" if prediction == "v_prediction" else "eps",
-                    v.get("scaling_factor", VAE_SCALE), str(folder),
-                    {"resolution": (u.get("sample_size") or 64) * vae_cfg.factor})
+    return Pipeline(unet, vae, te, prediction="v" if prediction == "v_prediction" else "eps",
+                    latent_scale=v.get("scaling_factor", VAE_SCALE), source=str(folder),
+                    sampler=SamplerConfig(resolution=(u.get("sample_size") or 64) * vae_cfg.factor))
 
 
-def load_pipeline(path: str | Path, ema: bool = False, prediction: str | None = None,
+def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None = None,
                   device: str = "cpu", dtype: str = "float32") -> Pipeline:
     """SD-v1.5 single file (.safetensors/.ckpt), diffusers folder, or our checkpoint -> Pipeline.
 
@@ -233,7 +283,7 @@ def load_pipeline(path: str | Path, ema: bool = False, prediction: str | None = 
     else:
         unet, vae, te = _build(sd15(), VAEConfig(), TextConfig())
         load_ldm(unet, vae, te, read_state_dict(path), ema=ema)
-        pipe = Pipeline(unet, vae, te, "eps", VAE_SCALE, str(path))
+        pipe = Pipeline(unet, vae, te, prediction="eps", latent_scale=VAE_SCALE, source=str(path))
     if prediction is not None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")

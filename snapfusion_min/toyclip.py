@@ -8,6 +8,10 @@ tower's 'argmax' pooling picks the first <|endoftext|>.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,10 +19,11 @@ from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write, config_dict, read_state_dict
 from .data import ToyWorld, to_tensor
 from .metrics import Judge, clip_score, fid, zero_shot_accuracy
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
-from .weights import apply_map
+from .weights import CheckpointError, apply_map
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -50,6 +55,27 @@ def text_encoder_from_clip(model: CustomTextCLIP) -> TextEncoder:
     state = {"tower." + k: v for k, v in model.text.state_dict().items() if k != "text_projection"}
     apply_map(encoder, state, lambda k: [k], "toy CLIP text tower")
     return encoder.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    train_steps: int = 1000  # contrastive training steps
+    batch_size: int = 128  # image-caption pairs per step (CLIP's loss wants large batches)
+    lr: float = 2e-3  # peak of the one-cycle schedule
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train_steps < 1 or self.batch_size < 2 or not self.lr > 0:
+            raise ValueError("the toy CLIP needs train-steps >= 1, batch-size >= 2 and lr > 0")
+
+
+def train_clip_stage(cfg: ClipConfig, out: str | Path) -> dict[str, float]:
+    """Train the toy CLIP, judge it zero-shot on held-out real images, save it (with both) to ``out``."""
+    model = train_toy_clip(cfg.train_steps, cfg.batch_size, cfg.lr, cfg.seed)
+    accuracy = evaluate_toy_clip(model)
+    save_toy_clip(model, out, {"zero_shot_accuracy_heldout": accuracy, "training": config_dict(cfg)})
+    print("zero-shot accuracy on held-out real toy images: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+    return accuracy
 
 
 def train_toy_clip(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
@@ -84,13 +110,36 @@ def evaluate_toy_clip(model: CustomTextCLIP, n: int = 1000, seed: int = 1234) ->
     return zero_shot_accuracy(toy_judge(model), images, truth)
 
 
+def save_toy_clip(model: CustomTextCLIP, path: str | Path, info: dict) -> None:
+    """Plain open_clip weights (loadable by open_clip) with ``info`` (accuracy, training config) as metadata."""
+    from safetensors.torch import save_file
 
-def load_toy_clip(path: str) -> CustomTextCLIP:
-    from safetensors.torch import load_file
+    meta = {"snapfusion_min_toy_clip": json.dumps(info)}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
+
+def load_toy_clip(path: str | Path) -> CustomTextCLIP:
+    """The toy CLIP of ``path``; a file that is not one is an error naming it."""
+    state = read_state_dict(path)
     model = build_toy_clip()
-    model.load_state_dict(load_file(path))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(f"{path}: not a toy CLIP checkpoint (train.py clip writes one)") from None
     return model.eval()
+
+
+def toy_clip_scorer(clip: CustomTextCLIP, n: int = 64, steps: int = 10, guidance: float | None = None,
+                    seed: int = 99) -> Callable[[Pipeline], float]:
+    """Alg. 1's quality score on the toy world: CLIP score on ``n`` fixed validation prompts and seeds (seed 99, not
+    the held-out evaluation's 1234), ``steps`` DDIM steps, the pipeline's own guidance unless given."""
+
+    def score(pipe: Pipeline) -> float:
+        return evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance, seed=seed,
+                                   reference=False)["clip_score"]
+
+    return score
 
 
 def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list]:
@@ -101,7 +150,7 @@ def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list]:
 
 
 @torch.no_grad()
-def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, n: int = 500, steps: int | None = None,
+def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, steps: int | None = None,
                         guidance: float | None = None, seed: int = 1234, batch: int = 100,
                         reference: bool = True) -> dict:
     """Generate images for ``n`` held-out prompts and judge them against real images of the same prompts.
@@ -111,12 +160,11 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, n: int = 500, step
     toy CLIP's image features.
     """
     real, truth = real_heldout(n, seed)
-    steps = steps or pipe.sampler["steps"]
-    guidance = pipe.sampler["guidance"] if guidance is None else guidance
+    steps = steps or pipe.sampler.steps
+    guidance = pipe.sampler.guidance if guidance is None else guidance
     prompts = [c.caption for c in truth]
-    generated = torch.cat([pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=64,
-                                width=64, spacing=pipe.sampler["spacing"], output_type="pt").cpu()
-                           for i in range(0, n, batch)])
+    generated = torch.cat([pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=TOY_IMAGE,
+                                width=TOY_IMAGE, output_type="pt").cpu() for i in range(0, n, batch)])
     judge = toy_judge(clip)
     out = {"accuracy": zero_shot_accuracy(judge, generated, truth), "clip_score": clip_score(judge, generated, prompts),
            "steps": steps, "guidance": guidance, "n": n, "images": generated}

@@ -1,4 +1,7 @@
-"""Training plumbing shared by train.py, distill.py and evolve.py: DDP set-up, EMA, exact resume, atomic saves.
+"""The one training loop (``fit``) and its plumbing: DDP set-up, EMA, exact resume, atomic saves, a non-finite guard.
+
+Every stage -- the toy autoencoder, the UNet (Eq. 6, robust training of Eq. 5), decoder data distillation (App. B.2)
+and step distillation (Eq. 11) -- gives ``fit`` its model, a loss for step s, and a ``TrainConfig``; nothing else.
 
 Exact resume without saving RNG streams: every random draw of step s on rank r (noise, timesteps, caption dropout,
 block dropping of Eq. 5, which samples index) comes from the global torch RNG re-seeded with (seed, s, r) at the start
@@ -11,17 +14,50 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop's settings. Each stage has its own defaults (``UNET``, ``AUTOENCODER``, ... in their modules)."""
+
+    train_steps: int = 3500  # optimizer steps
+    batch_size: int = 32  # global batch, split over DDP ranks (and over accumulation micro-batches)
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 200  # linear warm-up steps, then cosine decay to 10% (the paper gives no schedule)
+    weight_decay: float = 0.01  # AdamW, §5
+    ema_decay: float | None = 0.999  # checkpoints store the EMA weights; None: the weights as trained
+    accum: int = 1  # gradient accumulation: micro-batches per optimizer step
+    save_every: int = 500  # checkpoint + resumable state every N steps (and at the end)
+    seed: int = 0  # every random draw of step s is seeded by (seed, s, rank): exact resume
+    stop_after: int | None = None  # run at most N steps in this invocation, save, return (then resume)
+    resume: bool = False  # continue from <out>.state.pt
+
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "batch_size", "accum", "save_every"):
+            if getattr(self, name) < (0 if name == "train_steps" else 1):
+                raise ValueError(f"{name.replace('_', '-')} must be {'>= 0' if name == 'train_steps' else '>= 1'}, "
+                                 f"got {getattr(self, name)}")
+        if self.batch_size % self.accum:
+            raise ValueError(f"batch-size {self.batch_size} is not divisible by accum {self.accum}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup < 0 or (self.stop_after is not None and self.stop_after < 1):
+            raise ValueError("warmup must be >= 0 and stop-after >= 1")
 
 
 @dataclass(frozen=True)
@@ -35,6 +71,9 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+LOCAL = Dist()  # one process on the CPU
 
 
 def setup_distributed(device: torch.device) -> Dist:
@@ -135,6 +174,14 @@ def batch_at(data: torch.utils.data.Dataset, step: int, size: int, d: Dist, seed
     return torch.stack([x for x, _ in items]), [c for _, c in items]
 
 
+def encoded_batch(pipe: Pipeline, data: torch.utils.data.Dataset, step: int, micro: int, cfg: TrainConfig,
+                  d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch ``micro`` of step ``step``: latents x0 = scale * E(x) of the frozen VAE, and the text context."""
+    x, captions = batch_at(data, step * cfg.accum + micro, cfg.batch_size // cfg.accum, d, cfg.seed)
+    with torch.no_grad():
+        return pipe.vae.encode(x.to(d.device)) * pipe.latent_scale, pipe.encode_prompts(captions)
+
+
 def ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
     """A copy of ``model`` holding the EMA weights (what checkpoints store)."""
     averaged = copy.deepcopy(model)
@@ -165,37 +212,87 @@ def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "t
     line_plot({"loss": ([i * k for i in range(len(smooth))], smooth)}, title=title, xlabel="step").save(
         out + ".loss.png")
     prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
-    res = pipe.sampler["resolution"]
-    images = pipe(prompts, steps=pipe.sampler["steps"], guidance=pipe.sampler["guidance"], height=res, width=res,
-                  spacing=pipe.sampler["spacing"])
+    images = pipe(prompts)  # the pipeline's own sampler settings
     caption_grid(images, prompts, cols=8).save(out + ".samples.png")
 
 
-def resume(state_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, tag: str) -> tuple[int,
-                                                                                                              list]:
+def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
+        d: Dist, *, out: str | None = None, tag: str = "", save: Callable[[torch.nn.Module, int, list[float]], None]
+        | None = None, desc: str = "train") -> tuple[torch.nn.Module, list[float]]:
+    """Train ``model`` for ``cfg.train_steps`` steps; returns the model to store (the EMA copy, if any) and the losses.
+
+    ``loss_at(step, micro)`` draws micro-batch ``micro`` of step ``step`` and returns (loss to minimise, value to log).
+    With ``out``, the resumable state goes to <out>.state.pt and ``save(stored model, step, losses)`` writes the
+    checkpoint, every ``cfg.save_every`` steps and at the end, on rank 0. ``tag`` names what a state belongs to.
+    A non-finite loss or weight stops the run before anything is written: the last checkpoint on disk stays good.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    start, losses = 0, []
+    state_path = Path(f"{out}.state.pt") if out else None
+    if cfg.resume:
+        start, losses = resume(state_path, model, opt, ema, tag)
+    broadcast_parameters(model, d)
+    end = cfg.train_steps if cfg.stop_after is None else min(cfg.train_steps, start + cfg.stop_after)
+    for step in tqdm(range(start, end), desc=desc, disable=not d.main, initial=start, total=cfg.train_steps):
+        seed_step(cfg.seed, step, d.rank)
+        opt.zero_grad(set_to_none=True)
+        logged, finite = 0.0, True
+        for micro in range(cfg.accum):
+            loss, value = loss_at(step, micro)
+            (loss / cfg.accum).backward()
+            logged += value.item() / cfg.accum
+            finite &= bool(torch.isfinite(loss))
+        if not (finite and math.isfinite(logged)):
+            raise FloatingPointError(f"loss is {logged} at step {step}; {last_good(out)}")
+        average_gradients(model, d)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.train_steps)
+        opt.step()
+        if ema is not None:
+            ema.update(model, step)
+        losses.append(logged)
+        if out and d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
+            if not all(torch.isfinite(p).all() for p in params):
+                raise FloatingPointError(f"weights are not finite after step {step}; {last_good(out)}")
+            save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                                    "ema": ema.shadow if ema else {}, "losses": losses, "tag": tag})
+            if save is not None:
+                save(ema_model(model, ema) if ema else model, step + 1, losses)
+                model.train()  # a Pipeline made by the save hook puts its parts in eval mode
+    check_ranks_agree(model, d)
+    return (ema_model(model, ema) if ema else model), losses
+
+
+def last_good(out: str | None) -> str:
+    return f"the last good checkpoint is {out}" if out and Path(out).is_file() else "nothing was written"
+
+
+def resume(state_path: Path | None, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
+           tag: str) -> tuple[int, list]:
     """Load a resumable state into model, optimizer and EMA; returns (step, losses).
 
     ``tag`` names what the state belongs to (architecture, configuration); a state of anything else is refused.
     """
-    if not state_path.is_file():
+    if state_path is None or not state_path.is_file():
         raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
     state = load_state(state_path)
     if state["tag"] != tag:
         raise ValueError(f"{state_path} was trained with another architecture or configuration; refusing to resume")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    ema.shadow = state["ema"]
+    if ema is not None:
+        ema.shadow = state["ema"]
     return state["step"], state["losses"]
 
 
-def save_progress(out: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, step: int,
-                  losses: list[float], tag: str, pipe: Pipeline, title: str) -> None:
-    """Write <out>.state.pt (resumable), <out> (a checkpoint with the EMA weights) and its figures, all atomically."""
-    from .pipeline import Pipeline
+def save_with_figures(out: str, pipe: Pipeline, title: str) -> Callable[[torch.nn.Module, int, list[float]], None]:
+    """A ``fit`` save hook for a UNet: ``pipe`` with the stored UNet -> <out>, <out>.loss.png, <out>.samples.png."""
 
-    save_state(out + ".state.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
-                                   "step": step, "losses": losses, "tag": tag})
-    averaged = Pipeline(ema_model(model, ema), pipe.vae, pipe.text_encoder, pipe.prediction, pipe.latent_scale,
-                        sampler=pipe.sampler)
-    averaged.save(out)
-    write_figures(out, losses, averaged, title)
+    def save(unet: torch.nn.Module, step: int, losses: list[float]) -> None:
+        stored = pipe.with_parts(unet=unet)
+        stored.save(out)
+        write_figures(out, losses, stored, title)
+
+    return save

@@ -47,6 +47,9 @@ class VAEConfig:
         return 2 ** (len(self.channels) - 1)
 
 
+TOY_VAE = VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8)  # f = 8, 0.6M
+
+
 def _res(c_in: int, c_out: int, groups: int) -> ResBlock:
     return ResBlock(c_in, c_out, t_dim=0, groups=groups, eps=1e-6)
 

@@ -1,48 +1,34 @@
 """distill.py end to end on a tiny model, and its refusals before any training starts."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import randomize
+from helpers import run_script, tiny_pipeline
 
-from snapfusion_min.arch import tiny
-from snapfusion_min.pipeline import Pipeline, load_pipeline
-from snapfusion_min.text_encoder import TextConfig, TextEncoder
-from snapfusion_min.unet import UNet
-from snapfusion_min.vae import VAE, VAEConfig
+from snapfusion_min.pipeline import load_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_VAE = VAEConfig(channels=(16, 32, 32, 32), decoder_channels=(32, 32, 32, 16), layers=1, groups=8)
-
-
-def tiny_pipe(prediction="v", context=32, seed=0):
-    return Pipeline(randomize(UNet(tiny(context)), seed), randomize(VAE(TINY_VAE), 1),
-                    randomize(TextEncoder(TextConfig(context, 2, 4, 32)), 2), prediction,
-                    sampler={"steps": 4, "guidance": 3.0, "spacing": "trailing", "resolution": 64})
+pytestmark = pytest.mark.slow  # see conftest.py
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    for name, pipe in (("teacher", tiny_pipe()), ("eps", tiny_pipe("eps")), ("wide", tiny_pipe(context=64))):
+    for name, pipe in (("teacher", tiny_pipeline()), ("eps", tiny_pipeline(prediction="eps")),
+                       ("wide", tiny_pipeline(context=64))):
         pipe.save(root / f"{name}.safetensors")
     return root
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "distill.py"), *args, "--device", "cpu"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    return run_script("distill.py", *args, "--device", "cpu")
 
 
 def test_distill_writes_a_student_that_samples_with_its_own_steps(tmp_path, models):
     out = tmp_path / "student.safetensors"
-    r = run("--teacher", str(models / "teacher.safetensors"), "--out", str(out), "--steps", "3", "--batch-size", "4",
-            "--teacher-steps", "8", "--student-steps", "4", "--cfg-prob", "0.5")
+    r = run("--teacher", str(models / "teacher.safetensors"), "--out", str(out), "--train-steps", "3",
+            "--batch-size", "4", "--teacher-steps", "8", "--student-steps", "4", "--cfg-prob", "0.5")
     assert r.returncode == 0, r.stderr[-2000:]
     student = load_pipeline(out)
-    assert student.sampler["steps"] == 4 and student.sampler["spacing"] == "trailing" and student.prediction == "v"
+    assert student.sampler.steps == 4 and student.sampler.spacing == "trailing" and student.sampler.distilled
+    assert student.prediction == "v" and student.training["loss"]["cfg_prob"] == 0.5
     assert (tmp_path / "student.safetensors.samples.png").is_file()
 
 
@@ -55,7 +41,7 @@ def test_distill_writes_a_student_that_samples_with_its_own_steps(tmp_path, mode
 def test_bad_pairs_are_refused_before_training(tmp_path, models, args, message):
     base = {"--teacher": "teacher", "--student-init": None}
     flags = dict(zip(args[::2], args[1::2]))
-    argv = ["--out", str(tmp_path / "s.safetensors"), "--steps", "1", "--batch-size", "2"]
+    argv = ["--out", str(tmp_path / "s.safetensors"), "--train-steps", "1", "--batch-size", "2"]
     for flag in ("--teacher", "--student-init"):
         name = flags.pop(flag, base[flag])
         if name:

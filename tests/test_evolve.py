@@ -1,23 +1,15 @@
 """Alg. 1's parts: the latency lookup table, evolving actions on the spec, weight carry-over, checkpoints."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import randomize
+from helpers import one_line_error, randomize, run_script, tiny_pipeline
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import tiny, walk
 from snapfusion_min.cost import median_times, threads
-from snapfusion_min.evolve import Action, apply, candidate_actions, evolve_unet, measure_table, whole_inputs
-from snapfusion_min.pipeline import Pipeline
-from snapfusion_min.text_encoder import TextConfig, TextEncoder
+from snapfusion_min.evolve import Action, EvolveConfig, apply, candidate_actions, evolve_unet
+from snapfusion_min.latency import measure_table, whole_inputs
 from snapfusion_min.unet import UNet
-from snapfusion_min.vae import VAE, VAEConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evolve as evolve_script  # noqa: E402
 
 
 @pytest.fixture
@@ -30,6 +22,7 @@ def inputs():
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 500]), torch.randn(2, 16, 32, generator=g)
 
 
+@pytest.mark.slow
 def test_lookup_table_predicts_the_measured_latency_of_evolved_specs(unet):
     """A table built on one spec predicts the measured forward time of evolved specs, without new timings.
 
@@ -103,10 +96,8 @@ def test_a_copy_reproduces_its_source(unet):
 
 
 def test_evolved_checkpoint_round_trips(tmp_path, unet):
-    text = TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16))
-    vae = VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8))
     evolved = evolve_unet(evolve_unet(unet, Action("-", ("down2.A0",))), Action("+", ("up1.A1",)))
-    Pipeline(evolved, vae, text, "v", 0.5).save(tmp_path / "evolved.safetensors")
+    tiny_pipeline().with_parts(unet=evolved).save(tmp_path / "evolved.safetensors")
     again = load_pipeline(tmp_path / "evolved.safetensors")
     assert again.unet.spec == evolved.spec and "A3" in again.unet.spec.stages["up1"]
     z, t, c = inputs()
@@ -121,12 +112,11 @@ def test_bad_input(tmp_path, unet):
         apply(unet.spec, Action("-", ("side1.R0",)))
     with pytest.raises(ValueError, match="breaks the architecture|shapes"):
         apply(unet.spec, Action("-", ("up3.R0",)))  # an up ResNet alone would leave a skip connection unconsumed
-    text = TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16))
-    vae = VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8))
-    Pipeline(unet, vae, text, "v", 0.5, sampler={"resolution": 64}).save(tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="below"):
-        evolve_script.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--target", "0.01",
-                            "--out", str(tmp_path / "e.safetensors")])
-    with pytest.raises(ValueError, match="target"):
-        evolve_script.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--target", "1.5",
-                            "--out", str(tmp_path / "e.safetensors")])
+    tiny_pipeline().with_parts(unet=unet).save(tmp_path / "m.safetensors")
+    r = run_script("evolve.py", "--checkpoint", str(tmp_path / "m.safetensors"), "--target", "0.01", "--out",
+                   str(tmp_path / "e.safetensors"))
+    assert one_line_error(r, "below"), r.stderr[-2000:]
+    assert not (tmp_path / "e.safetensors").exists()
+    for bad in (dict(target=1.5), dict(target=0.0), dict(keep_prob=1.5), dict(threads=0), dict(baseline="best")):
+        with pytest.raises(ValueError):
+            EvolveConfig(**bad)

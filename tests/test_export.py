@@ -9,34 +9,28 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from helpers import randomize, run_main, tiny_pipeline
 
 from snapfusion_min.arch import tiny
-from snapfusion_min.pipeline import Pipeline
-from snapfusion_min.text_encoder import TextConfig, TextEncoder
+from snapfusion_min.coreml import export
+from snapfusion_min.pipeline import SamplerConfig
 from snapfusion_min.unet import Attention, UNet, split_einsum_attention
-from snapfusion_min.vae import VAE, VAEConfig
+from snapfusion_min.vae import VAEConfig
 
 ct = pytest.importorskip("coremltools")
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import export as export_script  # noqa: E402
 
 FP32, FP16, INT32 = 65568, 65552, 131104  # Core ML ArrayFeatureType data types
 
 
-def tiny_pipeline() -> Pipeline:
-    text = randomize(TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16)), 1)
-    vae = randomize(VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(32, 32, 16, 8), layers=1, groups=8)),
-                    2)
-    return Pipeline(randomize(UNet(tiny(32)), 3), vae, text, "v", 0.5, "tiny.safetensors",
-                    {"steps": 8, "guidance": 4.0, "resolution": 64, "spacing": "trailing"})
+SAMPLER = SamplerConfig(steps=8, guidance=4.0, resolution=64, spacing="trailing")
+VAE = VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(32, 32, 16, 8), layers=1, groups=8)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    pipe = tiny_pipeline()
-    paths = export_script.export(pipe, out, ["text_encoder", "unet", "decoder"], resolution=64, batch=2, log=False)
+    pipe = tiny_pipeline(seed=3, sampler=SAMPLER, vae=VAE)
+    paths = export(pipe, out, ["text_encoder", "unet", "decoder"], resolution=64, batch=2, log=False)
     return pipe, out, paths
 
 
@@ -44,6 +38,7 @@ def shapes(desc) -> dict:
     return {f.name: (tuple(f.type.multiArrayType.shape), f.type.multiArrayType.dataType) for f in desc}
 
 
+@pytest.mark.slow
 def test_interfaces(exported):
     _, _, paths = exported
     specs = {part: ct.models.MLModel(str(path), skip_model_load=True).get_spec() for part, path in paths.items()}
@@ -59,6 +54,7 @@ def test_interfaces(exported):
         assert all(o.type.multiArrayType.dataType == FP32 for o in spec.description.output)
 
 
+@pytest.mark.slow
 def test_metadata_lets_an_app_sample(exported):
     pipe, out, paths = exported
     sidecar = json.loads((out / "snapfusion_min.json").read_text())
@@ -70,6 +66,7 @@ def test_metadata_lets_an_app_sample(exported):
         assert meta["part"] == part and meta["arch"] == sidecar["arch"] and meta["precision"] == "fp16"
 
 
+@pytest.mark.slow
 def test_stored_weights_are_the_checkpoints_in_fp16(exported):
     pipe, _, paths = exported
     modules = {"text_encoder": ("encoder", pipe.text_encoder), "unet": ("unet", pipe.unet),
@@ -109,18 +106,15 @@ def test_split_einsum_attention_equals_default():
 
 
 def test_bad_input(tmp_path, monkeypatch):
-    pipe = tiny_pipeline()
-    pipe.save(tmp_path / "m.safetensors")
+    tiny_pipeline(sampler=SAMPLER).save(tmp_path / "m.safetensors")
     ck = str(tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="multiple of 64"):
-        export_script.main(["--checkpoint", ck, "--resolution", "96", "--out", str(tmp_path / "x")])
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        export_script.main(["--checkpoint", str(tmp_path / "missing.safetensors")])
-    with pytest.raises(ValueError, match="parts"):
-        export_script.main(["--checkpoint", ck, "--parts", "unet,vocoder"])
-    monkeypatch.setattr(sys, "platform", "linux")
-    with pytest.raises(ValueError, match="needs macOS"):
-        export_script.main(["--checkpoint", ck, "--verify", "--out", str(tmp_path / "v")])
+    monkeypatch.setattr(sys, "platform", "linux")  # --verify needs macOS
+    for args, message in ((["--resolution", "96"], "multiple of 64"),
+                          (["--checkpoint", str(tmp_path / "missing.safetensors")], "no such checkpoint"),
+                          (["--parts", "unet,vocoder"], "parts"), (["--verify"], "needs macOS")):
+        code = run_main("export.py", "--checkpoint", ck, *args, "--out-dir", str(tmp_path / "x"))
+        assert isinstance(code, str) and message in code and "\n" not in code, code
     monkeypatch.setitem(sys.modules, "coremltools", None)  # as if not installed
-    with pytest.raises(ValueError, match="coremltools is not installed"):
-        export_script.main(["--checkpoint", ck])
+    code = run_main("export.py", "--checkpoint", ck, "--out-dir", str(tmp_path / "x"))
+    assert isinstance(code, str) and "coremltools is not installed" in code, code
+    assert not (tmp_path / "x").exists()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import max_rel_err, randomize, sd_tokenizer
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from helpers import max_rel_err, randomize, sd_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min import load_pipeline
@@ -68,7 +68,7 @@ def test_bad_requests_are_refused(tmp_path):
     pipe = load_pipeline(tmp_path)
     with pytest.raises(ValueError, match="multiples of 8"):
         pipe("a cat", height=60, width=64)
-    with pytest.raises(ValueError, match="steps must be positive"):
+    with pytest.raises(ValueError, match="steps must be a positive"):
         pipe("a cat", steps=0, height=64, width=64)
     with pytest.raises(ValueError, match="no prompts"):
         pipe([], height=64, width=64)

@@ -1,19 +1,17 @@
 """§3.2 decoder pruning: exact at r = 1, kept weights are the original's at L1-chosen indices, ~1/4 cost at r = 0.5."""
 
+import dataclasses
+
 import pytest
 import torch
-from conftest import randomize
+from helpers import randomize, tiny_pipeline
 
 from snapfusion_min import load_pipeline
-from snapfusion_min.arch import tiny
 from snapfusion_min.cost import count_params
-from snapfusion_min.pipeline import Pipeline
 from snapfusion_min.prune import kept_channels, prune_decoder, pruned_config
-from snapfusion_min.text_encoder import TextConfig, TextEncoder
-from snapfusion_min.unet import UNet
-from snapfusion_min.vae import VAE, VAEConfig
+from snapfusion_min.vae import TOY_VAE, VAE, VAEConfig
 
-SMALL = VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8)
+SMALL = TOY_VAE
 
 
 def small_vae(seed: int = 0) -> VAE:
@@ -95,13 +93,11 @@ def test_pruned_decoder_keeps_output_shape_and_round_trips(tmp_path):
     small = prune_decoder(vae, 0.5)
     z = torch.randn(2, 4, 8, 8)
     assert small.decode(z).shape == vae.decode(z).shape == (2, 3, 64, 64)
-    text = TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16))
-    pipe = Pipeline(UNet(tiny(32)), small, text, "v", 0.5)
-    pipe.save(tmp_path / "pruned.safetensors")
+    tiny_pipeline().with_parts(vae=small).save(tmp_path / "pruned.safetensors")
     again = load_pipeline(tmp_path / "pruned.safetensors")
     assert again.vae.cfg == small.cfg
     torch.testing.assert_close(again.vae.decode(z), small.decode(z), rtol=0, atol=0)
-    full = Pipeline(UNet(tiny(32)), vae, text, "v", 0.5)
+    full = tiny_pipeline().with_parts(vae=vae)
     full.set_decoder(again.vae, 0.5)  # a pipeline can decode with the pruned decoder
     assert full.vae.cfg.decoder_channels == (32, 32, 16, 8)
 
@@ -111,10 +107,8 @@ def test_bad_input():
     for r in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             prune_decoder(vae, r)
-    text = TextEncoder(TextConfig(width=32, layers=1, heads=2, context_length=16))
-    pipe = Pipeline(UNet(tiny(32)), vae, text, "v", 0.5)
-    wide = VAE(VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8,
-                         latent_channels=8))
+    pipe = tiny_pipeline().with_parts(vae=vae)
+    wide = VAE(dataclasses.replace(TOY_VAE, latent_channels=8))
     with pytest.raises(ValueError, match="latents"):
         pipe.set_decoder(wide, 0.5)
     with pytest.raises(ValueError, match="latents"):

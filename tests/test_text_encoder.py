@@ -2,7 +2,7 @@
 
 import open_clip
 import torch
-from conftest import max_rel_err, randomize, sd_tokenizer
+from helpers import max_rel_err, randomize, sd_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min.text_encoder import EOT, TextEncoder, Tokenizer

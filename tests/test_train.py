@@ -1,42 +1,37 @@
 """train.py: exact resume, DDP through torchrun, and clear errors that leave the last good checkpoint intact."""
 
-import subprocess
-import sys
-from pathlib import Path
+import dataclasses
 
 import pytest
 import torch
+from helpers import CLIP, run_script
 
+from snapfusion_min.autoencoder import crop_objects, object_mask
 from snapfusion_min.checkpoint import save_checkpoint
+from snapfusion_min.data import ToyWorld
 from snapfusion_min.pipeline import load_pipeline
 from snapfusion_min.training import load_state
-from snapfusion_min.vae import VAE, VAEConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-CLIP = ROOT / "models" / "toy" / "clip.safetensors"
+from snapfusion_min.vae import TOY_VAE, VAE
 
 
 @pytest.fixture(scope="module")
 def autoencoder(tmp_path_factory):
-    cfg = VAEConfig(channels=(16, 32, 32, 32), decoder_channels=(32, 32, 32, 16), layers=1, groups=8)
     path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
-    save_checkpoint(path, {"vae": VAE(cfg)}, {"vae": cfg.__dict__, "latent_scale": 1.0})
+    save_checkpoint(path, {"vae": VAE(TOY_VAE)}, {"vae": dataclasses.asdict(TOY_VAE), "latent_scale": 1.0})
     return path
 
 
-def run(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
-        if torchrun else [sys.executable]
-    return subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+def run(*args: str, torchrun: bool = False):
+    return run_script("train.py", *args, torchrun=torchrun)
 
 
 def unet_args(out, autoencoder, steps=6, *extra):
     return ["unet", "--arch", "tiny", "--clip", str(CLIP), "--autoencoder", str(autoencoder), "--out", str(out),
-            "--steps", str(steps), "--batch-size", "4", "--save-every", "100", "--device", "cpu",
-            "--sample-steps", "2", "--keep-prob", "0.8", *extra]
+            "--train-steps", str(steps), "--batch-size", "4", "--save-every", "100", "--device", "cpu",
+            "--num-inference-steps", "2", "--keep-prob", "0.8", *extra]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, autoencoder):
     straight = run(*unet_args(tmp_path / "a.safetensors", autoencoder))
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -52,23 +47,25 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, autoencoder):
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
     pipe = load_pipeline(tmp_path / "b.safetensors")  # the checkpoint sample.py reads
-    assert pipe.prediction == "v" and pipe.sampler["steps"] == 2
+    assert pipe.prediction == "v" and pipe.sampler.steps == 2 and pipe.training["keep_prob"] == 0.8
     assert (tmp_path / "b.safetensors.loss.png").is_file() and (tmp_path / "b.safetensors.samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, autoencoder):
     r = run(*unet_args(tmp_path / "ddp.safetensors", autoencoder, 3), torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 ranks agree" in r.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencoder):
     r = run(*unet_args(tmp_path / "x.safetensors", autoencoder, 2, "--data", str(tmp_path / "no-such-folder")))
     assert r.returncode != 0 and "no such data folder" in r.stderr and "Traceback" not in r.stderr
     ok = run(*unet_args(tmp_path / "m.safetensors", autoencoder, 2))
     assert ok.returncode == 0, ok.stderr[-2000:]
     other = run("unet", "--arch", "snapfusion", "--clip", str(CLIP), "--autoencoder", str(autoencoder),
-                "--out", str(tmp_path / "m.safetensors"), "--steps", "4", "--resume", "--device", "cpu")
+                "--out", str(tmp_path / "m.safetensors"), "--train-steps", "4", "--resume", "--device", "cpu")
     assert other.returncode != 0 and "another architecture" in other.stderr and "Traceback" not in other.stderr
     before = (tmp_path / "m.safetensors").read_bytes()
     nan = run(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--resume", "--lr", "1e30"))
@@ -79,16 +76,12 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
 
 
 def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():
-    sys.path.insert(0, str(ROOT))
-    import train
-    from snapfusion_min.data import ToyWorld
-
     data = ToyWorld("train", length=100, seed=0, resolution=64)
     x = torch.stack([data[i][0] for i in range(32)])
     torch.manual_seed(0)
-    crops = train.crop_objects(x, 40, 8)
+    crops = crop_objects(x, 40, 8)
     assert crops.shape == (32, 3, 40, 40)
-    mask = train.object_mask(x)[:, 0]
+    mask = object_mask(x)[:, 0]
     for image, crop, m in zip(x, crops, mask):
         windows = [(top, left) for top in range(0, 25, 8) for left in range(0, 25, 8)
                    if torch.equal(image[:, top:top + 40, left:left + 40], crop)]

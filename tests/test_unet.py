@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import max_rel_err, randomize
 from diffusers import UNet2DConditionModel
+from helpers import max_rel_err, randomize
 
 from snapfusion_min.arch import ArchSpec, preset, sd15, snapfusion, tiny, walk
 from snapfusion_min.unet import UNet
@@ -23,6 +23,7 @@ def ours_from(ref: UNet2DConditionModel, spec: ArchSpec) -> UNet:
     return unet
 
 
+@pytest.mark.slow
 def test_sd15_unet_equals_diffusers_full_size():
     """SD-v1.5's full UNet (859.5M parameters, random weights) on a 16x16 latent, batch 2 as with CFG."""
     spec = sd15()

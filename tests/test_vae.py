@@ -1,8 +1,8 @@
 """SD's VAE against diffusers' AutoencoderKL on the same (random) weights, at SD-v1.5's full widths."""
 
 import torch
-from conftest import max_rel_err, randomize
 from diffusers import AutoencoderKL
+from helpers import max_rel_err, randomize
 
 from snapfusion_min.vae import VAE, VAEConfig
 from snapfusion_min.weights import apply_map, vae_source_key

@@ -1,0 +1,89 @@
+"""What every script shares: one meaning per flag, defaults shown in --help, one-line errors for a user's mistakes.
+
+A flag used by several scripts is declared once here (``FLAGS``), with its type, its meaning and the spellings
+diffusers users type (``--num_inference_steps``, ``--guidance_scale``, ``--output_dir``); a script adds it with
+``flag(parser, name, default)``. ``tests/test_cli.py`` walks every script's parser and checks they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# name -> (type, meaning, aliases). A type of None is a switch (store_true).
+FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
+    "--checkpoint": (str, "a pipeline: ours (.safetensors), an SD-v1 single file (.safetensors/.ckpt) or a "
+                          "diffusers folder", ()),
+    "--out": (str, "the output file", ()),
+    "--out-dir": (str, "the output folder", ("--output-dir", "--output_dir")),
+    "--num-inference-steps": (int, "sampling (DDIM) steps", ("--num_inference_steps",)),
+    "--guidance": (float, "CFG scale w of Eq. 3; 1 = no guidance", ("--guidance-scale", "--guidance_scale")),
+    "--spacing": (str, "timestep grid: leading (SD-v1.5) or trailing (distilled students, App. D)", ()),
+    "--train-steps": (int, "optimizer steps", ("--max-train-steps", "--max_train_steps")),
+    "--batch-size": (int, "images per batch (a training batch is split over DDP ranks)", ("--batch_size",)),
+    "--lr": (float, "peak learning rate (AdamW, weight decay 0.01 as §5; linear warm-up, cosine decay)",
+             ("--learning-rate", "--learning_rate")),
+    "--ema-decay": (float, "decay of the exponential moving average that checkpoints store", ()),
+    "--keep-prob": (float, "p of Eq. 5: each block runs with probability p during training", ()),
+    "--seed": (int, "same seed, same result", ()),
+    "--device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", ()),
+    "--data": (str, "'toy' (the toy world) or a folder of captioned images", ()),
+    "--skip-bad": (None, "leave out (and count) images without a caption or that cannot be read", ()),
+    "--save-every": (int, "write the checkpoint and the resumable state every N optimizer steps", ()),
+    "--resume": (None, "continue exactly from <out>.state.pt", ()),
+    "--stop-after": (int, "run at most N optimizer steps in this invocation, save, exit (then --resume)", ()),
+    "--num-prompts": (int, "held-out prompts to judge on", ()),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout and shows every default (unless the help text already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser(doc: str, **kw: Any) -> argparse.ArgumentParser:  # noqa: ANN401
+    """An ArgumentParser whose description is the script's docstring."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, **kw)
+
+
+def flag(p: argparse.ArgumentParser | Any, name: str, default: Any = None, more: str = "",  # noqa: ANN401
+         **kw: Any) -> None:  # noqa: ANN401
+    """Add a shared flag with its one meaning (``more`` adds what it does in this script)."""
+    kind, meaning, aliases = FLAGS[name]
+    text = meaning + (f"; {more}" if more else "")
+    if kind is None:
+        p.add_argument(name, *aliases, action="store_true", help=text, **kw)
+    else:
+        p.add_argument(name, *aliases, type=kind, default=default, help=text, **kw)
+
+
+def defaults(cls: type) -> argparse.Namespace:
+    """The field defaults of a config dataclass, for a parser's defaults (its checks do not run)."""
+    fields = dataclasses.fields(cls)
+    return argparse.Namespace(**{f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                                 for f in fields if f.default is not dataclasses.MISSING
+                                 or f.default_factory is not dataclasses.MISSING})
+
+
+def from_args(cls: type, args: argparse.Namespace, **override: Any) -> Any:  # noqa: ANN401
+    """Build the config dataclass ``cls`` from the parsed flags named like its fields (its checks run here)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
+
+
+def run(main: Callable[[], object], prog: str) -> None:
+    """Run a script's main(): a user's mistake or a diverged run is one line on stderr and exit code 1."""
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
+        sys.exit(f"{prog}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

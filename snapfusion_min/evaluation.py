@@ -1,0 +1,131 @@
+"""Judging toy-world pipelines on held-out prompts (§5's protocol at toy scale): tables of CLIP score, FID and
+zero-shot accuracy over checkpoints, steps and guidance (Table 2, Fig. 4, 6), over removed blocks (Fig. 5), and over
+decoders on the same latents (Fig. 8). ``evaluate.py`` and the recipe's report print these tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from open_clip.model import CustomTextCLIP
+
+from .metrics import clip_score, fid, zero_shot_accuracy
+from .pipeline import Pipeline, load_pipeline
+from .toyclip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
+
+Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
+
+
+def judge_on_heldout(clip: CustomTextCLIP, n: int, seed: int = 1234) -> Judge:
+    """``evaluate_generation`` on ``n`` held-out prompts, steps and guidance given (None: the pipeline's own)."""
+    return lambda pipe, steps, guidance: evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance,
+                                                             seed=seed)
+
+
+def remove_blocks(pipe: Pipeline, removed: Sequence[str]) -> None:
+    """Run these blocks as the identity (Eq. 5 at inference, Fig. 5); unknown addresses are an error."""
+    unknown = set(removed) - set(pipe.unet.spec.addresses())
+    if unknown:
+        raise ValueError(f"unknown block address(es) {sorted(unknown)}; blocks are {pipe.unet.spec.addresses()}")
+    pipe.unet.removed = set(removed)
+
+
+def sweep(configs: list[tuple[str, Pipeline, int, float]], judge: Judge, curve: str | Path | None = None,
+          title: str = "", first: str = "model") -> tuple[list[str], list[dict]]:
+    """Markdown table over (label, pipeline, steps, guidance): CLIP score, FID, color / shape accuracy (Fig. 4, 6),
+    rows printed as they come; with ``curve``, FID-vs-CLIP curves over guidance, one per (label, steps).
+
+    Returns the table's lines and one result per configuration, in order.
+    """
+    lines = [f"| {first} | steps | guidance | CLIP | FID | color | shape |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
+    results, curves = [], {}
+    for label, pipe, steps, guidance in configs:
+        r = judge(pipe, steps, guidance)
+        r.pop("images", None)
+        results.append(r)
+        xs, ys = curves.setdefault(f"{label} ({steps} steps)", ([], []))
+        xs.append(r["clip_score"])
+        ys.append(r["fid"])
+        lines.append(f"| {label} | {steps} | {guidance:g} | {r['clip_score']:.4f} | {r['fid']:.3f} | "
+                     f"{r['accuracy']['color']:.0%} | {r['accuracy']['shape']:.0%} |")
+        print(lines[-1], flush=True)
+    if curve:
+        from .viz import line_plot
+
+        line_plot(curves, title, "CLIP score (toy CLIP)", "FID (toy-CLIP features)", markers=True).save(curve)
+    return lines, results
+
+
+def sweep_table(pipes: dict[str, Pipeline], steps: list[int] | None, guidance: list[float] | None, judge: Judge,
+                curve: str | None = None) -> dict:
+    """Table over checkpoints x steps x guidance (see ``sweep``); None: each checkpoint's own.
+
+    A distilled student asked for more steps than its own runs at its own steps only.
+    """
+    keys, configs = [], []
+    for name, pipe in pipes.items():
+        own = pipe.sampler.steps
+        for s in sorted({s if s <= own or not pipe.sampler.distilled else own for s in (steps or [own])}):
+            for g in guidance or [pipe.sampler.guidance]:
+                keys.append((name, s, g))
+                configs.append((Path(name).stem, pipe, s, g))
+    title = f"FID vs CLIP score over guidance {', '.join(f'{g:g}' for g in guidance or [])}"
+    _, results = sweep(configs, judge, curve, title, first="checkpoint")
+    return dict(zip(keys, results))
+
+
+def ablation_table(pipes: dict[str, Pipeline], rows: list[str], judge: Judge) -> dict:
+    """Markdown table (Fig. 5): CLIP score and color / shape accuracy per checkpoint and removed set of blocks."""
+    results = {}
+    header = "| removed | " + " | ".join(f"{Path(n).stem}: CLIP / color / shape" for n in pipes) + " |"
+    print(header + "\n|" + "---|" * (len(pipes) + 1))
+    for removed in rows:
+        cells = []
+        for name, pipe in pipes.items():
+            remove_blocks(pipe, [] if removed == "none" else removed.split(","))
+            r = judge(pipe, None, None)
+            r.pop("images")
+            results[(name, removed)] = r
+            cells.append(f"{r['clip_score']:.4f} / {r['accuracy']['color']:.0%} / {r['accuracy']['shape']:.0%}")
+        print(f"| {removed} | " + " | ".join(cells) + " |", flush=True)
+    return results
+
+
+@torch.no_grad()
+def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: int, seed: int = 1234,
+                  steps: int | None = None, guidance: float | None = None) -> dict:
+    """The same generated latents decoded by the pipeline's decoder and by each of ``decoders`` (§3.2, Fig. 8): PSNR
+    to the original decoder's images, CLIP score, FID to real images, color / shape accuracy."""
+    real, truth = real_heldout(n, seed)
+    prompts = [c.caption for c in truth]
+    steps, guidance = steps or pipe.sampler.steps, pipe.sampler.guidance if guidance is None else guidance
+    latents = []
+    for i in range(0, n, 100):
+        batch = prompts[i:i + 100]
+        z = pipe.initial_latents(len(batch), TOY_IMAGE, TOY_IMAGE, seed + i)
+        latents.append(pipe.denoise(z, pipe.encode_prompts(batch), pipe.encode_prompts([""] * len(batch)), steps,
+                                    guidance, pipe.sampler.spacing))
+    latents = torch.cat(latents)
+    judge = toy_judge(clip)
+    real_features = judge.image_features(real, normalize=False)
+    original, results = pipe.decode(latents).cpu(), {}
+    print("| decoder | widths | params | PSNR to original (dB) | CLIP | FID | color | shape |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ["original", *decoders]:
+        if name != "original":
+            other = load_pipeline(name)
+            pipe.set_decoder(other.vae, other.latent_scale)
+        images = pipe.decode(latents).cpu()
+        psnr = 10 * torch.log10(1 / ((images - original) ** 2).mean().clamp_min(1e-12)).item()
+        acc = zero_shot_accuracy(judge, images, truth)
+        r = {"psnr": psnr, "clip": clip_score(judge, images, prompts), "color": acc["color"], "shape": acc["shape"],
+             "fid": fid(judge.image_features(images, normalize=False), real_features),
+             "params": sum(p.numel() for p in pipe.vae.decoder.parameters())}
+        results[name] = r
+        psnr_text = "-" if name == "original" else f"{psnr:.2f}"
+        print(f"| {Path(name).name} | {pipe.vae.cfg.decoder_channels} | {r['params'] / 1e6:.3f}M | {psnr_text} | "
+              f"{r['clip']:.4f} | {r['fid']:.3f} | {r['color']:.0%} | {r['shape']:.0%} |", flush=True)
+    return results

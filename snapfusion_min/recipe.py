@@ -1,0 +1,179 @@
+"""The whole SnapFusion recipe at toy scale: every stage in order, each a package call with its config.
+
+toy CLIP -> autoencoder -> v-prediction teacher, the baseline (Eq. 6) -> robust training (Eq. 5) and its plain
+control -> evolving to 50% of the latency (Alg. 1) -> 32->16 distillation of the teacher and of the evolved UNet ->
+16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D), with its vanilla, CFG-only
+and paper-range ablations (Fig. 6c-d) -> 50% pruned decoder by data distillation (§3.2) -> the final pipeline ->
+Core ML -> report (``report.py``). Each stage is skipped once done, as recorded in <work>/recipe.json; the training
+stages resume exactly after a crash, the others start over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import autoencoder, decoder_distill, distill, unet_training
+from .checkpoint import atomic_write
+from .pipeline import load_pipeline, pick_device
+from .training import Dist, TrainConfig
+
+TOY = Path(__file__).resolve().parent.parent / "models" / "toy"  # the bundled toy models
+NAMES = ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16", "student8",
+         "vanilla8", "cfg8", "paper_range8", "pruned0", "pruned", "final"]  # the checkpoints, in stage order
+STAGES = (*NAMES, "coreml")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps and sample counts of every stage."""
+
+    clip: int = 1000
+    autoencoder: int = 3000
+    unet: int = 3500
+    robust: int = 500
+    evolve_target: float = 0.5  # of the start's predicted latency per step
+    evolve_iterations: int = 4
+    evolve_actions: int = 6
+    evolve_train: int = 150
+    evolve_finetune: int = 300
+    evolve_n: int = 64
+    distill: int = 600
+    cfg_range: tuple[float, float] = (1.5, 4.0)  # Eq. 10's w range, around the toy world's best guidance (2)
+    decoder_latents: int = 1024
+    decoder_steps: int = 5000
+    eval_n: int = 200
+    guidance: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
+    repeat: int = 7
+
+
+QUICK = Budget(clip=20, autoencoder=20, unet=40, robust=8, evolve_iterations=1, evolve_actions=3, evolve_train=4,
+               evolve_finetune=4, evolve_n=8, distill=6, decoder_latents=16, decoder_steps=4, eval_n=16,
+               guidance=(2.0,), repeat=1)
+
+
+def paths(work: Path, bundled: bool) -> dict[str, Path]:
+    p = {n: work / f"{n}.safetensors" for n in NAMES}
+    if bundled:
+        p.update(clip=TOY / "clip.safetensors", autoencoder=TOY / "autoencoder.safetensors",
+                 teacher=TOY / "model.safetensors")
+    return p
+
+
+def stages(b: Budget, p: dict[str, Path], work: Path, report: Path, bundled: bool) -> list[tuple[str, Callable]]:
+    """(name, run) in order, each run a package call with the settings of the budget."""
+    from .toyclip import ClipConfig, train_clip_stage
+
+    d = Dist(device=pick_device("auto"))
+
+    def resumable(name: str) -> bool:
+        return Path(f"{p[name]}.state.pt").is_file()
+
+    def unet(name: str, keep: float) -> Callable:
+        t = TrainConfig(train_steps=b.robust, lr=3e-4, warmup=unet_training.warmup_for(b.robust), save_every=250,
+                        resume=resumable(name))
+        return lambda: unet_training.train_unet(unet_training.UNetConfig(init=str(p["teacher"]), keep_prob=keep,
+                                                                         train=t), str(p[name]), d)
+
+    def distil(name: str, teacher: str, init: str, chain: tuple[int, int], cfg_prob: float = 0.1,
+               cfg_range: tuple[float, float] = b.cfg_range) -> Callable:
+        loss = distill.DistillConfig(w_min=cfg_range[0], w_max=cfg_range[1], cfg_prob=cfg_prob)
+        run = distill.DistillRun(chain=chain, loss=loss, guidance=2.0, train=replace(
+            distill.TRAIN, train_steps=b.distill, save_every=200, resume=resumable(name)))
+        return lambda: distill.distill(str(p[teacher]), str(p[init]), run, str(p[name]), d)
+
+    def decoder(name: str, steps: int) -> Callable:
+        cfg = decoder_distill.DecoderConfig(latents=b.decoder_latents, teacher_steps=25, latent_cache=str(
+            work / "latents.pt"), train=replace(decoder_distill.TRAIN, train_steps=steps, lr=2e-3))
+        return lambda: decoder_distill.distill_decoder(str(p["teacher"]), cfg, str(p[name]), d)
+
+    run: list[tuple[str, Callable]] = []
+    if not bundled:
+        teacher = unet_training.UNetConfig(clip=str(p["clip"]), autoencoder=str(p["autoencoder"]), train=replace(
+            unet_training.TRAIN, train_steps=b.unet, warmup=unet_training.warmup_for(b.unet),
+            resume=resumable("teacher")))
+        run += [("clip", lambda: train_clip_stage(ClipConfig(train_steps=b.clip), p["clip"])),
+                ("autoencoder", lambda: autoencoder.train_autoencoder(autoencoder.AutoencoderConfig(
+                    train=replace(autoencoder.TRAIN, train_steps=b.autoencoder)), str(p["autoencoder"]), d)),
+                ("teacher", lambda: unet_training.train_unet(teacher, str(p["teacher"]), d))]
+    run += [("robust", unet("robust", 0.8)), ("plain", unet("plain", 1.0)),
+            ("evolved", lambda: evolve_stage(b, p, work, report)),
+            ("teacher16", distil("teacher16", "teacher", "teacher", (32, 16))),
+            ("evolved16", distil("evolved16", "evolved", "evolved", (32, 16))),
+            ("student8", distil("student8", "teacher16", "evolved16", (16, 8))),
+            ("vanilla8", distil("vanilla8", "teacher16", "evolved16", (16, 8), 0.0)),
+            ("cfg8", distil("cfg8", "teacher16", "evolved16", (16, 8), 1.0)),
+            ("paper_range8", distil("paper_range8", "teacher16", "evolved16", (16, 8), 0.1, (2.0, 14.0))),
+            ("pruned0", decoder("pruned0", 0)), ("pruned", decoder("pruned", b.decoder_steps)),
+            ("final", lambda: final_pipeline(p)), ("coreml", lambda: coreml_stage(p["final"], work / "coreml"))]
+    return run
+
+
+def evolve_stage(b: Budget, p: dict[str, Path], work: Path, report: Path) -> None:
+    """Alg. 1 on the robust-trained UNet, with its lookup table (Fig. 2) and the toy CLIP as the scorer."""
+    from .evaluation import judge_on_heldout
+    from .evolve import EvolveConfig, evolve_and_finetune
+    from .latency import build_table, fig2
+    from .toyclip import load_toy_clip, toy_clip_scorer
+
+    torch.manual_seed(0)
+    pipe = load_pipeline(p["robust"])
+    context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
+    table = build_table(pipe.unet, latent, 2, context_len, str(work / "lut.json"))
+    fig2(pipe.unet, table, context_len, report / "fig2_latency.png")
+    clip = load_toy_clip(TOY / "clip.safetensors")
+    cfg = EvolveConfig(target=b.evolve_target, iterations=b.evolve_iterations, actions=b.evolve_actions,
+                       robust_steps=b.evolve_train, finetune_steps=b.evolve_finetune)
+    judge = judge_on_heldout(clip, b.eval_n)
+    log = evolve_and_finetune(str(p["robust"]), table, cfg, toy_clip_scorer(clip, n=b.evolve_n),
+                              lambda pipe: judge(pipe, None, None), str(p["evolved"]))
+    atomic_write(f"{p['evolved']}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+
+
+def final_pipeline(p: dict[str, Path]) -> None:
+    """The evolved, distilled 8-step UNet with the pruned decoder."""
+    pipe, pruned = load_pipeline(p["student8"]), load_pipeline(p["pruned"])
+    pipe.set_decoder(pruned.vae, pruned.latent_scale)
+    pipe.save(p["final"])
+
+
+def coreml_stage(checkpoint: Path, out: Path) -> None:
+    from .coreml import PARTS, export
+
+    pipe = load_pipeline(checkpoint)
+    export(pipe, out, list(PARTS), resolution=pipe.sampler.resolution, batch=2)
+
+
+def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo: tuple[str, ...] = (),
+               quick: bool = False) -> dict:
+    """Every stage not yet done, then the report; returns the report's verdict (speed-up, CLIP, FID ratio)."""
+    from .report import write_report
+
+    work.mkdir(parents=True, exist_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
+    p = paths(work, bundled)
+    todo = stages(b, p, work, report, bundled)
+    unknown = set(redo) - {name for name, _ in todo}
+    if unknown:
+        raise ValueError(f"--redo: no such stage {sorted(unknown)}; stages are {[name for name, _ in todo]}")
+    record_path = work / "recipe.json"
+    budget = json.loads(json.dumps(dataclasses.asdict(b)))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"done": {}, "budget": budget}
+    if record["budget"] != budget:
+        raise ValueError(f"{work} holds a run with another budget (--quick or not); use another --work-dir")
+    for name, run in todo:
+        if name in record["done"] and name not in redo:
+            print(f"[recipe] {name}: done ({record['done'][name] / 60:.1f} min), skipped")
+            continue
+        print(f"[recipe] {name} ...", flush=True)
+        start = time.perf_counter()
+        run()
+        record["done"][name] = time.perf_counter() - start
+        atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return write_report(b, p, report, dict(record["done"]), quick)

@@ -1,0 +1,127 @@
+"""Training the UNet: v-prediction (Eq. 6), robust training with stochastic block dropping (Eq. 5), CFG dropout.
+
+One stage serves the toy teacher trained from scratch, a v-prediction fine-tune of an eps checkpoint (§4.1), robust
+training (``keep_prob`` < 1) and the fine-tuning of an evolved UNet (Alg. 1). The loss goes to ``training.fit``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import diffusion as D
+from .arch import ArchSpec, preset
+from .checkpoint import config_dict, read_meta, read_state_dict
+from .pipeline import PREDICTIONS, Pipeline, SamplerConfig, load_pipeline
+from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures, seed_step
+from .unet import UNet
+from .vae import VAE, VAEConfig
+from .weights import CheckpointError, apply_map
+
+TRAIN = TrainConfig(train_steps=3500, batch_size=32, lr=1e-3, warmup=200)
+TOY_SAMPLER = SamplerConfig(steps=20, guidance=2.0, resolution=64)  # guidance 2: the toy world's best CLIP and FID
+
+
+def warmup_for(train_steps: int) -> int:
+    """The UNet stages' warm-up: 10% of the steps, at most 200."""
+    return min(200, train_steps // 10)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    arch: str = "tiny"  # a fresh UNet: preset name (sd15, snapfusion, tiny) or a spec .json
+    init: str | None = None  # or start from this checkpoint (ours, SD-v1 single file, diffusers folder)
+    clip: str | None = None  # a fresh UNet's text encoder: the toy CLIP's text tower
+    autoencoder: str | None = None  # a fresh UNet's autoencoder (train.py autoencoder)
+    prediction: str = "v"  # v (Eq. 6; fine-tunes an eps --init to v) or eps (Eq. 1)
+    keep_prob: float = 1.0  # p of Eq. 5: each block runs with probability p
+    cfg_dropout: float = 0.1  # caption dropped to '' with this probability (for CFG at sampling)
+    amp: bool = False  # bfloat16 autocast
+    data: str = "toy"  # 'toy' or a folder of captioned images
+    skip_bad: bool = False  # leave out unreadable / uncaptioned images of a folder
+    sampler: SamplerConfig = TOY_SAMPLER  # a fresh UNet's sampler defaults, saved in its checkpoint
+    train: TrainConfig = field(default=TRAIN)
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0.0 < self.keep_prob <= 1.0:
+            raise ValueError(f"keep-prob must be in (0, 1], got {self.keep_prob}")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
+        if not self.init and not (self.clip and self.autoencoder):
+            raise ValueError("a fresh UNet needs --clip and --autoencoder (or start from --init)")
+
+
+def load_autoencoder(path: str) -> tuple[VAE, float]:
+    """The frozen autoencoder of a ``train.py autoencoder`` checkpoint, and its latent scale."""
+    meta = read_meta(path) or {}
+    if "vae" not in meta or "latent_scale" not in meta:
+        raise CheckpointError(f"{path}: not an autoencoder checkpoint (train.py autoencoder writes one)")
+    vae = VAE(VAEConfig(**meta["vae"]))
+    state = {k[4:]: v for k, v in read_state_dict(path).items() if k.startswith("vae.")}
+    apply_map(vae, state, lambda k: [k], f"{path}: vae")
+    return vae.eval().requires_grad_(False), meta["latent_scale"]
+
+
+def build_pipeline(cfg: UNetConfig, out: str) -> Pipeline:
+    """The model to train: ``cfg.init``, or a fresh UNet of ``cfg.arch`` with the toy CLIP's text tower and the
+    autoencoder (built in this order: the random initialisations draw from the seeded RNG)."""
+    if cfg.init:
+        return load_pipeline(cfg.init)
+    from .toyclip import load_toy_clip, text_encoder_from_clip
+
+    text_encoder = text_encoder_from_clip(load_toy_clip(cfg.clip))
+    ae, scale = load_autoencoder(cfg.autoencoder)
+    spec = ArchSpec.from_json(Path(cfg.arch).read_text()) if cfg.arch.endswith(".json") else preset(cfg.arch)
+    if spec.context_dim != text_encoder.cfg.width:
+        spec = ArchSpec.from_json({**json.loads(spec.to_json()), "context_dim": text_encoder.cfg.width})
+    return Pipeline(UNet(spec), ae, text_encoder, prediction=cfg.prediction, latent_scale=scale, source=out,
+                    sampler=cfg.sampler)
+
+
+def v_loss(pipe: Pipeline, x0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 (or Eq. 1 for eps): || net(t, z_t, c) - target ||^2 with t ~ U{0..999}, z_t = alpha_t x + sigma_t eps."""
+    t = torch.randint(0, D.TRAIN_STEPS, (x0.shape[0],), device=x0.device)
+    alpha, sigma = pipe.schedule.alpha_sigma(t)
+    eps = torch.randn_like(x0)
+    z = D.noisy(x=x0, eps=eps, alpha=alpha, sigma=sigma)
+    target = D.v_target(x=x0, eps=eps, alpha=alpha, sigma=sigma) if pipe.prediction == "v" else eps
+    return F.mse_loss(pipe.unet(z, t, context).float(), target.float())
+
+
+def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True) -> Pipeline:
+    """Train, writing ``out`` (EMA weights; with ``figures`` also its loss and sample PNGs) and <out>.state.pt."""
+    seed_step(cfg.train.seed, -1)
+    pipe = build_pipeline(cfg, out)
+    pipe.prediction = cfg.prediction
+    pipe.training = config_dict(cfg)
+    pipe.to(d.device)
+    unet = pipe.unet.train()
+    unet.keep_prob = cfg.keep_prob
+    t = cfg.train
+    data = make_dataset(cfg.data, 64 if cfg.data == "toy" else 8 * 64, t.seed, cfg.skip_bad)
+    with torch.no_grad():
+        empty = pipe.encode_prompts([""])
+
+    def loss_at(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, context = encoded_batch(pipe, data, step, micro, t, d)
+        with torch.no_grad():
+            drop = torch.rand(len(context), device=d.device) < cfg.cfg_dropout
+            context = torch.where(drop[:, None, None], empty, context)
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            loss = v_loss(pipe, x0, context)
+        return loss, loss
+
+    save = save_with_figures(out, pipe, "training loss (Eq. 6)") if figures else \
+        lambda model, step, losses: pipe.with_parts(unet=model).save(out)
+    stored, losses = fit(unet, loss_at, t, d, out=out, tag=unet.spec.to_json(), save=save, desc="unet")
+    if d.main:
+        recent = losses[-100:] or [float("nan")]
+        print(f"wrote {out} (EMA weights) at step {len(losses)} of {t.train_steps}; loss "
+              f"{sum(recent) / len(recent):.4f}")
+    return pipe.with_parts(unet=stored)

@@ -1,0 +1,95 @@
+"""Shared test helpers: random weights of a sane scale, error measures, tiny pipelines, running a script."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from snapfusion_min.arch import tiny
+from snapfusion_min.pipeline import Pipeline, SamplerConfig
+from snapfusion_min.text_encoder import TextConfig, TextEncoder
+from snapfusion_min.unet import UNet
+from snapfusion_min.vae import TOY_VAE, VAE, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT / "models" / "toy" / "clip.safetensors"
+TINY_SAMPLER = SamplerConfig(steps=4, guidance=3.0, spacing="trailing", resolution=64)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter with random values of a sane scale (no zero-initialised layer hides a mapping bug)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif "norm" in name and name.endswith("weight") or name.endswith("ln_1.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| relative to the reference output's scale (its max magnitude)."""
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def tiny_pipeline(seed: int = 0, prediction: str = "v", context: int = 32, sampler: SamplerConfig = TINY_SAMPLER,
+                  vae: VAEConfig = TOY_VAE, latent_scale: float = 0.5) -> Pipeline:
+    """The tiny UNet preset, the toy autoencoder's shapes and a one-layer text encoder, all with random weights."""
+    text = randomize(TextEncoder(TextConfig(width=context, layers=1, heads=2, context_length=16)), seed + 1)
+    return Pipeline(randomize(UNet(tiny(context)), seed), randomize(VAE(vae), seed + 2), text, prediction=prediction,
+                    latent_scale=latent_scale, sampler=sampler, source="tiny.safetensors")
+
+
+def run_script(script: str, *args: str, torchrun: bool = False, cwd: Path = ROOT, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the top-level scripts as a user would (a subprocess), capturing its output."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+        if torchrun else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / script), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+
+
+def run_main(script: str, *args: str) -> int | str | None:
+    """Run a script as ``__main__`` in this process (no interpreter start-up): its exit code, or the one-line error
+    message ``cli.run`` exits with. Any other exception (a traceback a user would see) propagates."""
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def one_line_error(r: subprocess.CompletedProcess, message: str) -> bool:
+    """A user's mistake: non-zero exit, one line on stderr naming the problem, no traceback."""
+    lines = r.stderr.strip().splitlines()
+    return r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr and len(lines) == 1
+
+
+def sd_tokenizer(folder: Path):  # noqa: ANN201
+    """SD-v1.5's CLIPTokenizer (transformers), its vocab.json / merges.txt rebuilt from the BPE file open_clip ships."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                         model_max_length=77)
