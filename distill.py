@@ -11,7 +11,7 @@ checkpoint whose sampler defaults are its own N steps on the trailing grid, so s
 
 from __future__ import annotations
 
-from snapfusion_min.cli import defaults, flag, from_args, parser, run
+from snapfusion_min.cli import check_writable, defaults, flag, from_args, parser, run
 from snapfusion_min.distill import TRAIN, DistillConfig, DistillRun, distill
 from snapfusion_min.pipeline import pick_device
 from snapfusion_min.training import TrainConfig, setup_distributed
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = DistillRun(chain=chain, loss=loss, guidance=args.guidance, data=args.data, skip_bad=args.skip_bad,
                      train=train)
     cfg.stages()  # every stage's checks, before any model is loaded
+    check_writable(args.out)
     d = setup_distributed(pick_device(args.device))
     distill(args.teacher, args.student_init or args.teacher, cfg, args.out, d)
     if d.main:

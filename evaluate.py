@@ -21,7 +21,7 @@ import json
 from torchvision.transforms.functional import to_pil_image
 
 from snapfusion_min import load_pipeline
-from snapfusion_min.cli import flag, parser, run
+from snapfusion_min.cli import check_writable, flag, parser, run
 from snapfusion_min.data import ToyWorld
 from snapfusion_min.diffusion import SPACINGS
 from snapfusion_min.evaluation import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.num_prompts <= 0 or any(s <= 0 for s in args.num_inference_steps or []):
         raise ValueError("--num-prompts and --num-inference-steps must be positive")
+    for path in (args.grid, args.curve):
+        if path:
+            check_writable(path)
     names = args.checkpoint or [str(TOY / "model.safetensors")]
     pipes, clip = {name: load_pipeline(name) for name in names}, load_toy_clip(args.clip)
     for pipe in pipes.values():

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from snapfusion_min.checkpoint import atomic_write
-from snapfusion_min.cli import defaults, flag, from_args, parser, run
+from snapfusion_min.cli import check_writable, defaults, flag, from_args, parser, run
 from snapfusion_min.evaluation import judge_on_heldout
 from snapfusion_min.evolve import BASELINES, EvolveConfig, evolve_and_finetune
 from snapfusion_min.latency import build_table, fig2
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only and not args.out:
         p.error("--out is required unless --table-only")
     cfg = from_args(EvolveConfig, args)
+    for path in (args.out, args.table, args.figure):
+        if path:
+            check_writable(path)
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args.checkpoint)
     context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from snapfusion_min.cli import flag, parser, run
+from snapfusion_min.cli import check_writable, flag, parser, run
 from snapfusion_min.coreml import ATTENTIONS, PARTS, PRECISIONS, check_resolution, export, load_coremltools, verify
 from snapfusion_min.pipeline import SamplerConfig, load_pipeline, random_pipeline
 from snapfusion_min.recipe import TOY
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--parts must be a subset of {','.join(PARTS)}, got {args.parts!r}")
     if args.verify and sys.platform != "darwin":
         raise ValueError("--verify runs Core ML models, which needs macOS; export without --verify here")
+    check_writable(args.out_dir, folder=True)
     load_coremltools()
     if args.arch:
         from snapfusion_min.arch import preset
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe = random_pipeline(preset(args.arch), source=f"random-{args.arch}", sampler=SamplerConfig())
     else:
         pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")
-    resolution = args.resolution or pipe.sampler.resolution
+    resolution = pipe.sampler.resolution if args.resolution is None else args.resolution
     check_resolution(pipe, resolution)
     paths = export(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch,
                    precision=args.precision, attention=args.attention)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snapfusion_min.cli import parser, run
+from snapfusion_min.cli import check_writable, parser, run
 from snapfusion_min.recipe import QUICK, STAGES, Budget, run_recipe
 
 
@@ -30,6 +30,8 @@ def build_parser():  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    for folder in (args.work_dir, args.report_dir):
+        check_writable(folder, folder=True)
     verdict = run_recipe(QUICK if args.quick else Budget(), Path(args.work_dir), Path(args.report_dir), args.bundled,
                          tuple(args.redo), args.quick)
     print(f"[recipe] report written to {Path(args.report_dir) / 'README.md'}: speed-up {verdict['speedup']:.1f}x, "

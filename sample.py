@@ -5,8 +5,10 @@
         --num-inference-steps 50 --guidance 7.5 --height 512 --width 512
 
 Sampling is DDIM (paper Eq. 2) with classifier-free guidance (Eq. 3). Image i of a run uses seed + i, so the
-same seed gives the same images whatever the batch size. Steps, guidance, spacing and resolution default to what
-the checkpoint says it was trained for (a distilled student: its own N steps), else to SD-v1.5's 50 / 7.5 / 512.
+same seed gives the same images whatever the batch size; files are named <seed>-<prompt>.png and never
+overwritten (a second run into the same folder writes <seed>-<prompt>-2.png). Steps, guidance, spacing and
+resolution default to what the checkpoint says it was trained for (a distilled student: its own N steps), else to
+SD-v1.5's 50 / 7.5 / 512.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from snapfusion_min import load_pipeline
-from snapfusion_min.cli import flag, parser, run
+from snapfusion_min.checkpoint import atomic_create
+from snapfusion_min.cli import check_writable, flag, parser, run
 from snapfusion_min.diffusion import SPACINGS
 from snapfusion_min.recipe import TOY
 
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.checkpoint == str(BUNDLED) and not BUNDLED.is_file():
         raise FileNotFoundError(f"the bundled toy model is not in this checkout ({BUNDLED}); pass --checkpoint")
+    check_writable(args.out_dir, folder=True)
     pipe = load_pipeline(args.checkpoint, ema=args.ema, prediction=args.prediction, device=args.device,
                          dtype=args.dtype)
     if args.decoder:
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.set_decoder(other.vae, other.latent_scale)
     s = replace(pipe.sampler, **{k: v for k, v in (("steps", args.num_inference_steps), ("guidance", args.guidance),
                                                     ("spacing", args.spacing)) if v is not None})
-    height, width = args.height or s.resolution, args.width or s.resolution
+    height, width = (s.resolution if v is None else v for v in (args.height, args.width))
     f = pipe.vae.cfg.factor
     if height % f or width % f or height <= 0 or width <= 0:
         raise ValueError(f"--height and --width must be positive multiples of {f}, got {height}x{width}")
@@ -100,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
                                ("seed", args.seed + start + i), ("steps", s.steps), ("guidance", s.guidance),
                                ("spacing", s.spacing), ("checkpoint", pipe.source)):
                 meta.add_text(key, str(value))
-            path = out / f"{start + i:04d}-{slug(prompt)}.png"
-            image.save(path, pnginfo=meta)
-            print(path)
+            # named by the image's own seed; never over an existing file (a second run gets <name>-2.png)
+            print(atomic_create(out, f"{args.seed + start + i:04d}-{slug(prompt)}", ".png",
+                                lambda tmp, image=image, meta=meta: image.save(tmp, format="PNG", pnginfo=meta)))
 
 
 if __name__ == "__main__":

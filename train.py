@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from snapfusion_min import autoencoder, decoder_distill, unet_training
-from snapfusion_min.cli import HelpFormatter, defaults, flag, from_args, parser, run
+from snapfusion_min.cli import HelpFormatter, check_writable, defaults, flag, from_args, parser, run
 from snapfusion_min.pipeline import pick_device
 from snapfusion_min.toyclip import ClipConfig, train_clip_stage
 from snapfusion_min.training import TrainConfig, setup_distributed
@@ -96,6 +96,7 @@ def train_config(args, t: TrainConfig) -> TrainConfig:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    check_writable(args.out)
     if args.stage == "clip":
         return train_clip_stage(from_args(ClipConfig, args), args.out)
     d = setup_distributed(pick_device(args.device))

@@ -105,10 +105,18 @@ class ArchSpec:
 
     @staticmethod
     def from_json(text: str | dict) -> ArchSpec:
-        d = json.loads(text) if isinstance(text, str) else dict(text)
-        d["stages"] = {k: tuple(v) for k, v in d["stages"].items()}
-        d["channels"] = tuple(d["channels"])
-        return ArchSpec(**d)
+        """A spec from its JSON (``to_json``); ValueError naming what is missing or wrong."""
+        try:
+            d = json.loads(text) if isinstance(text, str) else dict(text)
+            d["stages"] = {k: tuple(v) for k, v in d["stages"].items()}
+            d["channels"] = tuple(d["channels"])
+            return ArchSpec(**d)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"architecture spec is not JSON ({e})") from None
+        except KeyError as e:
+            raise ValueError(f"architecture spec has no {e.args[0]!r} entry") from None
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"architecture spec is malformed ({e})") from None
 
     def summary(self) -> str:
         """One line per paper stage: '#A / #R' as in Table 3."""

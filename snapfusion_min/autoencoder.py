@@ -36,6 +36,8 @@ class AutoencoderConfig:
         object.__setattr__(self, "crop", (40 if toy else 0) if self.crop is None else self.crop)
         if self.crop % TOY_VAE.factor or not 0 <= self.crop <= 64:
             raise ValueError(f"crop must be a multiple of {TOY_VAE.factor} in [0, 64], got {self.crop}")
+        if self.train.train_steps < 1:
+            raise ValueError(f"train-steps must be >= 1, got {self.train.train_steps}")
         if self.kl < 0 or self.edge_weight < 0 or self.object_weight < 0:
             raise ValueError("kl, edge-weight and object-weight must be >= 0")
 

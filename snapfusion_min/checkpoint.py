@@ -10,7 +10,8 @@ import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +43,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's business
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80" and head != b"PK":  # neither a pickle (protocol >= 2) nor torch's zip: not refused
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (not a pickle of tensors)") from None
         what = re.search(r"Unsupported (global|operand)[^.\n]*", str(e))
         raise CheckpointError(f"{path}: refused to unpickle, the file holds more than tensors"
                               f"{f' ({what[0]})' if what else ''}") from None
@@ -67,21 +72,52 @@ def read_meta(path: str | Path) -> dict | None:
     return json.loads(meta[META_KEY]) if META_KEY in meta else None
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextmanager
+def _written_temp(folder: Path, name: str, write: Callable[[str], None]) -> Iterator[str]:
+    """A temporary file beside the target, filled by ``write``, with a new file's usual mode (mkstemp makes 0600);
+    removed at the end unless it was renamed or linked into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint should read like any other file
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    with _written_temp(path.parent, path.name, write) as tmp:
+        os.replace(tmp, path)
+
+
+def atomic_create(folder: str | Path, stem: str, suffix: str, write: Callable[[str], None]) -> Path:
+    """Like ``atomic_write``, but never replaces a file: the first free name of <stem><suffix>, <stem>-2<suffix>, ...
+    is taken with an atomic hard link, so runs writing into one folder at once lose nothing."""
+    with _written_temp(Path(folder), stem + suffix, write) as tmp:
+        for k in range(1, 10**6):
+            path = Path(folder) / f"{stem}{'' if k == 1 else f'-{k}'}{suffix}"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+    raise FileExistsError(f"{folder}: no free name for {stem}{suffix}")
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted ``atomic_write`` of ``path`` left behind; returns them."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], config: dict) -> None:

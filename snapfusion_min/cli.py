@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # name -> (type, meaning, aliases). A type of None is a switch (store_true).
@@ -85,5 +87,23 @@ def run(main: Callable[[], object], prog: str) -> None:
         main()
     except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
         sys.exit(f"{prog}: error: {e}")
+    except (MemoryError, RuntimeError) as e:  # torch's "can't allocate memory" / CUDA out of memory
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError) and "alloc" not in text and "out of memory" not in text:
+            raise
+        sys.exit(f"{prog}: error: not enough memory ({text[:200]})")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def check_writable(path: str | Path, folder: bool = False) -> None:
+    """Before any work: ``path`` (a file, or with ``folder`` a folder) can be created or written here."""
+    path = Path(path)
+    parent = path if folder else path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {path}: permission denied")
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"cannot write {path}: it is {'a file' if folder else 'a folder'}")

@@ -149,7 +149,7 @@ class CaptionedFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, resolution: int = 512, skip_bad: bool = False):
-        self.root, self.resolution = Path(root), resolution
+        self.root, self.resolution, self.skip_bad = Path(root), resolution, skip_bad
         if not self.root.is_dir():
             raise FileNotFoundError(f"no such data folder: {self.root}")
         table = _read_captions(self.root)
@@ -174,19 +174,44 @@ class CaptionedFolder(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        path, caption = self.items[i]
-        try:
-            image = Image.open(path).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"{path}: unreadable image ({e})") from None
-        return to_tensor(center_crop(image, self.resolution)), caption
+        """Image i; one that fails to load now (changed since the check) is an error, or with ``skip_bad`` counted
+        in ``self.skipped`` and replaced by the next good one, so a run never stops on it."""
+        for k in range(len(self.items)):
+            path, caption = self.items[(i + k) % len(self.items)]
+            try:
+                with Image.open(path) as image:
+                    return to_tensor(center_crop(to_rgb(image), self.resolution)), caption
+            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                if not self.skip_bad:
+                    raise ValueError(f"{path}: unreadable image ({e})") from None
+                self.skipped[path.relative_to(self.root).as_posix()] = f"unreadable image ({type(e).__name__})"
+        raise ValueError(f"{self.root}: no image of the folder can be read any more")
+
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16/32-bit greyscale scaled (not clipped), alpha and palette transparency
+    composited on ``BACKGROUND``."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        full = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+        full = 1.0 if image.mode == "F" and a.max() <= 1 else full
+        return Image.fromarray(np.clip(a / full * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _unreadable(path: Path) -> str:
+    """'' if the image decodes fully (a truncated file passes PIL's verify() but not load()), else the problem."""
     try:
         with Image.open(path) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         return f"unreadable image ({type(e).__name__})"
     return ""
 

@@ -10,6 +10,7 @@ grid contains the student's (``diffusion.timesteps``) and the last student step 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,14 @@ class DistillConfig:
                              f"({self.teacher_steps})")
         if self.teacher_steps == self.student_steps:
             raise ValueError("the teacher needs more steps than the student")
-        if not 1.0 <= self.w_min <= self.w_max:
-            raise ValueError(f"CFG range must satisfy 1 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
+        if self.teacher_steps > D.TRAIN_STEPS:
+            raise ValueError(f"the teacher's steps must be at most {D.TRAIN_STEPS}, got {self.teacher_steps}")
+        if not 1.0 <= self.w_min <= self.w_max < math.inf:
+            raise ValueError(f"CFG range must satisfy 1 <= w_min <= w_max < inf, got [{self.w_min}, {self.w_max}]")
         if not 0.0 <= self.cfg_prob <= 1.0:
             raise ValueError(f"cfg_prob must be in [0, 1], got {self.cfg_prob}")
+        if not 0.0 <= self.gamma < math.inf:
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
 
     @property
     def k(self) -> int:
@@ -146,6 +151,10 @@ class DistillRun:
 
     def stages(self) -> list[DistillConfig]:
         """The DistillConfig of each teacher -> student stage (its checks run here)."""
+        if self.train.train_steps < 1:
+            raise ValueError(f"train-steps must be >= 1, got {self.train.train_steps}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 1):
+            raise ValueError(f"guidance must be a finite number >= 1, got {self.guidance}")
         if len(self.chain) < 2:
             raise ValueError(f"a distillation chain needs at least two step counts, got {self.chain}")
         return [dataclasses.replace(self.loss, teacher_steps=a, student_steps=b)

@@ -101,7 +101,8 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
     to the original decoder's images, CLIP score, FID to real images, color / shape accuracy."""
     real, truth = real_heldout(n, seed)
     prompts = [c.caption for c in truth]
-    steps, guidance = steps or pipe.sampler.steps, pipe.sampler.guidance if guidance is None else guidance
+    steps = pipe.sampler.steps if steps is None else steps
+    guidance = pipe.sampler.guidance if guidance is None else guidance
     latents = []
     for i in range(0, n, 100):
         batch = prompts[i:i + 100]

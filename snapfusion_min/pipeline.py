@@ -38,8 +38,8 @@ class SamplerConfig:
     distilled: bool = False  # a step-distilled student: it samples at its own steps only
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= D.TRAIN_STEPS):
+            raise ValueError(f"steps must be a positive integer, at most {D.TRAIN_STEPS}, got {self.steps!r}")
         if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 1):
             raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {self.guidance!r}")
         if self.spacing not in D.SPACINGS:
@@ -49,9 +49,20 @@ class SamplerConfig:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if present, else mps, else cpu."""
+    """'auto' -> cuda if present, else mps, else cpu; a named device must exist here (ValueError otherwise)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps") from None
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= cuda:
+            raise ValueError(f"device {name!r}: {cuda} CUDA device(s) on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: MPS is not available on this machine")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {name!r}: choose auto, cpu, cuda, cuda:N or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -172,7 +183,7 @@ class Pipeline:
         s = dataclasses.replace(self.sampler, **{k: v for k, v in (("steps", steps), ("guidance", guidance),
                                                                    ("spacing", spacing)) if v is not None})
         steps, guidance, spacing = s.steps, s.guidance, s.spacing
-        height, width = height or s.resolution, width or s.resolution
+        height, width = (s.resolution if v is None else v for v in (height, width))
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae.cfg.factor
         if height % f or width % f or height <= 0 or width <= 0:
@@ -183,7 +194,11 @@ class Pipeline:
             self.device, self.dtype)
         context = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance > 1.0 else None
-        images = self.decode(self.denoise(z, context, uncond, steps, guidance, spacing, progress))
+        z = self.denoise(z, context, uncond, steps, guidance, spacing, progress)
+        if not torch.isfinite(z).all():
+            raise FloatingPointError("the sampled latents are not finite: the UNet's weights hold NaN or inf, or the "
+                                     "guidance scale overflows")
+        images = self.decode(z)
         if output_type == "pt":
             return images
         arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
@@ -205,6 +220,9 @@ def _build(spec: ArchSpec, vae_cfg: VAEConfig, text_cfg: TextConfig) -> tuple[UN
 
 
 def _from_own(path: Path, meta: dict) -> Pipeline:
+    if "arch" not in meta:
+        what = "an autoencoder" if "vae" in meta else "a partial"
+        raise CheckpointError(f"{path}: {what} checkpoint of snapfusion_min (no UNet), not a pipeline")
     try:
         spec = ArchSpec.from_json(meta["arch"])
         unet, vae, te = _build(spec, VAEConfig(**meta["vae"]), TextConfig(**meta["text"]))

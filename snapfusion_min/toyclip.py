@@ -160,7 +160,7 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, s
     toy CLIP's image features.
     """
     real, truth = real_heldout(n, seed)
-    steps = steps or pipe.sampler.steps
+    steps = pipe.sampler.steps if steps is None else steps
     guidance = pipe.sampler.guidance if guidance is None else guidance
     prompts = [c.caption for c in truth]
     generated = torch.cat([pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=TOY_IMAGE,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, remove_stale_temps
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -231,6 +231,9 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     start, losses = 0, []
     state_path = Path(f"{out}.state.pt") if out else None
+    if out and d.main:
+        for name in (out, state_path):  # what a killed run was writing when it died
+            remove_stale_temps(name)
     if cfg.resume:
         start, losses = resume(state_path, model, opt, ema, tag)
     broadcast_parameters(model, d)

@@ -53,12 +53,16 @@ class UNetConfig:
             raise ValueError(f"keep-prob must be in (0, 1], got {self.keep_prob}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
+        if self.train.train_steps < 1:
+            raise ValueError(f"train-steps must be >= 1, got {self.train.train_steps}")
         if not self.init and not (self.clip and self.autoencoder):
             raise ValueError("a fresh UNet needs --clip and --autoencoder (or start from --init)")
 
 
 def load_autoencoder(path: str) -> tuple[VAE, float]:
     """The frozen autoencoder of a ``train.py autoencoder`` checkpoint, and its latent scale."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such autoencoder checkpoint: {path}")
     meta = read_meta(path) or {}
     if "vae" not in meta or "latent_scale" not in meta:
         raise CheckpointError(f"{path}: not an autoencoder checkpoint (train.py autoencoder writes one)")

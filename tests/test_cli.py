@@ -3,6 +3,8 @@ meaning per flag across every script."""
 
 import argparse
 import runpy
+import subprocess
+import sys
 
 import pytest
 from helpers import ROOT, run_main, run_script, tiny_pipeline
@@ -27,7 +29,7 @@ def test_sample_writes_pngs_with_metadata(tmp_path, tiny_checkpoint):
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
     files = sorted((tmp_path / "out").glob("*.png"))
-    assert [f.name for f in files] == ["0000-a-red-circle.png", "0001-a-blue-square.png"]
+    assert [f.name for f in files] == ["0003-a-red-circle.png", "0004-a-blue-square.png"]  # named by their seeds
     image = Image.open(files[1])
     assert image.size == (32, 32)  # the checkpoint's own resolution and sampler defaults
     assert image.text["prompt"] == "a blue square" and image.text["seed"] == "4" and image.text["steps"] == "3"
@@ -35,7 +37,25 @@ def test_sample_writes_pngs_with_metadata(tmp_path, tiny_checkpoint):
     again = run_script("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", "a blue square", "--seed", "4",
                        "--output_dir", str(tmp_path / "again"), "--device", "cpu")  # diffusers' spelling
     assert again.returncode == 0, again.stderr
-    assert Image.open(tmp_path / "again" / "0000-a-blue-square.png").tobytes() == image.tobytes()  # same seed
+    assert Image.open(tmp_path / "again" / "0004-a-blue-square.png").tobytes() == image.tobytes()  # same seed
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_folder_lose_no_image(tmp_path, tiny_checkpoint):
+    """Sequential, then concurrent: every image of every run is there, none overwritten."""
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tiny_checkpoint), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--out-dir", str(out), "--device", "cpu"]
+    for seed in ("0", "1"):  # seeds 0, 1 and 1, 2: the second run's first name is taken
+        assert run_script("sample.py", *args, "--seed", seed).returncode == 0
+    assert len(list(out.glob("*.png"))) == 4
+    assert (out / "0001-a-blue-square.png").is_file() and (out / "0001-a-red-circle.png").is_file()
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in runs)
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert len(names) == 8 and not list(out.glob(".*.tmp")), names
+    assert {"0000-a-red-circle-2.png", "0000-a-red-circle-3.png"} <= set(names)
 
 
 @pytest.mark.parametrize("args,message", [

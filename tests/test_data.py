@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from snapfusion_min.data import ALL_COMBOS, CaptionedFolder, ToyWorld, combos, is_heldout
+from snapfusion_min.data import ALL_COMBOS, CaptionedFolder, ToyWorld, combos, is_heldout, to_rgb
 
 
 def test_toy_world_is_deterministic_by_seed():
@@ -66,3 +67,56 @@ def test_folder_problems_name_the_file_or_are_counted(tmp_path):
     (root / "captions.jsonl").write_text('{"file": "img0.png"}\n')
     with pytest.raises(ValueError, match=r"captions\.jsonl:1"):
         CaptionedFolder(root)
+
+
+def test_truncated_jpeg_is_found_when_the_folder_is_opened(tmp_path):
+    """A truncated JPEG passes PIL's verify(); the check decodes every image fully."""
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / f"img{i}.jpg", quality=90)
+        (root / f"img{i}.txt").write_text(f"caption {i}")
+    whole = (root / "img1.jpg").read_bytes()
+    (root / "img1.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"img1\.jpg: unreadable image"):
+        CaptionedFolder(root, resolution=32)
+    data = CaptionedFolder(root, resolution=32, skip_bad=True)
+    assert len(data) == 1 and list(data.skipped) == ["img1.jpg"]
+
+
+def test_an_image_broken_after_the_check_is_skipped_and_counted_not_fatal(tmp_path):
+    root = make_folder(tmp_path / "data")
+    for i in range(3):
+        (root / f"img{i}.txt").write_text(f"cap {i}")
+    data = CaptionedFolder(root, resolution=16, skip_bad=True)
+    (root / "img1.png").write_bytes(b"gone bad")
+    image, caption = data[1]  # the next good image instead
+    assert caption == "cap 2" and image.shape == (3, 16, 16) and list(data.skipped) == ["img1.png"]
+    data.skip_bad = False  # without --skip-bad it is an error naming the file
+    with pytest.raises(ValueError, match=r"img1\.png: unreadable image"):
+        data[1]
+
+
+@pytest.mark.parametrize("mode,pixel,want", [
+    ("I;16", 65535, (255, 255, 255)),  # 16-bit white: not clipped, not wrapped
+    ("I;16", 32768, (128, 128, 128)),  # 16-bit mid grey -> 8-bit mid grey (PIL's convert would give white)
+    ("RGBA", (200, 10, 10, 0), to_rgb.__globals__["BACKGROUND"]),  # fully transparent: the background (white)
+    ("RGBA", (200, 10, 10, 255), (200, 10, 10)),  # opaque: itself
+    ("LA", (0, 128), (128, 128, 128)),  # black at half alpha over white
+])
+def test_16_bit_and_alpha_images_load_as_they_look(tmp_path, mode, pixel, want):
+    path = tmp_path / "x.png"
+    Image.new(mode, (8, 8), pixel).save(path)
+    with Image.open(path) as image:
+        got = to_rgb(image).getpixel((4, 4))
+    assert all(abs(a - b) <= 1 for a, b in zip(got, want)), (mode, got)
+
+
+def test_palette_transparency_is_composited(tmp_path):
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([10, 20, 30] * 256)
+    image.info["transparency"] = 0
+    image.save(tmp_path / "p.png", transparency=0)
+    with Image.open(tmp_path / "p.png") as loaded:
+        assert to_rgb(loaded).getpixel((0, 0)) == (255, 255, 255)

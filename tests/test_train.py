@@ -73,6 +73,14 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
     assert "Traceback" not in nan.stderr
     assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
     load_pipeline(tmp_path / "m.safetensors")
+    # weights that become NaN at a save step (the loss before the update was finite) never reach disk either
+    (tmp_path / ".m.safetensors.abc.tmp").write_bytes(b"half a checkpoint")  # a killed save's leftover
+    nan = run(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--resume", "--lr", "1e39", "--save-every", "1"))
+    assert nan.returncode != 0 and "weights are not finite after step" in nan.stderr, nan.stderr[-2000:]
+    assert f"the last good checkpoint is {tmp_path / 'm.safetensors'}" in nan.stderr
+    assert "Traceback" not in nan.stderr
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert not (tmp_path / ".m.safetensors.abc.tmp").exists()  # cleaned up on the next start
 
 
 def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():

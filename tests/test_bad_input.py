@@ -1,0 +1,161 @@
+"""A hostile user's inputs, every script: a one-line error naming the problem, a non-zero exit, no traceback, and no
+file changed. Each row runs the script's ``__main__`` in this process (helpers.run_main): an exception other than
+the script's own one-line exit would surface here as that exception, i.e. a traceback the user would have seen."""
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+from helpers import CLIP, ROOT, run_main, tiny_pipeline
+from safetensors.torch import save_file
+
+from snapfusion_min.vae import TOY_VAE
+
+TOY = ROOT / "models" / "toy"
+UNET = ["unet", "--arch", "tiny", "--clip", "CLIP", "--autoencoder", "AE", "--out", "OUT"]
+DISTILL = ["--teacher", "TINY", "--out", "OUT"]
+EVOLVE = ["--checkpoint", "TINY", "--out", "OUT"]
+
+ROWS = [  # script, arguments, what the one line must say
+    # numbers: zero, negative, out of range, not a number, NaN / inf
+    ("train.py", [*UNET, "--train-steps", "0"], "train-steps must be >= 1"),
+    ("train.py", [*UNET, "--train-steps", "-5"], "train-steps must be >= 0"),
+    ("train.py", [*UNET, "--batch-size", "0"], "batch-size must be >= 1"),
+    ("train.py", [*UNET, "--batch-size", "-2"], "batch-size must be >= 1"),
+    ("train.py", [*UNET, "--lr", "0"], "lr must be a positive number"),
+    ("train.py", [*UNET, "--lr", "nan"], "lr must be a positive number"),
+    ("train.py", [*UNET, "--accum", "0"], "accum must be >= 1"),
+    ("train.py", [*UNET, "--batch-size", "4", "--accum", "8"], "not divisible by accum"),
+    ("train.py", [*UNET, "--save-every", "0"], "save-every must be >= 1"),
+    ("train.py", [*UNET, "--keep-prob", "1.5"], "keep-prob must be in (0, 1]"),
+    ("train.py", [*UNET, "--keep-prob", "0"], "keep-prob must be in (0, 1]"),
+    ("train.py", [*UNET, "--ema-decay", "-1"], "ema-decay must be in [0, 1)"),
+    ("train.py", [*UNET, "--cfg-dropout", "2"], "cfg-dropout must be in [0, 1)"),
+    ("train.py", [*UNET, "--guidance", "0.5"], "guidance must be a finite number >= 1"),
+    ("train.py", [*UNET, "--num-inference-steps", "0"], "steps must be a positive integer"),
+    ("train.py", ["autoencoder", "--out", "OUT", "--train-steps", "0"], "train-steps must be >= 1"),
+    ("train.py", ["autoencoder", "--out", "OUT", "--crop", "30"], "crop must be a multiple of 8"),
+    ("train.py", ["decoder", "--init", "TINY", "--out", "OUT", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+    ("train.py", ["decoder", "--init", "TINY", "--out", "OUT", "--latents", "0"], "latents and teacher-steps"),
+    ("train.py", ["clip", "--out", "OUT", "--batch-size", "1"], "batch-size >= 2"),
+    ("distill.py", [*DISTILL, "--train-steps", "0"], "train-steps must be >= 1"),
+    ("distill.py", [*DISTILL, "--student-steps", "6"], "must divide"),
+    ("distill.py", [*DISTILL, "--teacher-steps", "8", "--student-steps", "8"], "needs more steps"),
+    ("distill.py", [*DISTILL, "--teacher-steps", "2000", "--student-steps", "1000"], "at most 1000"),
+    ("distill.py", [*DISTILL, "--w-min", "0.5"], "CFG range"),
+    ("distill.py", [*DISTILL, "--w-max", "inf"], "CFG range"),
+    ("distill.py", [*DISTILL, "--cfg-prob", "2"], "cfg_prob must be in [0, 1]"),
+    ("distill.py", [*DISTILL, "--gamma", "-1"], "gamma must be"),
+    ("distill.py", [*DISTILL, "--guidance", "nan"], "guidance must be a finite number >= 1"),
+    ("distill.py", [*DISTILL, "--progressive", "16,x,8"], "--progressive takes step counts"),
+    ("evolve.py", [*EVOLVE, "--target", "1.5"], "target must be in (0, 1]"),
+    ("evolve.py", [*EVOLVE, "--keep-prob", "1.5"], "keep-prob must be in (0, 1]"),
+    ("evolve.py", [*EVOLVE, "--threads", "0"], "threads must be >= 1"),
+    ("evolve.py", [*EVOLVE, "--iterations", "0"], "iterations, actions and threads must be >= 1"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--guidance", "-5"], "guidance must be a finite"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--guidance", "inf"], "guidance must be a finite"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--num-inference-steps", "-1"], "positive integer"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--num-inference-steps", "5000"], "at most 1000"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--width", "0"], "positive multiples of 8"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--batch-size", "0"], "--batch-size must be positive"),
+    ("export.py", ["--checkpoint", "TINY", "--resolution", "0"], "positive multiple of 64"),
+    ("evaluate.py", ["--checkpoint", "TINY", "--num-prompts", "0"], "must be positive"),
+    ("recipe.py", ["--quick", "--work-dir", "WORK", "--report-dir", "WORK/r", "--redo", "nosuchstage"],
+     "no such stage"),
+    # devices that are not here, or not devices
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--device", "cuda"], "CUDA device(s) on this machine"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--device", "mps"], "MPS is not available"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--device", "foo"], "unknown device 'foo'"),
+    ("train.py", [*UNET, "--device", "cuda:3"], "CUDA device(s) on this machine"),
+    ("distill.py", [*DISTILL, "--device", "tpu"], "unknown device"),
+    # files: missing, empty, truncated, random bytes, foreign, code-carrying, of another kind
+    ("sample.py", ["--checkpoint", "MISSING", "--prompt", "x"], "no such checkpoint"),
+    ("sample.py", ["--checkpoint", "EMPTY", "--prompt", "x"], "not a readable .safetensors file"),
+    ("sample.py", ["--checkpoint", "TRUNCATED", "--prompt", "x"], "not a readable .safetensors file"),
+    ("sample.py", ["--checkpoint", "RANDOM", "--prompt", "x"], "corrupt"),
+    ("sample.py", ["--checkpoint", "PICKLE", "--prompt", "x"], "refused to unpickle"),
+    ("sample.py", ["--checkpoint", "FOREIGN", "--prompt", "x"], "not a Stable Diffusion v1 checkpoint"),
+    ("sample.py", ["--checkpoint", "AE", "--prompt", "x"], "an autoencoder checkpoint of snapfusion_min"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--decoder", "MISSING"], "no such checkpoint"),
+    ("train.py", [*UNET[:3], "--clip", "AE", *UNET[5:]], "not a toy CLIP checkpoint"),
+    ("train.py", [*UNET[:3], "--clip", "TRUNCATED", *UNET[5:]], "not a readable .safetensors file"),
+    ("train.py", [*UNET[:3], "--clip", "PICKLE", *UNET[5:]], "refused to unpickle"),
+    ("train.py", [*UNET[:5], "--autoencoder", "FOREIGN", *UNET[7:]], "not an autoencoder checkpoint"),
+    ("train.py", [*UNET[:5], "--autoencoder", "MISSING", *UNET[7:]], "no such autoencoder checkpoint"),
+    ("train.py", ["unet", "--arch", "NOSTAGES", *UNET[3:]], "architecture spec has no 'stages' entry"),
+    ("train.py", ["unet", "--arch", "huge", *UNET[3:]], "unknown architecture preset"),
+    ("train.py", ["unet", "--arch", "tiny", "--out", "OUT"], "needs --clip and --autoencoder"),
+    ("train.py", [*UNET, "--data", "MISSING"], "no such data folder"),
+    ("evaluate.py", ["--checkpoint", "TINY", "--clip", "AE"], "not a toy CLIP checkpoint"),
+    ("evaluate.py", ["--checkpoint", "TINY", "--clip", "PICKLE"], "refused to unpickle"),
+    ("evaluate.py", ["--checkpoint", "TINY", "--remove", "up9.A0"], "unknown block address"),
+    ("distill.py", ["--teacher", "MISSING", "--out", "OUT"], "no such checkpoint"),
+    ("distill.py", ["--teacher", "EPS", "--out", "OUT"], "must both be v-prediction"),
+    ("evolve.py", ["--checkpoint", "PICKLE", "--out", "OUT"], "refused to unpickle"),
+    ("export.py", ["--checkpoint", "RANDOM"], "corrupt"),
+    ("sample.py", ["--prompts-file", "MISSING", "--checkpoint", "TINY"], "no such prompts file"),
+    ("sample.py", ["--prompts-file", "BLANK", "--checkpoint", "TINY"], "has no prompts"),
+    # outputs that cannot be written, found before any work
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--out-dir", "BLANK/sub"], "is not a folder"),
+    ("train.py", [*UNET[:-1], "BLANK/sub/m.safetensors"], "is not a folder"),
+    ("distill.py", [*DISTILL[:-1], "BLANK/x.safetensors"], "is not a folder"),
+    ("evolve.py", [*EVOLVE, "--table", "BLANK/lut.json"], "is not a folder"),
+    ("evaluate.py", ["--checkpoint", "TINY", "--grid", "BLANK/grid.png"], "is not a folder"),
+    ("export.py", ["--checkpoint", "TINY", "--out-dir", "BLANK"], "is not a folder"),
+    ("recipe.py", ["--quick", "--work-dir", "BLANK/w"], "is not a folder"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    tiny_pipeline().save(root / "tiny.safetensors")
+    tiny_pipeline(prediction="eps").save(root / "eps.safetensors")
+    import dataclasses
+
+    from snapfusion_min.checkpoint import save_checkpoint
+    from snapfusion_min.vae import VAE
+
+    save_checkpoint(root / "ae.safetensors", {"vae": VAE(TOY_VAE)}, {"vae": dataclasses.asdict(TOY_VAE),
+                                                                        "latent_scale": 1.0})
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "truncated.safetensors").write_bytes((root / "tiny.safetensors").read_bytes()[:3000])
+    (root / "random.ckpt").write_bytes(bytes(range(256)) * 40)
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(root / "foreign.safetensors"))
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("open('pwned', 'w').write('x')",))
+
+    with open(root / "code.ckpt", "wb") as f:
+        pickle.dump({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, f)
+    (root / "nostages.json").write_text('{"channels": [32, 64, 64, 64]}')
+    (root / "blank.txt").write_text("\n  \n")
+    return root
+
+
+def snapshot(*folders) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("script,args,message", ROWS, ids=[f"{r[0]}:{r[2][:30]}" for r in ROWS])
+def test_bad_input_is_one_line_naming_it_and_changes_nothing(script, args, message, files, tmp_path, capfd,
+                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    subs = {"TINY": files / "tiny.safetensors", "EPS": files / "eps.safetensors", "AE": files / "ae.safetensors",
+            "CLIP": CLIP, "MISSING": tmp_path / "missing.safetensors", "EMPTY": files / "empty.safetensors",
+            "TRUNCATED": files / "truncated.safetensors", "RANDOM": files / "random.ckpt",
+            "PICKLE": files / "code.ckpt", "FOREIGN": files / "foreign.safetensors",
+            "NOSTAGES": files / "nostages.json", "BLANK": files / "blank.txt", "OUT": tmp_path / "out.safetensors",
+            "WORK": tmp_path / "work"}
+    argv = [str(subs[a]) if a in subs else a for a in args]
+    argv = [a.replace("BLANK/", f"{files / 'blank.txt'}/").replace("WORK/", f"{tmp_path / 'work'}/") for a in argv]
+    before = snapshot(files, TOY)
+    code = run_main(script, *argv)
+    assert isinstance(code, str), f"exit code {code!r}: not refused"
+    assert code.startswith(f"{script}: error: ") and message in code and "\n" not in code, code
+    assert capfd.readouterr().err == ""  # nothing else on stderr: no traceback, no warnings
+    assert snapshot(files, TOY) == before
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "pwned").exists()
