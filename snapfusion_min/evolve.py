@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, walk
+from .checkpoint import read_meta
 from .cost import count_params, threads
 from .latency import LatencyTable, measure_unet
 from .pipeline import Pipeline, load_pipeline
@@ -150,7 +151,8 @@ class EvolveConfig:
 
 def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, figures: bool = False) -> Pipeline:
     """Robust training (keep_prob < 1) or fine-tuning of the checkpoint ``path``, in its own prediction type."""
-    unet_cfg = UNetConfig(init=path, prediction=load_pipeline(path).prediction, keep_prob=keep_prob,
+    prediction = (read_meta(path) or {}).get("prediction", "v")  # from the metadata: no second load of the weights
+    unet_cfg = UNetConfig(init=path, prediction=prediction, keep_prob=keep_prob,
                           train=TrainConfig(train_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                             warmup=warmup_for(steps), save_every=10**9, seed=cfg.seed))
     train_unet(unet_cfg, out, figures=figures)
