@@ -209,10 +209,10 @@ def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: flo
     return chosen
 
 
-def evolve(checkpoint: str, table: LatencyTable, target_ms: float, score: Scorer, cfg: EvolveConfig,
+def evolve(checkpoint: str, pipe: Pipeline, table: LatencyTable, target_ms: float, score: Scorer, cfg: EvolveConfig,
            work: Path, log: list) -> Pipeline:
     """Algorithm 1: alternate robust training (Eq. 5) with evolving steps; every action is appended to ``log``."""
-    current, pipe = checkpoint, load_pipeline(checkpoint)
+    current = checkpoint  # ``pipe`` is this checkpoint, already loaded
     for it in range(cfg.iterations):
         if cfg.robust_steps:
             out = str(work / f"robust{it}.safetensors")
@@ -296,7 +296,7 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
         if cfg.baseline:
             pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.seed, log)
         else:
-            pipe = evolve(checkpoint, table, target_ms, score, cfg, work, log)
+            pipe = evolve(checkpoint, pipe, table, target_ms, score, cfg, work, log)
         if table.predict(pipe.unet.spec) > target_ms:
             print(f"warning: {cfg.iterations} evolving steps did not reach the target; raise --iterations or "
                   "--actions", file=sys.stderr)
