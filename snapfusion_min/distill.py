@@ -73,13 +73,12 @@ def x_target(*, z_t: torch.Tensor, z_t2: torch.Tensor, alpha_t: D.Scalar, sigma_
 
 
 def guided_v(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None,
-             w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(guided v of Eq. 10, conditional v): with w=None the plain conditional output serves as both."""
+             w: torch.Tensor | None) -> torch.Tensor:
+    """The v of Eq. 10, w v_cond - (w - 1) v_uncond (one batched call); with w=None the plain conditional v."""
     if w is None:
-        v = unet(z, t, context)
-        return v, v
+        return unet(z, t, context)
     v_uncond, v_cond = unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)
-    return D.cfg(v_cond, v_uncond, w), v_cond
+    return D.cfg(v_cond, v_uncond, w)
 
 
 @torch.no_grad()
@@ -88,7 +87,7 @@ def teacher_z(teacher: nn.Module, z_t: torch.Tensor, points: list[torch.Tensor],
     """Eq. 7 / 12-13: the (guided) teacher's DDIM steps through ``points`` = [t, t', ..., t''] -> z_t''."""
     z = z_t
     for t, t_next in zip(points[:-1], points[1:]):
-        v, _ = guided_v(teacher, z, t, context, uncond, w)
+        v = guided_v(teacher, z, t, context, uncond, w)
         alpha, sigma = schedule.alpha_sigma(t)
         alpha_next, sigma_next = schedule.alpha_sigma(t_next)
         x, eps = D.x_from_v(z=z, v=v, alpha=alpha, sigma=sigma), D.eps_from_v(z=z, v=v, alpha=alpha, sigma=sigma)
@@ -96,17 +95,15 @@ def teacher_z(teacher: nn.Module, z_t: torch.Tensor, points: list[torch.Tensor],
     return z
 
 
-def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context: torch.Tensor,
-                 uncond: torch.Tensor, cfg: DistillConfig, schedule: D.Schedule, *, use_cfg: bool | None = None,
-                 w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One iteration's loss, Eq. 11: L = L_dstl + gamma_dyn * L_ori.
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses in at least float32 (a half-precision run's outputs are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    L_dstl is the CFG distillation loss (Eq. 10: teacher and student guided with the same w ~ U[w_min, w_max]) with
-    probability cfg.cfg_prob, else the vanilla loss (Eq. 9); ``use_cfg`` / ``w`` fix these choices (for tests).
-    L_ori is Eq. 6 on the student's conditional output at the same (z_t, t), and its weight is
-    gamma * L_dstl / L_ori (detached): the 'dynamic gamma' that rescales L_ori to the distillation loss's magnitude.
-    Returns the total and its parts.
-    """
+
+def dstl_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+              w: torch.Tensor | None, cfg: DistillConfig, schedule: D.Schedule) -> dict[str, torch.Tensor]:
+    """L_dstl: Eq. 9 (w=None, vanilla) or Eq. 10 (teacher and student guided with the per-sample w), at a student
+    step i ~ U{0, ..., N-1} per sample. Returns the loss and what it drew: the student timestep t and the noise."""
     b = x0.shape[0]
     student_grid = torch.tensor(D.timesteps(cfg.student_steps, cfg.spacing), device=x0.device)
     teacher_grid = torch.tensor(D.timesteps(cfg.teacher_steps, cfg.spacing), device=x0.device)
@@ -118,23 +115,49 @@ def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, conte
     alpha_t2, sigma_t2 = schedule.alpha_sigma(t2)
     eps = torch.randn_like(x0)
     z_t = D.noisy(x=x0, eps=eps, alpha=alpha_t, sigma=sigma_t)
+    z_t2 = teacher_z(teacher, z_t, points, context, uncond, w, schedule)
+    target = x_target(z_t=z_t, z_t2=z_t2, alpha_t=alpha_t, sigma_t=sigma_t, alpha_t2=alpha_t2, sigma_t2=sigma_t2)
+    x_student = D.x_from_v(z=z_t, v=guided_v(student, z_t, t, context, uncond, w), alpha=alpha_t, sigma=sigma_t)
+    per_sample = ((_fp32(x_student) - _fp32(target)) ** 2).mean(dim=(1, 2, 3))  # Eq. 8: the student's x_hat
+    loss = (D.expand(snr_weight(alpha_t, sigma_t), per_sample) * per_sample).mean()
+    return {"loss": loss, "t": t, "eps": eps}
 
+
+def ori_loss(student: nn.Module, x0: torch.Tensor, context: torch.Tensor,
+             schedule: D.Schedule) -> dict[str, torch.Tensor]:
+    """L_ori, Eq. 6: the v-prediction loss at t ~ U{0, ..., 999} with fresh noise, on the conditional output.
+    Returns the loss and what it drew (t_ori, eps_ori)."""
+    t = torch.randint(0, schedule.steps, (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    alpha, sigma = schedule.alpha_sigma(t)
+    v = student(D.noisy(x=x0, eps=eps, alpha=alpha, sigma=sigma), t, context)
+    loss = ((_fp32(v) - _fp32(D.v_target(x=x0, eps=eps, alpha=alpha, sigma=sigma))) ** 2).mean()
+    return {"loss": loss, "t_ori": t, "eps_ori": eps}
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context: torch.Tensor,
+                 uncond: torch.Tensor, cfg: DistillConfig, schedule: D.Schedule, *, use_cfg: bool | None = None,
+                 w: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """One iteration's loss, Eq. 11: L = L_dstl + gamma_dyn * L_ori.
+
+    L_dstl is the CFG distillation loss (Eq. 10, w ~ U[w_min, w_max] per sample) with probability cfg.cfg_prob,
+    else the vanilla one (Eq. 9); ``use_cfg`` / ``w`` fix these choices. L_ori is Eq. 6 at its own t and noise
+    (``ori_loss``). gamma_dyn = gamma * L_dstl / L_ori, detached: the 'dynamic gamma' that rescales L_ori to the
+    distillation loss's magnitude while L_ori keeps its own gradient direction.
+    Returns the total, its parts, gamma_dyn, and every draw: 'cfg' (1. or 0.), 'w' (None when vanilla), the
+    distillation's 't' and 'eps', L_ori's 't_ori' and 'eps_ori'.
+    """
     if use_cfg is None:
         use_cfg = bool(torch.rand(()) < cfg.cfg_prob)  # Eq. 11's P ~ U[0, 1] < p
     if use_cfg and w is None:
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=x0.device)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(x0.shape[0], device=x0.device)
     w = w if use_cfg else None
-
-    z_t2 = teacher_z(teacher, z_t, points, context, uncond, w, schedule)
-    target = x_target(z_t=z_t, z_t2=z_t2, alpha_t=alpha_t, sigma_t=sigma_t, alpha_t2=alpha_t2, sigma_t2=sigma_t2)
-    v_student, v_cond = guided_v(student, z_t, t, context, uncond, w)
-    x_student = D.x_from_v(z=z_t, v=v_student, alpha=alpha_t, sigma=sigma_t)  # Eq. 8
-    per_sample = ((x_student.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
-    l_dstl = (D.expand(snr_weight(alpha_t, sigma_t), per_sample) * per_sample).mean()  # Eq. 9 (or Eq. 10's)
-    v_true = D.v_target(x=x0, eps=eps, alpha=alpha_t, sigma=sigma_t)
-    l_ori = ((v_cond.float() - v_true.float()) ** 2).mean()  # Eq. 6
-    gamma = cfg.gamma * l_dstl.detach() / l_ori.detach().clamp(min=1e-12)
-    return {"loss": l_dstl + gamma * l_ori, "dstl": l_dstl, "ori": l_ori, "cfg": torch.tensor(float(use_cfg))}
+    dstl = dstl_loss(student, teacher, x0, context, uncond, w, cfg, schedule)
+    ori = ori_loss(student, x0, context, schedule)
+    gamma = cfg.gamma * dstl["loss"].detach() / ori["loss"].detach().clamp(min=1e-12)
+    return {"loss": dstl["loss"] + gamma * ori["loss"], "dstl": dstl["loss"], "ori": ori["loss"], "gamma": gamma,
+            "cfg": torch.tensor(float(use_cfg)), "w": w, "t": dstl["t"], "eps": dstl["eps"],
+            "t_ori": ori["t_ori"], "eps_ori": ori["eps_ori"]}
 
 
 # ---- the distillation stage -------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ def evolve_unet(unet: UNet, action: Action) -> UNet:
         state[key] = old[".".join(parts)].clone()
     new.load_state_dict(state)
     new.keep_prob = unet.keep_prob
+    new.train(unet.training)
     return new.to(memory_format=unet.memory_format())
 
 
@@ -160,19 +161,19 @@ def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, 
 
 
 def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer) -> list[dict]:
-    """Every removal action's dCLIP (score lost without its blocks), dLatency and value, lowest value first."""
+    """Every removal action's dCLIP (score lost without its blocks), dLatency and value, lowest value first.
+
+    Each action is scored on the network it would build, ``evolve_unet(unet, action)``: for a down/up ResNet pair
+    that is not Eq. 5's identity of both blocks (which keeps the up block's 1x1 projection over [h; skip] and the
+    skip itself) but the U without the pair and without the skip between them.
+    """
     from tqdm.auto import tqdm
 
-    def without(removed: tuple[str, ...]) -> float:
-        pipe.unet.removed = set(removed)
-        try:
-            return score(pipe)
-        finally:
-            pipe.unet.removed = set()
-
-    base, ms, rows = without(()), table.block_ms(pipe.unet.spec), []
-    for action in tqdm(candidate_actions(pipe.unet.spec, "-"), desc="scoring actions", leave=False):
-        d_clip, d_lat = base - without(action.addresses), sum(ms[a] for a in action.addresses)
+    unet, base = pipe.unet, score(pipe)
+    ms, rows = table.block_ms(unet.spec), []
+    for action in tqdm(candidate_actions(unet.spec, "-"), desc="scoring actions", leave=False):
+        d_clip, d_lat = base - score(pipe.with_parts(unet=evolve_unet(unet, action))), sum(ms[a] for a in
+                                                                                              action.addresses)
         rows.append({"action": action, "d_clip": d_clip, "d_latency_ms": d_lat, "value": d_clip / d_lat})
     return sorted(rows, key=lambda r: r["value"])
 
@@ -198,10 +199,11 @@ def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: flo
         if len(chosen) == n:
             break
         copy = Action("+", row["action"].addresses)
+        if copy not in candidate_actions(spec, "+"):  # e.g. a down/up ResNet pair: never copied
+            continue
         try:
-            trial = apply(spec, copy)[0]
-            cost = table.predict(trial)
-        except (ValueError, KeyError):  # invalid, or a configuration the table has not timed
+            cost = table.predict(trial := apply(spec, copy)[0])
+        except KeyError:  # a configuration the table has not timed
             continue
         if cost <= target_ms:
             spec = trial

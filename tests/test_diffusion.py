@@ -1,5 +1,6 @@
 """Diffusion math against closed forms and diffusers' DDIMScheduler (paper §2.1 Eq. 2-3, §4.1 Eq. 6, App. C Eq. 12)."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -8,9 +9,9 @@ from snapfusion_min import diffusion as D
 
 
 def sd15_scheduler(prediction: str = "epsilon", spacing: str = "leading", **kw) -> DDIMScheduler:
+    kw = {"set_alpha_to_one": False, **kw}
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction,
-                         timestep_spacing=spacing, **kw)
+                         steps_offset=1, prediction_type=prediction, timestep_spacing=spacing, **kw)
 
 
 def test_schedule_equals_diffusers_scaled_linear():
@@ -95,8 +96,78 @@ def test_ddim_sampling_loop_equals_diffusers(prediction, ours):
         torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_snr():
-    sched = D.Schedule()
-    alpha, sigma = sched.alpha_sigma(999)
-    torch.testing.assert_close(sched.snr(999), alpha**2 / sigma**2)
-    assert sched.snr(0) > 1000 and sched.snr(999) < 0.01
+def test_snr_against_the_betas_in_closed_form():
+    """SNR_t = abar_t / (1 - abar_t), abar_t = prod_{s<=t} (1 - beta_s), from the betas in float64."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1 - betas)
+    ours = D.Schedule().snr(torch.arange(1000)).double().numpy()
+    np.testing.assert_allclose(ours, abar / (1 - abar), rtol=2e-4)
+    assert D.Schedule().snr(0) > 1000 and D.Schedule().snr(999) < 0.01
+
+
+class Smooth(torch.nn.Module):
+    """A fixed nonlinear 'network output' of (z, t): enough to make where each DDIM step lands matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z, t, c):
+        self.calls.append(int(torch.as_tensor(t).reshape(-1)[0]))
+        return torch.tanh(z + float(t) / 500) - 0.3 * z
+
+
+def reference_ddim(z, grid, v_of):
+    """Eq. 12 in float64 from the betas, stepping t_i -> t_{i+1} on ``grid`` (t = -1: clean data)."""
+    abar = D.Schedule().alphas_cumprod.double()
+    z = z.double()
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        (a, s), (a2, s2) = ((abar[u] ** 0.5, (1 - abar[u]) ** 0.5) if u >= 0 else (1.0, 0.0) for u in (t, t_next))
+        v = v_of(z.float(), t).double()
+        z = a2 * (a * z - s * v) + s2 * (s * z + a * v)
+    return z
+
+
+@pytest.mark.parametrize("steps", [16, 32])
+def test_trailing_sampler_steps_onto_the_next_grid_point(steps):
+    """The paper's teacher counts: each DDIM step of ``Pipeline.denoise`` goes t_i -> t_{i+1} of the trailing grid
+    (the last to clean data), and the 16-step grid is every other point of the 32-step one."""
+    from helpers import tiny_pipeline
+
+    grid = [int(t) for t in np.round(np.arange(1000, 0, -1000 / steps)) - 1] + [D.CLEAN]  # diffusers' formula
+    assert D.timesteps(steps, "trailing") == grid
+    assert D.timesteps(16, "trailing") == D.timesteps(32, "trailing")[::2]
+    net = Smooth()
+    pipe = tiny_pipeline().with_parts(unet=net, prediction="v")
+    z = torch.randn(2, 4, 8, 8)
+    got = pipe.denoise(z, torch.zeros(2, 1, 1), None, steps, 1.0, "trailing")
+    assert net.calls == grid[:-1]
+    want = reference_ddim(z, grid, lambda z, t: Smooth()(z, t, None))
+    assert (got.double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_diffusers_trailing_ddim_steps_off_the_grid():
+    """diffusers' DDIMScheduler with trailing spacing steps from t to t - 1000 // N, not to the next grid point
+    (937 -> 875 while the grid's next point is 874 for N = 16), then restarts from the grid point. The two samplers
+    differ, measurably (docs/training.md quotes the numbers)."""
+    steps = 16
+    sched = sd15_scheduler("v_prediction", "trailing")
+    sched.set_timesteps(steps)
+    grid = D.timesteps(steps, "trailing")
+    assert sched.timesteps.tolist() == grid[:-1]
+    landing = [t - 1000 // steps for t in grid[:-1]]  # where diffusers' step from t lands
+    assert landing[1] == 875 and grid[2] == 874
+    assert [(a, b) for a, b in zip(landing, grid[1:]) if a != b] == [(875, 874), (812, 811), (625, 624), (562, 561),
+                                                                     (375, 374), (312, 311), (125, 124), (62, 61)]
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = reference_ddim(z, grid, lambda z, t: Smooth()(z, t, None))
+    for alpha_to_one in (True, False):  # SD-v1.5's scheduler config: False (its last step lands on abar_0)
+        sched = sd15_scheduler("v_prediction", "trailing", set_alpha_to_one=alpha_to_one)
+        sched.set_timesteps(steps)
+        z_ref = z
+        for t in grid[:-1]:
+            z_ref = sched.step(Smooth()(z_ref, t, None), t, z_ref, eta=0.0).prev_sample
+        rel = ((z_ref.double() - ours).abs().max() / ours.abs().max()).item()
+        print(f"diffusers trailing DDIM (set_alpha_to_one={alpha_to_one}) vs next-grid-point DDIM, {steps} steps: "
+              f"max |difference| / max |x| = {rel:.2e}")
+        assert rel > 1e-3

@@ -7,8 +7,8 @@ from helpers import one_line_error, randomize, run_script, tiny_pipeline
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import tiny, walk
 from snapfusion_min.cost import median_times, threads
-from snapfusion_min.evolve import Action, EvolveConfig, apply, candidate_actions, evolve_unet
-from snapfusion_min.latency import measure_table, whole_inputs
+from snapfusion_min.evolve import Action, EvolveConfig, apply, candidate_actions, choose, evolve_unet, score_actions
+from snapfusion_min.latency import LatencyTable, block_keys, measure_table, whole_inputs
 from snapfusion_min.unet import UNet
 
 
@@ -120,3 +120,53 @@ def test_bad_input(tmp_path, unet):
     for bad in (dict(target=1.5), dict(target=0.0), dict(keep_prob=1.5), dict(threads=0), dict(baseline="best")):
         with pytest.raises(ValueError):
             EvolveConfig(**bad)
+
+
+def unit_table(spec) -> LatencyTable:
+    """A lookup table in which every block configuration of ``spec`` costs 1 ms."""
+    return LatencyTable("cpu", 2, 8, "float32", ms={key: 1.0 for key in block_keys(spec, 8, 2).values()})
+
+
+@torch.no_grad()
+def test_alg1_scores_every_action_on_the_network_it_builds(unet):
+    """Alg. 1 ranks the network ``apply`` builds: for a down/up ResNet pair that is the U without both blocks and
+    without the skip between them, not Eq. 5's identity of both (which keeps the skip and the 1x1 projection)."""
+    z, t, c = inputs()
+    scored = {}
+
+    def scorer(pipe):  # records the output of every network it is asked to score
+        out = pipe.unet(z, t, c)
+        scored[pipe.unet.spec.to_json()] = out
+        return out.square().mean().item()
+
+    rows = score_actions(tiny_pipeline().with_parts(unet=unet), unit_table(unet.spec), scorer)
+    actions = candidate_actions(unet.spec, "-")
+    assert sorted(str(r["action"]) for r in rows) == sorted(str(a) for a in actions)
+    base = unet(z, t, c).square().mean().item()
+    pairs = 0
+    for r in rows:
+        built = evolve_unet(unet, r["action"])
+        torch.testing.assert_close(scored[built.spec.to_json()], built(z, t, c), rtol=0, atol=1e-6)
+        assert r["d_clip"] == pytest.approx(base - built(z, t, c).square().mean().item(), rel=1e-6)
+        assert r["d_latency_ms"] == len(r["action"].addresses) and r["value"] == r["d_clip"] / r["d_latency_ms"]
+        if len(r["action"].addresses) == 2:  # the identity view of a pair is another network
+            pairs += 1
+            unet.removed = set(r["action"].addresses)
+            assert not torch.allclose(unet(z, t, c), built(z, t, c), atol=1e-3)
+            unet.removed = set()
+    assert pairs >= 2
+    assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
+
+
+def test_copies_are_only_actions_candidate_actions_offers(unet):
+    """At or below the target Alg. 1 copies the highest-value blocks, but never a down/up ResNet pair."""
+    pair = next(a for a in candidate_actions(unet.spec, "-") if len(a.addresses) == 2)
+    single = [a for a in candidate_actions(unet.spec, "-") if len(a.addresses) == 1]
+    rows = [{"action": a, "value": float(i)} for i, a in enumerate([*single, pair])]  # the pair is the best
+    assert apply(unet.spec, Action("+", pair.addresses))  # a valid spec edit, yet not offered as a copy
+    chosen = choose(unet.spec, rows, unit_table(unet.spec), target_ms=1e9, n=3)
+    assert [str(a) for a, _ in chosen] == [f"+{a.addresses[0]}" for a in single[::-1][:3]]
+    spec = unet.spec
+    for action, _ in chosen:
+        assert action in candidate_actions(spec, "+")
+        spec = apply(spec, action)[0]

@@ -109,3 +109,61 @@ def test_dropping_blocks_keeps_shapes_and_eq5_extremes():
         assert dropped.shape == z.shape and not torch.allclose(dropped, full)
         unet.removed = {"down2.A0"}
         assert not torch.allclose(unet(z, 5, c), full)
+
+
+def block_runs(unet: UNet, passes: int, z: torch.Tensor, c: torch.Tensor) -> tuple[list[str], torch.Tensor, dict]:
+    """Forward ``passes`` times; which blocks ran in each pass ([passes, blocks] of 0/1), and the calls of every
+    width-changing ResNet's 1x1 projection."""
+    addresses, ran, hooks, projections = unet.spec.addresses(), [], [], {}
+    for address in addresses:
+        stage, name = address.split(".")
+        block = unet.stages[stage][name]
+        hooks.append(block.register_forward_pre_hook(lambda m, a, address=address: ran[-1].add(address)))
+        if name[0] == "R" and block.conv_shortcut is not None:
+            projections[address] = 0
+
+            def count(m, a, address=address):
+                projections[address] += 1
+            hooks.append(block.conv_shortcut.register_forward_pre_hook(count))
+    with torch.no_grad():
+        for _ in range(passes):
+            ran.append(set())
+            unet(z, 500, c)
+    for h in hooks:
+        h.remove()
+    return addresses, torch.tensor([[a in r for a in addresses] for r in ran], dtype=torch.float64), projections
+
+
+def test_eq5_keeps_each_block_with_probability_p_independently():
+    """Eq. 5: each block runs with probability p in every training pass, independently of the others (binomial
+    bounds over 400 passes); in eval mode every block runs; a dropped ResNet of changing width keeps its 1x1 path."""
+    unet, p, n = randomize(UNet(tiny())).train(), 0.7, 400
+    unet.keep_prob = p
+    z, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    torch.manual_seed(0)
+    addresses, ran, projections = block_runs(unet, n, z, c)
+    sd = (n * p * (1 - p)) ** 0.5
+    assert ((ran.sum(0) - n * p).abs() < 4.5 * sd).all(), ran.sum(0)  # each block: 280 +- 41
+    assert abs(ran.sum() - n * p * len(addresses)) < 4.5 * sd * len(addresses) ** 0.5  # all together
+    both = ran.T @ ran  # passes in which blocks i and j both ran: binomial(n, p^2) if independent
+    off = ~torch.eye(len(addresses), dtype=torch.bool)
+    sd2 = (n * p * p * (1 - p * p)) ** 0.5
+    assert ((both[off] - n * p * p).abs() < 5 * sd2).all(), both[off].max()  # 196 +- 50 (shared draws: 280)
+    assert projections and all(k == n for k in projections.values())  # forward or dropped, the 1x1 path runs
+    _, ran_eval, projections = block_runs(unet.eval(), 20, z, c)
+    assert ran_eval.all() and all(k == 20 for k in projections.values())
+
+
+@torch.no_grad()
+def test_a_dropped_resnet_of_changing_width_is_its_1x1_projection():
+    """Eq. 5's identity for a ResNet whose input and output widths differ: h = W_1x1 x + b, nothing else."""
+    unet = randomize(UNet(tiny())).eval()
+    for address in ("down2.R0", "up1.R0", "up3.R1"):
+        stage, name = address.split(".")
+        block = unet.stages[stage][name]
+        c_in = block.conv1.in_channels
+        x = torch.randn(2, c_in, 4, 4)
+        want = torch.einsum("oi,bihw->bohw", block.conv_shortcut.weight[:, :, 0, 0], x) + \
+            block.conv_shortcut.bias[None, :, None, None]
+        torch.testing.assert_close(block.shortcut(x), want)
+        assert not torch.allclose(block(x, torch.randn(2, 128)), want)
