@@ -121,8 +121,9 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
     """Every section in order; writes <report>/README.md and results.json (the goal's verdict), returns the verdict."""
     clip = load_toy_clip(TOY / "clip.safetensors")  # one judge for every table, as in the README
     teacher, final = load_pipeline(p["teacher"]), load_pipeline(p["final"])
+    flags = (" --quick" if quick else "") + (" --bundled" if p["teacher"] == TOY / "model.safetensors" else "")
     lines = ["# SnapFusion at toy scale: the report", "",
-             f"Made by `python recipe.py{' --quick' if quick else ''}` on {platform.machine()}, "
+             f"Made by `python recipe.py{flags}` on {platform.machine()}, "
              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. The judge is the bundled toy CLIP "
              "(scores in its own scale: real images score about 0.97, unrelated captions about 0.5). "
              f"{b.eval_n} held-out prompts per point. Budget: `{b}`.", ""]
