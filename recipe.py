@@ -1,7 +1,7 @@
 """The whole SnapFusion recipe at toy scale, in one command, and a report with the paper's tables and figures.
 
-    python recipe.py                    # every stage from scratch (86 min on 2 CPU cores) -> report/
-    python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher (50 min)
+    python recipe.py                    # every stage from scratch (~95 min on 2 CPU cores) -> report/
+    python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher (59 min)
     python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # every stage in minutes (the tests)
 
 Stages (snapfusion_min/recipe.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->

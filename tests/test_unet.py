@@ -167,3 +167,33 @@ def test_a_dropped_resnet_of_changing_width_is_its_1x1_projection():
             block.conv_shortcut.bias[None, :, None, None]
         torch.testing.assert_close(block.shortcut(x), want)
         assert not torch.allclose(block(x, torch.randn(2, 128)), want)
+
+
+def test_table3_mid_row_splits():
+    """Table 3's Mid row (1 A, 4 R) over mid_down | mid | mid_up: every split ArchSpec accepts and its size. The
+    README lists them; the preset's split is one of the largest (closest to Table 1's 848M)."""
+    import dataclasses
+    import itertools
+
+    from snapfusion_min.arch import _blocks
+
+    base, sizes = snapfusion(), {}
+    for word in {"".join(w) for w in itertools.permutations("ARRRR")}:
+        for i, j in itertools.combinations_with_replacement(range(6), 2):
+            parts = (word[:i], word[i:j], word[j:])
+            try:
+                spec = dataclasses.replace(base, stages=dict(base.stages, **{s: _blocks(p) for s, p in zip(
+                    ("mid_down", "mid", "mid_up"), parts)}))
+            except ValueError:
+                continue
+            with torch.device("meta"):
+                sizes[" | ".join(" ".join(p) or "-" for p in parts)] = round(sum(
+                    p.numel() for p in UNet(spec).parameters()) / 1e6, 1)
+    assert sizes == {
+        **dict.fromkeys(["R | R A | R R", "R | A R | R R", "R A | R | R R", "A R | R | R R", "R | R | A R R",
+                         "R | R | R A R", "R | R | R R A"], 759.3),
+        **dict.fromkeys(["- | R R R A | R", "- | R R A R | R", "- | R A R R | R", "- | A R R R | R", "- | R R R | A R",
+                         "- | R R R | R A", "A | R R R | R"], 741.3)}
+    chosen = " | ".join(" ".join(base.stages[s]).replace("0", "").replace("1", "") or "-"
+                        for s in ("mid_down", "mid", "mid_up"))
+    assert chosen == "R | R A | R R" and sizes[chosen] == max(sizes.values())
