@@ -6,7 +6,7 @@ PROMPT ?= a large red circle at the top left on a gray background
 
 TOY := models/toy
 
-.PHONY: sample test test-fast lint bench toy recipe evaluate clean
+.PHONY: sample test test-fast lint mutate bench toy recipe evaluate clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: $(VENV)/.dev lint  ## install, lint, run the test suite
 test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (under 2 minutes)
 	$(PY) -m pytest -q -m "not slow"
 
+mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on diffusion.py + distill.py (~40 min)
+	$(PY) tests/plant_faults.py
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 > /dev/null || true
+	$(VENV)/bin/mutmut results
+	$(VENV)/bin/mutmut export-cicd-stats > /dev/null
+	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); n = s['total'] - s['skipped']; \
+	k = s['killed'] + s['timeout']; print(f'mutmut: {k} of {n} mutants killed ({100 * k / n:.1f}%)')"
+
 bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run
 	$(PY) bench/unet_speed.py
 	$(PY) bench/unet_presets.py
@@ -50,4 +59,4 @@ evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts
 	$(PY) evaluate.py
 
 clean:
-	rm -rf $(VENV) samples .pytest_cache
+	rm -rf $(VENV) samples .pytest_cache mutants

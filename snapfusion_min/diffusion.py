@@ -30,8 +30,8 @@ class Schedule:
     def alpha_sigma(self, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)); t = CLEAN gives (1, 0). Float32, shape of t."""
         t = torch.as_tensor(t)
-        abar = torch.where(t < 0, torch.ones(()), self.alphas_cumprod[t.clamp(min=0).cpu()])
-        return abar.sqrt().to(t.device), (1.0 - abar).sqrt().to(t.device)
+        abar = torch.where(t < 0, 1.0, self.alphas_cumprod.to(t.device)[t.clamp(min=0)])
+        return abar.sqrt(), (1.0 - abar).sqrt()
 
     def snr(self, t: torch.Tensor | int) -> torch.Tensor:
         """Signal-to-noise ratio alpha_t^2 / sigma_t^2 (lambda_t = log SNR)."""

@@ -105,12 +105,10 @@ def dstl_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context:
     """L_dstl: Eq. 9 (w=None, vanilla) or Eq. 10 (teacher and student guided with the per-sample w), at a student
     step i ~ U{0, ..., N-1} per sample. Returns the loss and what it drew: the student timestep t and the noise."""
     b = x0.shape[0]
-    student_grid = torch.tensor(D.timesteps(cfg.student_steps, cfg.spacing), device=x0.device)
     teacher_grid = torch.tensor(D.timesteps(cfg.teacher_steps, cfg.spacing), device=x0.device)
     i = torch.randint(0, cfg.student_steps, (b,), device=x0.device)  # which student step, per sample
-    points = [teacher_grid[cfg.k * i + j] for j in range(cfg.k + 1)]  # t, t', ..., t'' (t'' = student_grid[i + 1])
+    points = [teacher_grid[cfg.k * i + j] for j in range(cfg.k + 1)]  # t, t', ..., t'': student step i's ends
     t, t2 = points[0], points[-1]
-    assert torch.equal(t, student_grid[i]) and torch.equal(t2, student_grid[i + 1])
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_t2, sigma_t2 = schedule.alpha_sigma(t2)
     eps = torch.randn_like(x0)
@@ -156,7 +154,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, conte
     ori = ori_loss(student, x0, context, schedule)
     gamma = cfg.gamma * dstl["loss"].detach() / ori["loss"].detach().clamp(min=1e-12)
     return {"loss": dstl["loss"] + gamma * ori["loss"], "dstl": dstl["loss"], "ori": ori["loss"], "gamma": gamma,
-            "cfg": torch.tensor(float(use_cfg)), "w": w, "t": dstl["t"], "eps": dstl["eps"],
+            "cfg": torch.tensor(float(use_cfg), device=x0.device), "w": w, "t": dstl["t"], "eps": dstl["eps"],
             "t_ori": ori["t_ori"], "eps_ori": ori["eps_ori"]}
 
 

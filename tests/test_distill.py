@@ -243,6 +243,51 @@ def test_cfg_branch_frequency_and_w_range():
     assert ws.min() < 2.5 and ws.max() > 13.5 and abs(ws.mean() - 8.0) < 4.5 * (12 / math.sqrt(12)) / math.sqrt(320)
 
 
+def test_draws_cover_their_whole_ranges():
+    """One large batch: the student steps are exactly the N grid points (t = 999 included), L_ori's t every one of
+    0..999 (t = 0 included)."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(20000, 4, 1, 1, generator=g, dtype=torch.float64)
+    c = torch.randn(20000, 1, 6, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    out = distill_loss(Net(1), Net(2), x0, c, c, DistillConfig(), SCHEDULE, use_cfg=False)
+    assert set(out["t"].tolist()) == set(trailing(8)[:-1])
+    assert set(out["t_ori"].tolist()) == set(range(1000))
+
+
+@pytest.mark.parametrize("use_cfg", [False, True])
+def test_every_draw_lives_on_the_inputs_device(use_cfg):
+    """The meta device stands in for a GPU: a tensor made on the CPU would not mix with the rest."""
+    x0, c, u = (a.to("meta") for a in data(4))
+    out = distill_loss(Net(1).to("meta"), Net(2).to("meta"), x0, c, u, DistillConfig(), SCHEDULE, use_cfg=use_cfg)
+    assert all(v.device.type == "meta" for v in out.values() if v is not None)
+
+
+def test_vanilla_loss_ignores_a_given_w_and_half_precision_losses_are_float32():
+    student, teacher = Net(1), Net(2)
+    x0, c, u = data(4)
+    torch.manual_seed(0)
+    plain = distill_loss(student, teacher, x0, c, u, DistillConfig(), SCHEDULE, use_cfg=False)
+    torch.manual_seed(0)
+    given = distill_loss(student, teacher, x0, c, u, DistillConfig(), SCHEDULE, use_cfg=False, w=torch.full((4,), 9.0))
+    assert given["w"] is None and given["loss"].item() == plain["loss"].item()
+    low = distill_loss(student.to(torch.bfloat16), teacher.to(torch.bfloat16), *(a.to(torch.bfloat16) for a in
+                       (x0, c, u)), DistillConfig(), SCHEDULE, use_cfg=True)
+    assert low["dstl"].dtype == low["ori"].dtype == low["loss"].dtype == torch.float32
+
+
+def test_dynamic_gamma_when_l_ori_is_small():
+    """gamma_dyn = gamma L_dstl / L_ori also when L_ori < 1 (its floor only guards against division by zero)."""
+    g = torch.Generator().manual_seed(0)
+    x0, uncond = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    torch.manual_seed(0)
+    out = distill_loss(PointMass(1.05), PointMass(), x0, x0, uncond, DistillConfig(gamma=0.2), SCHEDULE,
+                       use_cfg=False)
+    assert 1e-6 < out["ori"].item() < 1
+    assert out["gamma"].item() == pytest.approx(0.2 * out["dstl"].item() / out["ori"].item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(1.2 * out["dstl"].item(), rel=1e-5)
+
+
 class PointMass(nn.Module):
     """An exact v-model of data concentrated at x*: v = (alpha z - x*) / sigma. Its DDIM steps follow the true ODE,
     so two teacher steps equal one; the 'context' is x* itself. A scale != 1 makes it inexact."""
