@@ -50,11 +50,32 @@ def test_trailing_student_grid_nests_in_teacher_grid(n):
     assert student[-1] == D.CLEAN  # the last student step lands on x (App. C: t'' = 0)
 
 
-def test_bad_grids_are_refused():
-    with pytest.raises(ValueError, match="positive"):
+def test_bad_grids_are_refused_and_edges_accepted():
+    with pytest.raises(ValueError, match="^steps must be positive, got 0$"):
         D.timesteps(0)
-    with pytest.raises(ValueError, match="spacing"):
+    with pytest.raises(ValueError, match="^steps must be at most 1000, got 1001$"):
+        D.timesteps(1001, "trailing")
+    with pytest.raises(ValueError, match=r"^unknown timestep spacing 'linspace' \(expected 'leading' or 'trailing'\)$"):
         D.timesteps(8, "linspace")
+    with pytest.raises(ValueError, match=r"^unknown prediction type 'x' \(expected 'v' or 'eps'\)$"):
+        D.predict_x_eps(torch.zeros(1), z=torch.zeros(1), alpha=1.0, sigma=0.0, prediction="x")
+    assert D.timesteps(1000, "trailing") == list(range(999, -1, -1)) + [D.CLEAN]  # every training timestep
+    assert D.timesteps(50) == D.timesteps(50, "leading")  # SD-v1.5's grid is the default
+
+
+def test_schedule_and_expand_do_not_follow_the_default_dtype_or_device():
+    """The table stays float32 (as diffusers') under a float64 default; per-sample scalars move to the latent's
+    device (the meta device stands in for a GPU)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        table = D.Schedule().alphas_cumprod
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert table.dtype == torch.float32 and torch.equal(table, sd15_scheduler().alphas_cumprod)
+    like = torch.zeros(2, 4, 8, 8, device="meta", dtype=torch.float16)
+    for a in (torch.tensor([0.5, 2.0]), 0.5, torch.tensor(0.5)):
+        out = D.expand(a, like)
+        assert out.device.type == "meta" and out.dtype == torch.float16 and out.dim() == 4
 
 
 def test_v_eps_x_conversions_are_consistent():

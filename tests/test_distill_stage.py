@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import randomize, tiny_pipeline
 
+from snapfusion_min import distill as distill_module
 from snapfusion_min.distill import TRAIN, DistillConfig, DistillRun, check_pair, distill
 from snapfusion_min.pipeline import SamplerConfig, load_pipeline
 from snapfusion_min.text_encoder import TextConfig, TextEncoder
@@ -27,7 +28,7 @@ def weights(pipe) -> torch.Tensor:
 
 def test_progressive_chain_saves_each_student_with_its_own_sampler(tmp_path):
     teacher_path, out = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
-    tiny_pipeline().save(teacher_path)
+    tiny_pipeline(sampler=SamplerConfig(steps=50, guidance=3.0, spacing="leading", resolution=64)).save(teacher_path)
     before = digest(teacher_path)
     run = DistillRun(chain=(8, 4, 2), loss=DistillConfig(w_min=1.5, w_max=3.0, cfg_prob=0.5), guidance=2.5,
                      train=FAST)
@@ -112,3 +113,37 @@ def test_check_pair_refuses_what_cannot_be_distilled():
     ):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             check_pair(teacher, student)
+
+
+def test_each_iteration_gets_the_empty_prompt_as_uncond_and_its_stage_config(tmp_path, monkeypatch):
+    teacher_path = tmp_path / "teacher.safetensors"
+    teacher = tiny_pipeline()
+    teacher.save(teacher_path)
+    calls, original = [], distill_module.distill_loss
+
+    def spy(student, teacher_unet, x0, context, uncond, cfg, schedule, **kw):
+        calls.append((uncond, cfg))
+        return original(student, teacher_unet, x0, context, uncond, cfg, schedule, **kw)
+
+    monkeypatch.setattr(distill_module, "distill_loss", spy)
+    run = DistillRun(chain=(8, 4), loss=DistillConfig(cfg_prob=0.7, w_max=5.0), train=FAST)
+    distill(str(teacher_path), str(teacher_path), run, str(tmp_path / "s.safetensors"))
+    with torch.no_grad():
+        empty = teacher.encode_prompts([""])
+    assert len(calls) == 2
+    for uncond, cfg in calls:
+        assert uncond.shape == (2, *empty.shape[1:]) and torch.equal(uncond, empty.expand_as(uncond))
+        assert cfg == run.stages()[0]
+
+
+def test_resume_refuses_a_state_of_another_configuration(tmp_path):
+    teacher_path, out = tmp_path / "teacher.safetensors", tmp_path / "s.safetensors"
+    tiny_pipeline().save(teacher_path)
+    first = DistillRun(chain=(8, 4), train=dataclasses.replace(FAST, stop_after=1))
+    distill(str(teacher_path), str(teacher_path), first, str(out))
+    other = DistillRun(chain=(8, 4), loss=DistillConfig(cfg_prob=0.5), train=dataclasses.replace(FAST, resume=True))
+    with pytest.raises(ValueError, match="another architecture or configuration; refusing to resume"):
+        distill(str(teacher_path), str(teacher_path), other, str(out))
+    same = DistillRun(chain=(8, 4), train=dataclasses.replace(FAST, resume=True))
+    distill(str(teacher_path), str(teacher_path), same, str(out))
+    assert load_pipeline(out).sampler.steps == 4
