@@ -172,8 +172,8 @@ def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer) -> list[di
     unet, base = pipe.unet, score(pipe)
     ms, rows = table.block_ms(unet.spec), []
     for action in tqdm(candidate_actions(unet.spec, "-"), desc="scoring actions", leave=False):
-        d_clip, d_lat = base - score(pipe.with_parts(unet=evolve_unet(unet, action))), sum(ms[a] for a in
-                                                                                              action.addresses)
+        d_clip = base - score(pipe.with_parts(unet=evolve_unet(unet, action)))
+        d_lat = sum(ms[a] for a in action.addresses)
         rows.append({"action": action, "d_clip": d_clip, "d_latency_ms": d_lat, "value": d_clip / d_lat})
     return sorted(rows, key=lambda r: r["value"])
 
