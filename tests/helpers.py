@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from snapfusion_min.arch import tiny
@@ -36,6 +37,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def trailing(n: int) -> list[int]:
+    """diffusers' trailing timesteps, round(arange(1000, 0, -1000/n)) - 1, then the clean data (-1): an independent
+    statement of the grid ``diffusion.timesteps(n, "trailing")`` must equal."""
+    return [int(t) for t in np.round(np.arange(1000, 0, -1000 / n)) - 1] + [-1]
 
 
 def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

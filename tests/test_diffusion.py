@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import tiny_pipeline, trailing
 
 from snapfusion_min import diffusion as D
 
@@ -153,9 +154,7 @@ def reference_ddim(z, grid, v_of):
 def test_trailing_sampler_steps_onto_the_next_grid_point(steps):
     """The paper's teacher counts: each DDIM step of ``Pipeline.denoise`` goes t_i -> t_{i+1} of the trailing grid
     (the last to clean data), and the 16-step grid is every other point of the 32-step one."""
-    from helpers import tiny_pipeline
-
-    grid = [int(t) for t in np.round(np.arange(1000, 0, -1000 / steps)) - 1] + [D.CLEAN]  # diffusers' formula
+    grid = trailing(steps)  # diffusers' formula
     assert D.timesteps(steps, "trailing") == grid
     assert D.timesteps(16, "trailing") == D.timesteps(32, "trailing")[::2]
     net = Smooth()

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import trailing
 from torch import nn
 
 from snapfusion_min import diffusion as D
@@ -85,11 +86,6 @@ class Net(nn.Module):
         cond = self.wt[None] * t[:, None] + c.to(z.dtype).mean(1) @ self.wc.T  # [B, width]
         h = torch.tanh(torch.einsum("bchw,dc->bdhw", z, self.w1) + cond[:, :, None, None])
         return torch.einsum("bdhw,cd->bchw", h, self.w2) + self.skip[None, :, None, None] * z
-
-
-def trailing(n: int) -> list[int]:
-    """diffusers' trailing timesteps, round(arange(1000, 0, -1000/n)) - 1, then the clean data (-1)."""
-    return [int(t) for t in np.round(np.arange(1000, 0, -1000 / n)) - 1] + [-1]
 
 
 def alpha_sigma(t: int) -> tuple[float, float]:
