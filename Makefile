@@ -14,6 +14,11 @@ $(VENV)/.runtime: pyproject.toml
 	$(PY) -c "import snapfusion_min"
 	touch $@
 
+$(VENV)/.plots: $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[plots]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import matplotlib"
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import diffusers, transformers, pytest"
@@ -45,14 +50,14 @@ bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run
 	$(PY) bench/unet_presets.py
 	$(PY) bench/decoder_prune.py
 
-toy: $(VENV)/.runtime  ## retrain every bundled toy model from scratch (about 28 min on 2 CPU cores)
+toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (about 28 min on 2 CPU cores)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors
 	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
 	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
 		--out $(TOY)/model.safetensors
 	$(PY) evaluate.py --grid docs/toy_heldout_samples.png
 
-recipe: $(VENV)/.runtime  ## the whole SnapFusion recipe at toy scale -> report/README.md
+recipe: $(VENV)/.plots  ## the whole SnapFusion recipe at toy scale -> report/README.md
 	$(PY) recipe.py
 
 evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts

@@ -1,97 +1,10 @@
 """Evolve a robust-trained UNet to a latency target (§3.1, Alg. 1) and compare it with a baseline.
 
-    python evolve.py --checkpoint robust.safetensors --target 0.6 --out evolved.safetensors
-    python evolve.py --checkpoint robust.safetensors --table-only --table lut.json --figure fig2.png   # §2.2, Fig. 2
-    python evolve.py --checkpoint robust.safetensors --target 0.6 --baseline random --out random.safetensors
-
-Alg. 1: alternate robust training (Eq. 5) with evolving steps. Each step scores every removal action by
-dCLIP / dLatency -- CLIP score lost without the block on fixed validation prompts and seeds (the toy CLIP), latency
-from the lookup table -- then, while the predicted latency is above the target, removes the lowest-value blocks; once
-it is met, copies the highest-value ones while the target still holds. Every action is logged with its numbers
-(<out>.log.json); the evolved spec is in the output checkpoint, loadable by sample.py, distill.py and evaluate.py.
+The flags and the steps are in snapfusion_min/cli/evolve.py; installed, this is also ``snapfusion-evolve`` and
+``python -m snapfusion_min evolve``. ``python evolve.py --help`` shows every flag with its default.
 """
 
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
-import torch
-
-from snapfusion_min.checkpoint import atomic_write
-from snapfusion_min.cli import check_writable, defaults, flag, from_args, parser, run
-from snapfusion_min.evaluation import judge_on_heldout
-from snapfusion_min.evolve import BASELINES, EvolveConfig, evolve_and_finetune
-from snapfusion_min.latency import build_table, fig2
-from snapfusion_min.pipeline import load_pipeline
-from snapfusion_min.recipe import TOY
-from snapfusion_min.toyclip import load_toy_clip, toy_clip_scorer
-
-
-def build_parser():  # noqa: ANN201
-    e = defaults(EvolveConfig)
-    p = parser(__doc__)
-    flag(p, "--checkpoint", required=True, more="a robust-trained one (train.py unet --keep-prob)")
-    flag(p, "--out", more="the evolved checkpoint (required unless --table-only)")
-    p.add_argument("--target", type=float, default=e.target, help="latency target, a fraction of the start's")
-    p.add_argument("--table", help="latency lookup table JSON: read if it exists, completed and written back")
-    p.add_argument("--table-only", action="store_true", help="build the lookup table (and --figure), then stop")
-    p.add_argument("--figure", help="write the paper's Fig. 2 (latency and parameters per block) as a PNG")
-    p.add_argument("--iterations", type=int, default=e.iterations, help="evolving steps at most")
-    p.add_argument("--actions", type=int, default=e.actions, help="actions per evolving step")
-    p.add_argument("--robust-steps", type=int, default=e.robust_steps, help="robust training steps (Eq. 5) "
-                   "before each evolving step")
-    p.add_argument("--finetune-steps", type=int, default=e.finetune_steps, help="fine-tuning of the final UNet")
-    flag(p, "--keep-prob", e.keep_prob, "in the robust training")
-    flag(p, "--lr", e.lr, "of robust training and fine-tuning")
-    flag(p, "--batch-size", e.batch_size, "of robust training and fine-tuning")
-    p.add_argument("--score-prompts", type=int, default=64, help="validation prompts of dCLIP")
-    flag(p, "--num-inference-steps", 10, "when scoring actions")
-    flag(p, "--guidance", None, "when scoring (default: the checkpoint's)")
-    flag(p, "--num-prompts", 300, "the final report's")
-    p.add_argument("--baseline", choices=BASELINES, help="instead of Alg. 1: remove random blocks / blocks spread "
-                   "evenly over the stages down to the same latency, then fine-tune for the evolved run's whole "
-                   "budget (iterations x robust-steps + finetune-steps)")
-    p.add_argument("--lut-batch", type=int, default=2, help="UNet batch of the lookup table (2: one CFG step)")
-    p.add_argument("--threads", type=int, default=e.threads, help="CPU threads while timing (1: stable medians)")
-    flag(p, "--seed", e.seed)
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if not args.table_only and not args.out:
-        p.error("--out is required unless --table-only")
-    cfg = from_args(EvolveConfig, args)
-    for path in (args.out, args.table, args.figure):
-        if path:
-            check_writable(path)
-    torch.manual_seed(args.seed)
-    pipe = load_pipeline(args.checkpoint)
-    context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
-    table = build_table(pipe.unet, latent, args.lut_batch, context_len, args.table, args.threads)
-    print(f"lookup table: {len(table.ms)} block configurations; predicted {table.predict(pipe.unet.spec):.2f} ms "
-          f"per step, measured {next(reversed(table.measured_ms.values())):.2f} ms (batch {table.batch}, "
-          f"{table.device})")
-    if args.figure:
-        fig2(pipe.unet, table, context_len, args.figure)
-    if args.table_only:
-        return
-    clip = load_toy_clip(TOY / "clip.safetensors")
-    judge = judge_on_heldout(clip, args.num_prompts)
-    score = toy_clip_scorer(clip, args.score_prompts, args.num_inference_steps, args.guidance)
-    log = evolve_and_finetune(args.checkpoint, table, cfg, score, lambda pipe: judge(pipe, None, None), args.out)
-    print("\n| model | latency / step measured (predicted) | params | CLIP | FID | color | shape |\n|---|---|---|---|"
-          "---|---|---|")
-    for r in log["rows"]:
-        print(f"| {r['name']} | {r['measured_ms']:.2f} ms ({r['predicted_ms']:.2f}) | {r['params'] / 1e6:.2f}M | "
-              f"{r['clip']:.4f} | {r['fid']:.2f} | {r['color']:.0%} | {r['shape']:.0%} |")
-    start, final = log["rows"][0], log["rows"][-1]
-    print(f"\nlatency ratio evolved / start (measured): {final['measured_ms'] / start['measured_ms']:.3f}; "
-          f"CLIP change {final['clip'] - start['clip']:+.4f}\n{final['blocks']}")
-    atomic_write(args.out + ".log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
-
+from snapfusion_min.cli import evolve
 
 if __name__ == "__main__":
-    run(main, "evolve.py")
+    evolve.entry()

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,8 +21,10 @@ from .unet import Attention
 PARTS = ("text_encoder", "unet", "decoder")
 ATTENTIONS = ("default", "split_einsum")  # split_einsum: the Neural Engine-friendly attention of ml-stable-diffusion
 PRECISIONS = ("fp16", "fp32")
-# what coremltools logs at import on Linux and with a newer torch than it lists: known and harmless here
-KNOWN_NOISE = ("has not been tested with coremltools", "Failed to load _ML")
+# what coremltools logs at import on Linux and with a newer torch than it lists, and while it stores index constants
+# (int64 -> int32): known and harmless here
+KNOWN_NOISE = ("has not been tested with coremltools", "Failed to load _ML",
+               "Saving value type of int64 into a builtin type of int32")
 
 
 def _not_noise(record: logging.LogRecord) -> bool:
@@ -109,9 +112,11 @@ def convert(module: nn.Module, inputs: dict, outputs: list[str], precision: str,
         program = torch.export.export(module, tuple(inputs.values())).run_decompositions({})
     types = [ct.TensorType(name=name, shape=tuple(x.shape), dtype=np.int32 if x.dtype == torch.int32 else np.float32)
              for name, x in inputs.items()]
-    model = ct.convert(program, inputs=types, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
-                       convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                       compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+    with warnings.catch_warnings():  # numpy's, when coremltools folds the text encoder's -inf causal mask
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        model = ct.convert(program, inputs=types, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
+                           convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                           compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
     model.user_defined_metadata["snapfusion_min"] = json.dumps(meta)
     model.short_description = f"snapfusion-min {meta['part']} ({meta['source']})"
     return model

@@ -60,6 +60,14 @@ def combos(split: str) -> list[Combo]:
     return [c for c in ALL_COMBOS if is_heldout(c) == (split == "heldout")]
 
 
+TOY_WORDS = frozenset(word for c in ALL_COMBOS for word in c.caption.split())  # the toy world's whole vocabulary
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` that no toy-world caption has (a toy model has never seen them), in order."""
+    return [w for w in prompt.lower().replace(",", " ").split() if w not in TOY_WORDS]
+
+
 def render(combo: Combo, rng: np.random.Generator, resolution: int = 64) -> Image.Image:
     """Draw the combination with small random jitter of position, size and colors (2x supersampled)."""
     s = 2 * resolution

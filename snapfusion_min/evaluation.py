@@ -5,6 +5,7 @@ decoders on the same latents (Fig. 8). ``evaluate.py`` and the recipe's report p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from .toyclip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
 Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
 
 
-def judge_on_heldout(clip: CustomTextCLIP, n: int, seed: int = 1234) -> Judge:
-    """``evaluate_generation`` on ``n`` held-out prompts, steps and guidance given (None: the pipeline's own)."""
+def judge_on_heldout(clip: CustomTextCLIP, n: int, seed: int = 1234, progress: bool = True) -> Judge:
+    """``evaluate_generation`` on ``n`` held-out prompts, steps and guidance given (None: the pipeline's own), with a
+    progress bar of the images generated."""
     return lambda pipe, steps, guidance: evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance,
-                                                             seed=seed)
+                                                             seed=seed, progress=progress)
 
 
 def remove_blocks(pipe: Pipeline, removed: Sequence[str]) -> None:
@@ -42,20 +44,22 @@ def sweep(configs: list[tuple[str, Pipeline, int, float]], judge: Judge, curve: 
     lines = [f"| {first} | steps | guidance | CLIP | FID | color | shape |", "|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     results, curves = [], {}
+    several = len({c[2] for c in configs}) > 1  # step counts differ: a curve's name says its steps
     for label, pipe, steps, guidance in configs:
         r = judge(pipe, steps, guidance)
         r.pop("images", None)
         results.append(r)
-        xs, ys = curves.setdefault(f"{label} ({steps} steps)", ([], []))
-        xs.append(r["clip_score"])
-        ys.append(r["fid"])
+        named = re.search(rf"\b{steps}[- ]step", label) is not None
+        name = label if named or not several else f"{label} ({steps} steps)"
+        curves.setdefault(name, []).append((r["clip_score"], r["fid"], guidance))
         lines.append(f"| {label} | {steps} | {guidance:g} | {r['clip_score']:.4f} | {r['fid']:.3f} | "
                      f"{r['accuracy']['color']:.0%} | {r['accuracy']['shape']:.0%} |")
         print(lines[-1], flush=True)
     if curve:
-        from .viz import line_plot
+        from .viz import fid_clip_plot
 
-        line_plot(curves, title, "CLIP score (toy CLIP)", "FID (toy-CLIP features)", markers=True).save(curve)
+        fid_clip_plot(curves, curve, title, "CLIP score (toy CLIP; higher is better)",
+                      "FID on toy-CLIP features (lower is better)")
     return lines, results
 
 

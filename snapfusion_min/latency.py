@@ -167,9 +167,10 @@ def build_table(unet: UNet, latent: int, batch: int, context_len: int, path: str
 
 def fig2(unet: UNet, table: LatencyTable, context_len: int, path: str | Path) -> None:
     """The paper's Fig. 2: latency (ms, from the table) and parameters (M) of every block."""
-    from .viz import bar_chart
+    from .viz import block_bars
 
     costs = block_costs(unet, table.latent, table.batch, context_len)
     ms = table.block_ms(unet.spec)
-    bar_chart({"latency (ms)": [ms[a] for a in costs], "params (M)": [c["params"] / 1e6 for c in costs.values()]},
-              list(costs), title=f"per-block latency ({table.device}, batch {table.batch}) and parameters").save(path)
+    block_bars(list(costs), [ms[a] for a in costs], [c["params"] / 1e6 for c in costs.values()], path,
+               f"Fig. 2: latency per block ({table.device}, batch {table.batch}, latent {table.latent}x"
+               f"{table.latent}) and parameters")

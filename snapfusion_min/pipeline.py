@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,17 @@ from tqdm.auto import tqdm
 from . import diffusion as D
 from .arch import ArchSpec, sd15
 from .checkpoint import read_meta, read_state_dict, save_checkpoint
+from .data import unknown_words
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .unet import UNet
 from .vae import VAE, VAE_SCALE, VAEConfig
 from .weights import CheckpointError, apply_map, load_diffusers, load_ldm
 
 PREDICTIONS = ("eps", "v")
+
+
+class OutOfDomainWarning(UserWarning):
+    """A request the checkpoint was not trained for: words a toy model never saw, or another resolution."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,20 @@ class Pipeline:
         """Scaled latent -> image in [0, 1]."""
         return (self.vae.decode(z / self.latent_scale).float() / 2 + 0.5).clamp(0, 1)
 
+    def warn_out_of_domain(self, prompts: list[str], height: int, width: int) -> None:
+        """One line (an ``OutOfDomainWarning``) when a toy-world model gets words outside its captions' grammar, or
+        any model a resolution other than the one it was trained at: it will draw, but nothing it learned."""
+        if self.training.get("data") == "toy":
+            unknown = list(dict.fromkeys(w for p in prompts for w in unknown_words(p)))
+            if unknown:
+                warnings.warn(f"words a toy-world model has never seen: {', '.join(unknown)} (its captions read like "
+                              f"'a small red circle at the top left on a gray background')", OutOfDomainWarning,
+                              stacklevel=3)
+        side = self.sampler.resolution
+        if (height, width) != (side, side):
+            warnings.warn(f"sampling at {height}x{width}, but the checkpoint was trained at {side}x{side}",
+                          OutOfDomainWarning, stacklevel=3)
+
     def initial_latents(self, n: int, height: int, width: int, seed: int) -> torch.Tensor:
         """z_T ~ N(0, I); image i uses seed + i on a CPU generator, so images do not depend on batch or device."""
         f = self.vae.cfg.factor
@@ -175,21 +195,28 @@ class Pipeline:
     def __call__(self, prompts: str | list[str], *, steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, height: int | None = None, width: int | None = None,
                  latents: torch.Tensor | None = None, spacing: str | None = None, negative_prompt: str = "",
-                 progress: bool = False, output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+                 num_images_per_prompt: int = 1, progress: bool = False,
+                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1]).
 
-        Steps, guidance, spacing and size default to ``self.sampler``: what the checkpoint was trained for.
+        Steps, guidance, spacing and size default to ``self.sampler``: what the checkpoint was trained for. With
+        ``num_images_per_prompt`` n, each prompt is repeated n times in place (p0, p0, p1, p1, ...); image i of that
+        list starts from seed + i.
         """
         s = dataclasses.replace(self.sampler, **{k: v for k, v in (("steps", steps), ("guidance", guidance),
                                                                    ("spacing", spacing)) if v is not None})
         steps, guidance, spacing = s.steps, s.guidance, s.spacing
         height, width = (s.resolution if v is None else v for v in (height, width))
+        if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         f = self.vae.cfg.factor
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         if not prompts:
             raise ValueError("no prompts given")
+        self.warn_out_of_domain([*prompts, negative_prompt], height, width)
         z = self.initial_latents(len(prompts), height, width, seed) if latents is None else latents.to(
             self.device, self.dtype)
         context = self.encode_prompts(prompts)

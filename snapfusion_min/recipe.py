@@ -59,14 +59,14 @@ QUICK = Budget(clip=20, autoencoder=20, unet=40, robust=8, evolve_iterations=1, 
 
 
 def paths(work: Path, bundled: bool) -> dict[str, Path]:
-    p = {n: work / f"{n}.safetensors" for n in NAMES}
+    p = {n: work / f"{n}.safetensors" for n in NAMES} | {"lut": work / "lut.json"}
     if bundled:
         p.update(clip=TOY / "clip.safetensors", autoencoder=TOY / "autoencoder.safetensors",
                  teacher=TOY / "model.safetensors")
     return p
 
 
-def stages(b: Budget, p: dict[str, Path], work: Path, report: Path, bundled: bool) -> list[tuple[str, Callable]]:
+def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool) -> list[tuple[str, Callable]]:
     """(name, run) in order, each run a package call with the settings of the budget."""
     from .toyclip import ClipConfig, train_clip_stage
 
@@ -103,7 +103,7 @@ def stages(b: Budget, p: dict[str, Path], work: Path, report: Path, bundled: boo
                     train=replace(autoencoder.TRAIN, train_steps=b.autoencoder)), str(p["autoencoder"]), d)),
                 ("teacher", lambda: unet_training.train_unet(teacher, str(p["teacher"]), d))]
     run += [("robust", unet("robust", 0.8)), ("plain", unet("plain", 1.0)),
-            ("evolved", lambda: evolve_stage(b, p, work, report)),
+            ("evolved", lambda: evolve_stage(b, p)),
             ("teacher16", distil("teacher16", "teacher", "teacher", (32, 16))),
             ("evolved16", distil("evolved16", "evolved", "evolved", (32, 16))),
             ("student8", distil("student8", "teacher16", "evolved16", (16, 8))),
@@ -115,18 +115,18 @@ def stages(b: Budget, p: dict[str, Path], work: Path, report: Path, bundled: boo
     return run
 
 
-def evolve_stage(b: Budget, p: dict[str, Path], work: Path, report: Path) -> None:
-    """Alg. 1 on the robust-trained UNet, with its lookup table (Fig. 2) and the toy CLIP as the scorer."""
+def evolve_stage(b: Budget, p: dict[str, Path]) -> None:
+    """Alg. 1 on the robust-trained UNet, with its lookup table (the report draws it: Fig. 2) and the toy CLIP as
+    the scorer."""
     from .evaluation import judge_on_heldout
     from .evolve import EvolveConfig, evolve_and_finetune
-    from .latency import build_table, fig2
+    from .latency import build_table
     from .toyclip import load_toy_clip, toy_clip_scorer
 
     torch.manual_seed(0)
     pipe = load_pipeline(p["robust"])
     context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
-    table = build_table(pipe.unet, latent, 2, context_len, str(work / "lut.json"))
-    fig2(pipe.unet, table, context_len, report / "fig2_latency.png")
+    table = build_table(pipe.unet, latent, 2, context_len, str(p["lut"]))
     clip = load_toy_clip(TOY / "clip.safetensors")
     cfg = EvolveConfig(target=b.evolve_target, iterations=b.evolve_iterations, actions=b.evolve_actions,
                        robust_steps=b.evolve_train, finetune_steps=b.evolve_finetune)
@@ -158,7 +158,7 @@ def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo:
     work.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
     p = paths(work, bundled)
-    todo = stages(b, p, work, report, bundled)
+    todo = stages(b, p, work, bundled)
     unknown = set(redo) - {name for name, _ in todo}
     if unknown:
         raise ValueError(f"--redo: no such stage {sorted(unknown)}; stages are {[name for name, _ in todo]}")
@@ -172,8 +172,9 @@ def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo:
             print(f"[recipe] {name}: done ({record['done'][name] / 60:.1f} min), skipped")
             continue
         print(f"[recipe] {name} ...", flush=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run()
         record["done"][name] = time.perf_counter() - start
+        record.setdefault("cpu", {})[name] = time.process_time() - cpu  # all threads of this process
         atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    return write_report(b, p, report, dict(record["done"]), quick)
+    return write_report(b, p, report, dict(record["done"]), quick, record.get("cpu", {}))

@@ -16,6 +16,7 @@ from torchvision.transforms.functional import to_pil_image
 from .cost import count_params, median_times, threads
 from .data import ToyWorld
 from .evaluation import decoder_table, judge_on_heldout, sweep
+from .latency import LatencyTable, fig2
 from .pipeline import Pipeline, load_pipeline
 from .recipe import TOY, Budget
 from .toyclip import load_toy_clip
@@ -117,12 +118,21 @@ def goals(t2: dict, f6: dict, totals: dict, base: str, base_steps: int, g0: floa
     return lines + [""], verdict
 
 
-def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, quick: bool) -> dict:
-    """Every section in order; writes <report>/README.md and results.json (the goal's verdict), returns the verdict."""
+SMOKE = "**Smoke run (`--quick`): numbers are not results.** Every stage ran a few steps to show the recipe works " \
+        "end to end; `python recipe.py` makes the report."
+
+
+def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, quick: bool,
+                 cpu: dict | None = None) -> dict:
+    """Every section in order; writes <report>/README.md and results.json (the goal's verdict), returns the verdict.
+
+    ``timings`` / ``cpu``: wall / CPU seconds of each stage."""
     clip = load_toy_clip(TOY / "clip.safetensors")  # one judge for every table, as in the README
     teacher, final = load_pipeline(p["teacher"]), load_pipeline(p["final"])
     flags = (" --quick" if quick else "") + (" --bundled" if p["teacher"] == TOY / "model.safetensors" else "")
-    lines = ["# SnapFusion at toy scale: the report", "",
+    if quick:
+        print("[recipe] " + SMOKE.replace("**", ""))
+    lines = ["# SnapFusion at toy scale: the report", "", *([SMOKE, ""] if quick else []),
              f"Made by `python recipe.py{flags}` on {platform.machine()}, "
              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. The judge is the bundled toy CLIP "
              "(scores in its own scale: real images score about 0.97, unrelated captions about 0.5). "
@@ -132,7 +142,7 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
     fig6, f6, mixed = fig6_section(p, b, clip, report)
     goal_lines, verdict = goals(t2, f6, totals, f"baseline {BASE_STEPS}-step", BASE_STEPS, G0, mixed)
     lines += [*table1, *table2, *fig5_section(p, b, report), *evolve_section(p, b), *fig6, *goal_lines,
-              *fig8_section(p, b, clip), *samples_section(final, report), *times_section(timings)]
+              *fig8_section(p, b, clip), *samples_section(final, report), *times_section(timings, cpu or {})]
     (report / "README.md").write_text("\n".join(lines))
     (report / "results.json").write_text(json.dumps(verdict, indent=1))
     return verdict
@@ -168,8 +178,10 @@ def table2_section(teacher: Pipeline, final: Pipeline, b: Budget, clip: CustomTe
 
 
 def fig5_section(p: dict[str, Path], b: Budget, report: Path) -> list[str]:
-    print("report: Fig. 5")
-    ablation_grid(load_pipeline(p["plain"]), load_pipeline(p["robust"]), report / "fig5_blocks_removed.png")
+    print("report: Fig. 5, Fig. 2")
+    robust = load_pipeline(p["robust"])
+    ablation_grid(load_pipeline(p["plain"]), robust, report / "fig5_blocks_removed.png")
+    fig2(robust.unet, LatencyTable.load(p["lut"]), robust.text_encoder.cfg.context_length, report / "fig2_latency.png")
     return ["## Fig. 5: blocks removed at inference, plain vs robust-trained (Eq. 5)", "",
             f"The teacher trained {b.robust} more steps with every block kept (plain) or kept with p = 0.8 "
             "(robust); columns: blocks run as the identity; rows: \"a large red circle at the top left on a gray "
@@ -232,7 +244,13 @@ def samples_section(final: Pipeline, report: Path) -> list[str]:
     return ["", "## Final samples (8 steps, pruned decoder, held-out prompts)", "", "![samples](samples.png)", ""]
 
 
-def times_section(timings: dict) -> list[str]:
-    return ["## Stage times (wall, this machine)", "", "| stage | time |", "|---|---|",
-            *[f"| {k} | {v / 60:.1f} min |" for k, v in timings.items()],
-            f"| **total** | **{sum(timings.values()) / 60:.1f} min** |", ""]
+def times_section(timings: dict, cpu: dict) -> list[str]:
+    """Wall and CPU time (all threads; '-' where a run older than the CPU record made the stage) of every stage."""
+    minutes = lambda v: "-" if v is None else f"{v / 60:.1f} min"  # noqa: E731
+    total_cpu = sum(cpu.values()) if set(cpu) >= set(timings) else None
+    return [f"## Stage times ({torch.get_num_threads()} CPU threads; the report itself is not included)", "",
+            "| stage | wall | CPU |", "|---|---|---|",
+            *[f"| {k} | {minutes(v)} | {minutes(cpu.get(k))} |" for k, v in timings.items()],
+            f"| **total** | **{minutes(sum(timings.values()))}** | **{minutes(total_cpu)}** |", "",
+            *(["CPU time '-': the stage was run before the recipe recorded CPU time (`--redo <stage>` records it).",
+               ""] if total_cpu is None else [])]

@@ -152,7 +152,7 @@ def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list]:
 @torch.no_grad()
 def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, steps: int | None = None,
                         guidance: float | None = None, seed: int = 1234, batch: int = 100,
-                        reference: bool = True) -> dict:
+                        reference: bool = True, progress: bool = False) -> dict:
     """Generate images for ``n`` held-out prompts and judge them against real images of the same prompts.
 
     Returns zero-shot accuracy per attribute and CLIP score of the generated images, and with ``reference`` also of
@@ -163,8 +163,14 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, s
     steps = pipe.sampler.steps if steps is None else steps
     guidance = pipe.sampler.guidance if guidance is None else guidance
     prompts = [c.caption for c in truth]
-    generated = torch.cat([pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=TOY_IMAGE,
-                                width=TOY_IMAGE, output_type="pt").cpu() for i in range(0, n, batch)])
+    bar = tqdm(total=n, unit="image", desc=f"{steps} steps, w={guidance:g}", disable=not progress, leave=False)
+    generated = []
+    for i in range(0, n, batch):
+        generated.append(pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=TOY_IMAGE,
+                              width=TOY_IMAGE, output_type="pt").cpu())
+        bar.update(len(generated[-1]))
+    bar.close()
+    generated = torch.cat(generated)
     judge = toy_judge(clip)
     out = {"accuracy": zero_shot_accuracy(judge, generated, truth), "clip_score": clip_score(judge, generated, prompts),
            "steps": steps, "guidance": guidance, "n": n, "images": generated}

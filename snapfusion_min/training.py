@@ -203,14 +203,18 @@ def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
 
 
 def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "training loss") -> None:
-    """<out>.loss.png (running mean of the loss) and <out>.samples.png (held-out prompts, the pipeline's sampler)."""
+    """<out>.loss.png and .svg (running mean of the loss; skipped, with a note, without matplotlib) and
+    <out>.samples.png (held-out prompts, the pipeline's sampler)."""
     from .data import ToyWorld
-    from .viz import caption_grid, line_plot
+    from .viz import caption_grid, loss_plot
 
     k = max(1, len(losses) // 200)
     smooth = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
-    line_plot({"loss": ([i * k for i in range(len(smooth))], smooth)}, title=title, xlabel="step").save(
-        out + ".loss.png")
+    try:
+        loss_plot([(i + 1) * k for i in range(len(smooth))], smooth, out + ".loss.png", title,
+                  f"loss (mean of {k} step{'s' if k > 1 else ''})")
+    except ImportError as e:
+        print(f"skipped {out}.loss.png: {e}")
     prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
     images = pipe(prompts)  # the pipeline's own sampler settings
     caption_grid(images, prompts, cols=8).save(out + ".samples.png")

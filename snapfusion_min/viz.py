@@ -1,13 +1,20 @@
-"""Figures with PIL only: image grids with captions, and simple line plots (loss curves, FID-vs-CLIP curves)."""
+"""Figures: image grids with captions (PIL), and plots drawn with matplotlib (the ``plots`` extra): FID-vs-CLIP curves
+over guidance (Fig. 4, 6), per-block latency and parameters (Fig. 2), training loss. Each plot is written as PNG and
+SVG side by side, in the Okabe-Ito colours (told apart with colour-blindness, and by marker shape too).
+"""
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+OFFSETS = [(6, 4), (6, -11), (-30, 4), (-30, -11), (6, 13), (-30, 13)]  # label of a point, by series: less overlap
 
 
 def caption_grid(images: Sequence[Image.Image], captions: Sequence[str], cols: int = 4, scale: int = 2,
@@ -28,67 +35,99 @@ def caption_grid(images: Sequence[Image.Image], captions: Sequence[str], cols: i
     return grid
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str = "", xlabel: str = "",
-              ylabel: str = "", size: tuple[int, int] = (640, 420), markers: bool = False) -> Image.Image:
-    """Named (x, y) series on shared axes, with a legend; enough for a loss curve or an FID-vs-CLIP plot."""
-    font = ImageFont.load_default()
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, size[0] - 20, 44, size[1] - 45
-    xs = [x for sx, _ in series.values() for x in sx]
-    ys = [y for _, sy in series.values() for y in sy]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+def pyplot() -> Any:  # noqa: ANN401
+    """matplotlib.pyplot without a display (Agg), or a one-line error naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ImportError("figures need matplotlib: pip install 'snapfusion-min[plots]' (or pip install "
+                          "matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    def px(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for k in range(5):
-        fx, fy = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
-        draw.text((px(fx, y0)[0] - 12, bottom + 4), f"{fx:.3g}", fill="black", font=font)
-        draw.text((4, px(x0, fy)[1] - 6), f"{fy:.3g}", fill="black", font=font)
-    draw.text((left, 6), title, fill="black", font=font)
-    draw.text(((left + right) // 2 - 3 * len(xlabel), size[1] - 18), xlabel, fill="black", font=font)
-    draw.text((4, 26), ylabel, fill="black", font=font)
-    for i, (name, (sx, sy)) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        points = [px(x, y) for x, y in zip(sx, sy)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        if markers or len(points) == 1:
-            for x, y in points:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((right - 150, top + 6 + 14 * i), f"- {name}", fill=color, font=font)
-    return image
+    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "snapfusion-min",
+                         "svg.fonttype": "none"})
+    return plt
 
 
-def bar_chart(series: dict[str, Sequence[float]], labels: Sequence[str], title: str = "",
-              size: tuple[int, int] | None = None) -> Image.Image:
-    """One panel of vertical bars per named series over shared labels (the paper's Fig. 2: latency, params)."""
-    font = ImageFont.load_default()
-    n = len(labels)
-    width = size[0] if size else max(640, 70 + 22 * n)
-    panel = 170
-    image = Image.new("RGB", (width, size[1] if size else 40 + panel * len(series) + 80), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), title, fill="black", font=font)
-    left, right = 60, width - 10
-    step = (right - left) / max(1, n)
-    for k, (name, values) in enumerate(series.items()):
-        top, bottom = 30 + k * panel + 14, 30 + (k + 1) * panel - 6
-        top_value = max(values) or 1.0
-        draw.text((4, top - 14), name, fill="black", font=font)
-        draw.text((4, top), f"{top_value:.3g}", fill="black", font=font)
-        draw.line([left, bottom, right, bottom], fill="black")
-        for i, v in enumerate(values):
-            x0 = left + i * step + 2
-            y0 = bottom - (bottom - top) * v / top_value
-            color = PALETTE[0] if "A" in labels[i].split(".")[-1] else PALETTE[1]
-            draw.rectangle([x0, y0, x0 + step - 4, bottom], fill=color)
-    base = 30 + len(series) * panel
-    for i, label in enumerate(labels):  # vertical labels: draw on a strip and rotate
-        strip = Image.new("RGB", (72, 12), "white")
-        ImageDraw.Draw(strip).text((0, 0), label, fill="black", font=font)
-        image.paste(strip.rotate(90, expand=True), (int(left + i * step + step / 2 - 6), base))
-    return image
+def save(fig: Any, path: str | Path) -> None:  # noqa: ANN401
+    """``path`` (.png, 150 dpi) and the same name with .svg."""
+    plt = pyplot()
+    path = Path(path)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+
+
+def fid_clip_plot(curves: dict[str, list[tuple[float, float, float]]], path: str | Path, title: str = "",
+                  clip_label: str = "CLIP score", fid_label: str = "FID") -> None:
+    """Fig. 4 / 6: one line per model through its (CLIP score, FID) points, each point labelled with its guidance w.
+
+    ``curves``: label -> [(clip score, fid, guidance), ...]; points are joined in order of guidance. Lower right is
+    better (higher CLIP score, lower FID). With a dozen points or more a second panel zooms into the best 40% by CLIP
+    score, where the models crowd.
+    """
+    plt = pyplot()
+    points = [p for ps in curves.values() for p in ps]
+    clips = sorted(p[0] for p in points)
+    zoom = len(points) >= 12
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(14 if zoom else 8, 5.5), squeeze=False)
+    for ax in axes[0]:
+        for i, ps in enumerate(curves.values()):
+            ps = sorted(ps, key=lambda p: p[2])
+            color = OKABE_ITO[i % len(OKABE_ITO)]
+            ax.plot([p[0] for p in ps], [p[1] for p in ps], marker=MARKERS[i % len(MARKERS)], color=color,
+                    linewidth=1.5, markersize=6)
+            for x, y, w in ps:
+                ax.annotate(f"w={w:g}", (x, y), textcoords="offset points", xytext=OFFSETS[i % len(OFFSETS)],
+                            fontsize=8, color=color, annotation_clip=True)
+        ax.set_xlabel(clip_label)
+        ax.set_ylabel(fid_label)
+    axes[0][0].set_title(title)
+    if zoom:
+        lo = clips[int(0.6 * len(clips))]
+        near = [p for p in points if p[0] >= lo]
+        (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*[(p[0], p[1]) for p in near]))
+        pad_x, pad_y = 0.12 * (x1 - x0 or 1e-3), 0.12 * (y1 - y0 or 1e-3)
+        axes[0][1].set_xlim(x0 - pad_x, x1 + pad_x)
+        axes[0][1].set_ylim(y0 - pad_y, y1 + pad_y)
+        axes[0][1].set_title(f"zoom: CLIP score >= {lo:.3g}")
+    handles = [plt.Line2D([], [], color=OKABE_ITO[i % len(OKABE_ITO)], marker=MARKERS[i % len(MARKERS)])
+               for i in range(len(curves))]
+    fig.legend(handles, list(curves), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=min(3, len(curves)),
+               frameon=False)
+    save(fig, path)
+
+
+def loss_plot(steps: Sequence[float], losses: Sequence[float], path: str | Path, title: str = "training loss",
+              ylabel: str = "loss (running mean)") -> None:
+    """A training loss curve over optimizer steps."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(steps, losses, color=OKABE_ITO[0], linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xlim(left=0)
+    save(fig, path)
+
+
+def block_bars(blocks: Sequence[str], latency_ms: Sequence[float], params_m: Sequence[float], path: str | Path,
+               title: str = "") -> None:
+    """Fig. 2: latency (ms) and parameters (M) per block, cross-attention blocks (A) and ResNet blocks (R) told
+    apart by colour, one panel each, blocks in network order."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * len(blocks) + 1.5), 6), sharex=True)
+    kinds = ["A" if b.split(".")[-1].startswith("A") else "R" for b in blocks]
+    colors = [OKABE_ITO[0] if k == "A" else OKABE_ITO[1] for k in kinds]
+    for ax, values, label in ((axes[0], latency_ms, "latency (ms)"), (axes[1], params_m, "parameters (M)")):
+        ax.bar(range(len(blocks)), values, color=colors)
+        ax.set_ylabel(label)
+        ax.grid(axis="x", visible=False)
+    axes[1].set_xticks(range(len(blocks)), blocks, rotation=90, fontsize=8)
+    axes[1].set_xlabel("block (stage.block)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=OKABE_ITO[0]), plt.Rectangle((0, 0), 1, 1, color=OKABE_ITO[1])]
+    axes[0].legend(handles, ["cross-attention (A)", "ResNet (R)"], loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                   frameon=False)
+    axes[0].set_title(title)
+    save(fig, path)

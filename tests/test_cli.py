@@ -2,18 +2,23 @@
 meaning per flag across every script."""
 
 import argparse
-import runpy
+import importlib
 import subprocess
 import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_main, run_script, tiny_pipeline
+from helpers import ROOT, one_line_error, run_main, run_script, tiny_pipeline
 from PIL import Image
 
-from snapfusion_min.cli import FLAGS
+from snapfusion_min import load_pipeline
+from snapfusion_min.cli import COMMANDS, FLAGS
 from snapfusion_min.pipeline import SamplerConfig
 
 SCRIPTS = ["train.py", "distill.py", "evolve.py", "sample.py", "export.py", "evaluate.py", "recipe.py"]
+BUNDLED = ROOT / "models" / "toy" / "model.safetensors"
+PROMPT = "a large red circle at the top left on a gray background"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,7 @@ def test_two_runs_into_one_folder_lose_no_image(tmp_path, tiny_checkpoint):
     (["--guidance", "0.5"], "guidance must be a finite number >= 1"),
     (["--guidance", "nan"], "guidance must be a finite number >= 1"),
     (["--prompts-file", "EMPTY"], "has no prompts"),
+    (["--num-images-per-prompt", "0"], "--num-images-per-prompt must be positive"),
     (["--checkpoint", "CORRUPT"], "not a readable .safetensors file"),
     (["--checkpoint", "PICKLE"], "refused to unpickle"),
     (["--checkpoint", "missing.ckpt"], "no such checkpoint"),
@@ -84,8 +90,8 @@ def test_user_mistakes_get_one_line(tmp_path, tiny_checkpoint, args, message, ca
 
 
 def parsers(script: str) -> list[argparse.ArgumentParser]:
-    """The script's parser and its sub-command parsers, read without running the script (runpy, not import)."""
-    p = runpy.run_path(str(ROOT / script))["build_parser"]()
+    """The script's parser and its sub-command parsers (the command's module in snapfusion_min.cli)."""
+    p = importlib.import_module(f"snapfusion_min.cli.{script.removesuffix('.py')}").build_parser()
     subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
     return [p] + [sp for a in subs for sp in a.choices.values()]
 
@@ -120,3 +126,90 @@ def test_help_shows_defaults(script):
     if script == "train.py":
         unet = next(t for t in texts if "--cfg-dropout" in t)  # the unet stage
         assert "(default: 3500)" in unet and "(default: 0.999)" in unet
+
+
+@pytest.mark.slow
+def test_api_and_every_command_draw_the_same_image(tmp_path):
+    """pipe(prompt) with no keyword arguments samples as the checkpoint says (20 steps, guidance 2, 64x64 for the
+    bundled toy model), as sample.py does; the installed command and python -m, run from another folder, draw the
+    same bytes and warn about nothing."""
+    image = load_pipeline(BUNDLED)(PROMPT)[0]
+    assert image.size == (64, 64)
+    commands = {"sample.py": [sys.executable, str(ROOT / "sample.py")],
+                "installed": [str(Path(sys.executable).parent / "snapfusion-sample")],
+                "module": [sys.executable, "-m", "snapfusion_min", "sample"]}
+    for name, command in commands.items():
+        r = subprocess.run([*command, "--prompt", PROMPT, "--out-dir", str(tmp_path / name)], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, (name, r.stderr)
+        (png,) = (tmp_path / name).glob("*.png")
+        assert Image.open(png).tobytes() == image.tobytes(), name
+
+
+def test_every_command_is_installed_and_is_the_script(capsys, monkeypatch):
+    """The venv has snapfusion-<command> on PATH for each command, each running the command's entry(); its --help is
+    the top-level script's but for the name."""
+    installed = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("snapfusion")}
+    assert installed == {f"snapfusion-{c}": f"snapfusion_min.cli.{c}:entry" for c in COMMANDS}
+    for command in COMMANDS:
+        assert (Path(sys.executable).parent / f"snapfusion-{command}").is_file(), command
+        monkeypatch.setattr(sys, "argv", [f"snapfusion-{command}", "--help"])
+        with pytest.raises(SystemExit) as e:
+            importlib.import_module(f"snapfusion_min.cli.{command}").entry()
+        assert e.value.code == 0
+        installed_help = capsys.readouterr().out
+        assert run_main(f"{command}.py", "--help") == 0
+        script_help = capsys.readouterr().out
+        assert installed_help.startswith(f"usage: snapfusion-{command} ")
+        words = lambda text: text.split()  # noqa: E731 (the usage lines wrap by the length of the name)
+        assert words(installed_help.replace(f"snapfusion-{command}", f"{command}.py")) == words(script_help)
+
+
+def test_python_m_lists_the_commands():
+    r = subprocess.run([sys.executable, "-m", "snapfusion_min"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and all(c in r.stdout for c in COMMANDS)
+    r = subprocess.run([sys.executable, "-m", "snapfusion_min", "smaple"], capture_output=True, text=True, timeout=60)
+    assert one_line_error(r, "unknown command 'smaple'"), r.stderr
+
+
+def test_images_per_prompt(tmp_path, tiny_checkpoint):
+    """--num-images-per-prompt n: each prompt n times in a row, image i from seed + i, the same images as
+    pipe(prompts, num_images_per_prompt=n) in Python; the n images of a prompt differ."""
+    prompts = ["a red circle", "a blue square"]
+    assert run_main("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", prompts[0], "--prompt", prompts[1],
+                    "--num-images-per-prompt", "2", "--seed", "5", "--out-dir", str(tmp_path), "--device", "cpu") == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["0005-a-red-circle.png", "0006-a-red-circle.png", "0007-a-blue-square.png",
+                     "0008-a-blue-square.png"]
+    images = load_pipeline(tiny_checkpoint)(prompts, num_images_per_prompt=2, seed=5)
+    assert [Image.open(tmp_path / n).tobytes() for n in names] == [im.tobytes() for im in images]
+    assert images[0].tobytes() != images[1].tobytes() and images[2].tobytes() != images[3].tobytes()
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
+        load_pipeline(tiny_checkpoint)(prompts, num_images_per_prompt=0)
+
+
+def test_out_of_domain_requests_warn_in_one_line(tmp_path):
+    """The bundled toy model given words outside its captions' grammar, or another resolution, draws but says so:
+    one line each, naming the words and the sizes."""
+    r = run_script("sample.py", "--prompt", "a pink star", "--prompt", "A cat, on a mat", "--height", "128",
+                   "--width", "128", "--num-inference-steps", "2", "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warned == ["sample.py: warning: words a toy-world model has never seen: pink, star, cat, mat (its "
+                      "captions read like 'a small red circle at the top left on a gray background')",
+                      "sample.py: warning: sampling at 128x128, but the checkpoint was trained at 64x64"], r.stderr
+
+
+def test_the_package_never_imports_the_oracles():
+    """Every module of snapfusion_min (the commands too) imports, and the bundled model samples, with diffusers and
+    transformers made unimportable (open_clip would import transformers if it could: it is optional there)."""
+    code = ("import importlib, pkgutil, sys\n"
+            "sys.modules['diffusers'] = sys.modules['transformers'] = None\n"
+            "import snapfusion_min\n"
+            "names = [m.name for m in pkgutil.walk_packages(snapfusion_min.__path__, 'snapfusion_min.')]\n"
+            "[importlib.import_module(n) for n in names if n != 'snapfusion_min.__main__']\n"
+            f"image = snapfusion_min.load_pipeline({str(BUNDLED)!r})('a small red circle in the center')[0]\n"
+            "print(len(names), image.size)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[0]) >= 30 and r.stdout.endswith("(64, 64)\n"), r.stdout

@@ -1,13 +1,17 @@
 """Whole generations: ours against diffusers' StableDiffusionPipeline + DDIMScheduler, and checkpoint round trips."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import max_rel_err, randomize, sd_tokenizer
+from helpers import max_rel_err, randomize, sd_tokenizer, tiny_pipeline
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import sd15
+from snapfusion_min.data import unknown_words
+from snapfusion_min.pipeline import OutOfDomainWarning, SamplerConfig
 
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=4,
                  norm_num_groups=8, layers_per_block=2)
@@ -72,3 +76,24 @@ def test_bad_requests_are_refused(tmp_path):
         pipe("a cat", steps=0, height=64, width=64)
     with pytest.raises(ValueError, match="no prompts"):
         pipe([], height=64, width=64)
+
+
+def test_out_of_domain_requests_warn():
+    """A toy-world model (its checkpoint says data 'toy') warns about words no toy caption has -- in the prompt or
+    the negative prompt, whatever the case and commas -- and any model about a resolution it was not trained at;
+    in-domain requests warn about nothing."""
+    pipe = tiny_pipeline(sampler=SamplerConfig(steps=2, guidance=2.0, resolution=32))
+    caption = "A small red circle, at the top left on a gray background"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("an astronaut riding a horse")  # not a toy-world model: any words
+        pipe.training = {"data": "toy"}
+        pipe(caption)
+    with pytest.warns(OutOfDomainWarning, match=r"never seen: pink, star \(its captions read like"):
+        pipe(["a pink star", caption, "a star"])
+    with pytest.warns(OutOfDomainWarning, match=r"never seen: blurry \("):
+        pipe(caption, negative_prompt="blurry")
+    with pytest.warns(OutOfDomainWarning, match=r"^sampling at 64x32, but the checkpoint was trained at 32x32$"):
+        pipe(caption, height=64, width=32)
+    assert unknown_words("a large purple cross in the center on a black background") == []
+    assert unknown_words("a large purple crosses, near the center") == ["crosses", "near"]

@@ -46,6 +46,10 @@ def test_report_has_every_table_and_figure(quick_run):
                 "samples.png"]:
         assert (report / png).stat().st_size > 1000, png
         assert f"]({png})" in text, png
+    for svg in ["fig2_latency.svg", "fig4_fid_clip.svg", "fig6_distillation.svg"]:
+        assert (report / svg).stat().st_size > 1000, svg
+    assert text.startswith("# SnapFusion at toy scale: the report\n\n**Smoke run (`--quick`): numbers are not results.")
+    assert "| stage | wall | CPU |" in text and "| **total** | **" in text
     verdict = json.loads((report / "results.json").read_text())
     assert verdict["speedup"] > 1  # 8 evolved steps vs 50 steps of the baseline: faster even untrained
     assert "paper" in text and "End-to-end speed-up, measured" in text

@@ -1,4 +1,8 @@
-"""What every script shares: one meaning per flag, defaults shown in --help, one-line errors for a user's mistakes.
+"""The command line: one module per command (``sample``, ``train``, ...), and here what they share -- one meaning
+per flag, defaults shown in --help, one-line errors for a user's mistakes.
+
+Each command runs three ways: ``python sample.py`` from the repository (the top-level scripts only call in here),
+``snapfusion-sample`` once installed, and ``python -m snapfusion_min sample``.
 
 A flag used by several scripts is declared once here (``FLAGS``), with its type, its meaning and the spellings
 diffusers users type (``--num_inference_steps``, ``--guidance_scale``, ``--output_dir``); a script adds it with
@@ -11,9 +15,12 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+COMMANDS = ("sample", "train", "distill", "evolve", "export", "evaluate", "recipe")
 
 # name -> (type, meaning, aliases). A type of None is a switch (store_true).
 FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
@@ -81,11 +88,19 @@ def from_args(cls: type, args: argparse.Namespace, **override: Any) -> Any:  # n
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
 
 
-def run(main: Callable[[], object], prog: str) -> None:
-    """Run a script's main(): a user's mistake or a diverged run is one line on stderr and exit code 1."""
+def run(main: Callable[[], object], prog: str | None = None) -> None:
+    """Run a command's main(): a user's mistake or a diverged run is one line on stderr and exit code 1 (``prog``,
+    by default the name it was called by, starts the line)."""
+    prog = prog or Path(sys.argv[0]).name
+    shown = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"  # one line, no source
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
+        sys.exit(f"{prog}: error: {e}")
+    except ImportError as e:  # an optional package not installed (the message says which extra installs it)
+        if "pip install" not in str(e):
+            raise
         sys.exit(f"{prog}: error: {e}")
     except (MemoryError, RuntimeError) as e:  # torch's "can't allocate memory" / CUDA out of memory
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -94,6 +109,8 @@ def run(main: Callable[[], object], prog: str) -> None:
         sys.exit(f"{prog}: error: not enough memory ({text[:200]})")
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        warnings.formatwarning = shown
 
 
 def check_writable(path: str | Path, folder: bool = False) -> None:

@@ -1,0 +1,66 @@
+"""Export a pipeline to Core ML: text encoder, UNet (any architecture spec) and (pruned) decoder as .mlpackage files.
+
+    python export.py --out-dir exports/toy                              # the bundled toy model, fp16
+    python export.py --checkpoint distilled.safetensors --unet-batch 1  # a guidance-free student: UNet batch 1
+    python export.py --checkpoint v1-5-pruned-emaonly.safetensors --resolution 512 --parts unet \\
+        --attention split_einsum --out-dir exports/sd15                 # Neural Engine-style attention
+    python export.py --out-dir exports/toy --verify                     # macOS: run each model, compare to torch
+
+Models go through torch.export into ML Programs (coremltools), fixed shapes from --resolution, named inputs and
+outputs. The settings an app needs to sample (architecture spec, prediction type, scheduler, steps, guidance, latent
+scale) are stored in every package's metadata and in <out-dir>/snapfusion_min.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..coreml import ATTENTIONS, PARTS, PRECISIONS, check_resolution, export, load_coremltools, verify
+from ..pipeline import SamplerConfig, load_pipeline, random_pipeline
+from ..recipe import TOY
+from . import check_writable, flag, parser, run
+
+
+def build_parser():  # noqa: ANN201
+    p = parser(__doc__)
+    flag(p, "--checkpoint", str(TOY / "model.safetensors"), "default: the bundled toy model")
+    p.add_argument("--arch", help="instead of a checkpoint: a randomly initialised preset (sd15, snapfusion) at SD's "
+                                  "widths, to measure conversion time and package size")
+    flag(p, "--out-dir", "exports")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of these")
+    p.add_argument("--resolution", type=int, help="image size (default: the checkpoint's)")
+    p.add_argument("--unet-batch", type=int, choices=[1, 2], default=2, help="UNet batch: 2 for CFG, 1 without")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--attention", choices=ATTENTIONS, default="default",
+                   help="split_einsum: the Neural Engine-friendly attention of Apple's ml-stable-diffusion")
+    p.add_argument("--verify", action="store_true", help="run each package and compare with torch (macOS only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    if not parts or set(parts) - set(PARTS):
+        raise ValueError(f"--parts must be a subset of {','.join(PARTS)}, got {args.parts!r}")
+    if args.verify and sys.platform != "darwin":
+        raise ValueError("--verify runs Core ML models, which needs macOS; export without --verify here")
+    check_writable(args.out_dir, folder=True)
+    load_coremltools()
+    if args.arch:
+        from ..arch import preset
+
+        pipe = random_pipeline(preset(args.arch), source=f"random-{args.arch}", sampler=SamplerConfig())
+    else:
+        pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")
+    resolution = pipe.sampler.resolution if args.resolution is None else args.resolution
+    check_resolution(pipe, resolution)
+    paths = export(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch,
+                   precision=args.precision, attention=args.attention)
+    if args.verify:
+        verify(pipe, paths, resolution, args.unet_batch)
+
+
+def entry() -> None:
+    """``python export.py``, ``snapfusion-export``, ``python -m snapfusion_min export``; a mistake is one line."""
+    run(main)

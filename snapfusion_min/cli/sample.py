@@ -1,0 +1,120 @@
+"""Text -> PNG files with any checkpoint: SD-v1.5 single file, diffusers folder, or a snapfusion-min checkpoint.
+
+    python sample.py --prompt "a red circle at the top left on a gray background"
+    python sample.py --checkpoint v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse" \\
+        --num-inference-steps 50 --guidance 7.5 --height 512 --width 512
+
+Sampling is DDIM (paper Eq. 2) with classifier-free guidance (Eq. 3). Image i of a run uses seed + i (with
+--num-images-per-prompt n, each prompt counts n times in a row), so the same seed gives the same images whatever the
+batch size, and the ones ``pipe(prompts, seed=..., num_images_per_prompt=n)`` gives in Python. Files are named
+<seed>-<prompt>.png and never overwritten (a second run into the same folder writes <seed>-<prompt>-2.png). Steps,
+guidance, spacing and resolution default to what the checkpoint says it was trained for (a distilled student: its
+own N steps), else to SD-v1.5's 50 / 7.5 / 512; so does ``pipe(prompts)``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from .. import load_pipeline
+from ..checkpoint import atomic_create
+from ..diffusion import SPACINGS
+from ..recipe import TOY
+from . import check_writable, flag, parser, run
+
+BUNDLED = TOY / "model.safetensors"
+
+
+def build_parser():  # noqa: ANN201
+    p = parser(__doc__)
+    flag(p, "--checkpoint", str(BUNDLED), "default: the bundled toy model, models/toy/model.safetensors")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--num-images-per-prompt", "--num_images_per_prompt", type=int, default=1,
+                   help="images of each prompt, each from its own seed")
+    p.add_argument("--negative-prompt", default="", help="text for the unconditional half of CFG (default: empty)")
+    flag(p, "--num-inference-steps", None, "default: the checkpoint's, else 50")
+    flag(p, "--guidance", None, "default: the checkpoint's, else 7.5")
+    flag(p, "--spacing", None, "default: the checkpoint's, else leading", choices=SPACINGS)
+    flag(p, "--seed", 0, "image i uses seed + i")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: checkpoint's, else 512)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: checkpoint's, else 512)")
+    flag(p, "--batch-size", 4, "prompts per forward pass")
+    flag(p, "--out-dir", "samples")
+    flag(p, "--device", "auto")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--ema", action="store_true", help="use the EMA UNet of an SD-v1 .ckpt/.safetensors file")
+    p.add_argument("--decoder", help="decode with the (pruned, §3.2) autoencoder of this checkpoint")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the checkpoint's prediction type")
+    return p
+
+
+def read_prompts(args) -> list[str]:  # noqa: ANN001
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such prompts file: {path}")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"prompts file {path} has no prompts")
+        prompts += lines
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def slug(text: str, n: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    prompts = read_prompts(args)
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_images_per_prompt <= 0:
+        raise ValueError(f"--num-images-per-prompt must be positive, got {args.num_images_per_prompt}")
+    prompts = [prompt for prompt in prompts for _ in range(args.num_images_per_prompt)]  # as pipe(...) repeats them
+    if args.checkpoint == str(BUNDLED) and not BUNDLED.is_file():
+        raise FileNotFoundError(f"the bundled toy model is not in this checkout ({BUNDLED}); pass --checkpoint")
+    check_writable(args.out_dir, folder=True)
+    pipe = load_pipeline(args.checkpoint, ema=args.ema, prediction=args.prediction, device=args.device,
+                         dtype=args.dtype)
+    if args.decoder:
+        other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
+        pipe.set_decoder(other.vae, other.latent_scale)
+    s = replace(pipe.sampler, **{k: v for k, v in (("steps", args.num_inference_steps), ("guidance", args.guidance),
+                                                    ("spacing", args.spacing)) if v is not None})
+    height, width = (s.resolution if v is None else v for v in (args.height, args.width))
+    f = pipe.vae.cfg.factor
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ValueError(f"--height and --width must be positive multiples of {f}, got {height}x{width}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} steps ({s.spacing}), guidance {s.guidance}, "
+          f"{height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        images = pipe(batch, steps=s.steps, guidance=s.guidance, seed=args.seed + start, height=height, width=width,
+                      spacing=s.spacing, negative_prompt=args.negative_prompt, progress=True)
+        for i, (prompt, image) in enumerate(zip(batch, images)):
+            meta = PngInfo()
+            for key, value in (("prompt", prompt), ("negative_prompt", args.negative_prompt),
+                               ("seed", args.seed + start + i), ("steps", s.steps), ("guidance", s.guidance),
+                               ("spacing", s.spacing), ("checkpoint", pipe.source)):
+                meta.add_text(key, str(value))
+            # named by the image's own seed; never over an existing file (a second run gets <name>-2.png)
+            print(atomic_create(out, f"{args.seed + start + i:04d}-{slug(prompt)}", ".png",
+                                lambda tmp, image=image, meta=meta: image.save(tmp, format="PNG", pnginfo=meta)))
+
+
+def entry() -> None:
+    """``python sample.py``, ``snapfusion-sample``, ``python -m snapfusion_min sample``; a mistake is one line."""
+    run(main)

@@ -1,0 +1,71 @@
+"""Figures a reader can read: every FID-vs-CLIP point labelled with its guidance, one legend entry per model, axes
+named; Fig. 2 tells attention from ResNet blocks and has ticks on both axes; PNG and SVG; and without matplotlib a
+one-line error (recipe.py) or a skipped loss plot (training), never a traceback."""
+
+import re
+import sys
+
+from helpers import run_main, tiny_pipeline
+
+from snapfusion_min.evaluation import sweep
+from snapfusion_min.latency import LatencyTable, fig2
+from snapfusion_min.training import write_figures
+from snapfusion_min.viz import loss_plot
+
+
+def texts(svg_path) -> list[str]:
+    """The text of an SVG written with svg.fonttype 'none' (text stays text)."""
+    return re.findall(r"<text[^>]*>([^<]*)</text>", svg_path.read_text())
+
+
+def test_fid_clip_curves_label_every_point_and_each_model_once(tmp_path):
+    judge = lambda pipe, steps, g: {"clip_score": 0.9 + g / 100, "fid": 10 - g + steps / 100,  # noqa: E731
+                                    "accuracy": {"color": 1.0, "shape": 1.0}}
+    configs = [("ours, 8 steps", None, 8, g) for g in (1.5, 2.0, 4.0)] + \
+              [("baseline", None, 50, g) for g in (1.5, 2.0, 4.0)] + [("baseline", None, 8, 2.0)] + \
+              [("teacher 50-step", None, 50, 2.0)]
+    sweep(configs, judge, tmp_path / "fig.png", "Fig. 4")
+    words = texts(tmp_path / "fig.svg")
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    assert sorted(w for w in words if w.startswith("w=")) == ["w=1.5"] * 2 + ["w=2"] * 4 + ["w=4"] * 2
+    legend = [w for w in words if w.startswith(("ours", "baseline", "teacher"))]
+    assert legend == ["ours, 8 steps", "baseline (50 steps)", "baseline (8 steps)", "teacher 50-step"]
+    assert "CLIP score (toy CLIP; higher is better)" in words and "Fig. 4" in words
+    sweep([("vanilla", None, 8, 2.0), ("mixed", None, 8, 2.0)], judge, tmp_path / "fig6.png")  # one step count
+    assert [w for w in texts(tmp_path / "fig6.svg") if w.startswith(("vanilla", "mixed"))] == ["vanilla", "mixed"]
+    assert sum(re.fullmatch(r"\d+(\.\d+)?", w) is not None for w in words) >= 6  # ticks on both axes
+
+
+def test_fig2_tells_block_kinds_apart_with_ticks_on_both_axes(tmp_path):
+    pipe = tiny_pipeline()
+    blocks = pipe.unet.spec.addresses()
+    table = LatencyTable(device="cpu", batch=2, latent=8, dtype="float32")
+    table.block_ms = lambda spec: {a: 1.0 + i / 10 for i, a in enumerate(blocks)}  # shapes, not timings, here
+    fig2(pipe.unet, table, pipe.text_encoder.cfg.context_length, tmp_path / "fig2.png")
+    words = texts(tmp_path / "fig2.svg")
+    assert {"cross-attention (A)", "ResNet (R)", "latency (ms)", "parameters (M)"} <= set(words)
+    assert [w for w in words if w in blocks] == blocks  # every block named, in network order
+    numbers = [w for w in words if re.fullmatch(r"\d+(\.\d+)?", w)]
+    assert len(numbers) >= 6 and sum(float(w) == 0 for w in numbers) == 2  # both y axes ticked from 0, not only
+    # at their maximum
+
+
+def test_loss_plot_has_named_axes(tmp_path):
+    loss_plot([10, 20, 30], [1.0, 0.5, 0.25], tmp_path / "loss.png", "training loss (Eq. 6)", "loss (mean of 10 steps)")
+    words = texts(tmp_path / "loss.svg")
+    assert {"optimizer step", "loss (mean of 10 steps)", "training loss (Eq. 6)"} <= set(words)
+    assert (tmp_path / "loss.png").stat().st_size > 5_000
+
+
+def test_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """Training skips its loss plot with a note (the samples grid is PIL); recipe.py stops before any work."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    out = str(tmp_path / "model.safetensors")
+    write_figures(out, [1.0, 0.5], tiny_pipeline())
+    printed = capsys.readouterr().out
+    assert f"skipped {out}.loss.png: figures need matplotlib: pip install 'snapfusion-min[plots]'" in printed
+    assert (tmp_path / "model.safetensors.samples.png").is_file()
+    assert not (tmp_path / "model.safetensors.loss.png").exists()
+    code = run_main("recipe.py", "--quick", "--work-dir", str(tmp_path / "w"), "--report-dir", str(tmp_path / "r"))
+    assert isinstance(code, str) and code.startswith("recipe.py: error: figures need matplotlib: pip install")
+    assert not (tmp_path / "w" / "recipe.json").exists()
