@@ -45,10 +45,12 @@ mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on
 	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); n = s['total'] - s['skipped']; \
 	k = s['killed'] + s['timeout']; print(f'mutmut: {k} of {n} mutants killed ({100 * k / n:.1f}%)')"
 
-bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run
+bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run (~20 min on 2 CPU cores)
 	$(PY) bench/unet_speed.py
 	$(PY) bench/unet_presets.py
 	$(PY) bench/decoder_prune.py
+	$(PY) bench/bf16_psnr.py
+	$(PY) bench/table1_sd.py
 
 toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (about 28 min on 2 CPU cores)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors

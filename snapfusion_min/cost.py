@@ -6,9 +6,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -68,3 +72,33 @@ def median_times(fns: dict[str, Callable[[], object]], warmup: int = 1, repeat: 
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+PROMPT = "a large red circle at the top left on a gray background"
+
+
+@torch.no_grad()
+def table1_times(pipes: dict[str, tuple[Pipeline, int]], size: int, guidance: float, repeat: int = 5,
+                 warm_e2e: bool = True, prompt: str = PROMPT) -> dict[tuple[str, str], float]:
+    """Table 1's latencies in seconds, per pipeline name (pipeline, DDIM steps): its text encoder (the prompt and the
+    empty prompt in one call), one UNet step (CFG: a batch of two), its decoder (one latent), and end to end (one
+    ``size`` x ``size`` image). Every part of every pipeline and every end-to-end run is timed in the same
+    interleaved rounds (``median_times``), so a slow spell of the machine moves them alike; the parts are called once
+    before (and with ``warm_e2e`` the end-to-end runs too)."""
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
+    for name, (pipe, steps) in pipes.items():
+        f = pipe.vae.cfg.factor
+        z = torch.randn(2, pipe.unet.spec.in_channels, size // f, size // f, device=pipe.device, dtype=pipe.dtype)
+        t = torch.tensor([500, 500], device=pipe.device)
+        ids = pipe.tokenizer([prompt, ""]).to(pipe.device)
+        context = pipe.encode_prompts([prompt, ""])
+        fns |= {(name, "text encoder"): lambda pipe=pipe, ids=ids: pipe.text_encoder(ids),
+                (name, "UNet"): lambda pipe=pipe, z=z, t=t, c=context: pipe.unet(z, t, c),
+                (name, "decoder"): lambda pipe=pipe, z=z: pipe.decode(z[:1]),
+                (name, "e2e"): lambda pipe=pipe, steps=steps: pipe([prompt], steps=steps, guidance=guidance,
+                                                                   height=size, width=size, output_type="pt")}
+    for key, fn in fns.items():
+        if key[1] != "e2e" or warm_e2e:
+            fn()
+    device = next(iter(pipes.values()))[0].device
+    return median_times(fns, warmup=0, repeat=repeat, device=device)  # type: ignore[arg-type]

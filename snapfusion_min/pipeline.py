@@ -7,8 +7,12 @@ checkpoints, and gives a ``Pipeline`` whose parts can also be called one by one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import platform
+import re
+import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +80,40 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Does this CPU compute bfloat16 natively: x86 AVX512-BF16 or AMX, or ARM's BF16 extension (Linux: the flags
+    of /proc/cpuinfo; macOS: sysctl)? Without it, bf16 on the CPU is emulated and slower than fp32."""
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() == "1"
+        except (OSError, subprocess.SubprocessError):
+            return False
+    try:
+        return bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def bf16_in_cpuinfo(text: str) -> bool:
+    """Linux's /proc/cpuinfo lists native bf16: x86 flags avx512_bf16 / amx_bf16, ARM feature bf16."""
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", text) is not None
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """--dtype auto: float16 on an accelerator; on the CPU bfloat16 where it is native, else float32; and why."""
+    if device.type != "cpu":
+        return torch.float16, "auto: float16 on an accelerator"
+    if native_bf16():
+        return torch.bfloat16, "auto: this CPU computes bfloat16 natively"
+    return torch.float32, "auto: no native bfloat16 on this CPU"
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> float16 on accelerators, float32 on the CPU."""
+    """'auto' -> ``auto_dtype``: float16 on accelerators; on the CPU bfloat16 where native, else float32."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return auto_dtype(device)[0]
     dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in dtypes:

@@ -13,7 +13,7 @@ import torch
 from open_clip.model import CustomTextCLIP
 from torchvision.transforms.functional import to_pil_image
 
-from .cost import count_params, median_times, threads
+from .cost import count_params, table1_times, threads
 from .data import ToyWorld
 from .evaluation import decoder_table, judge_on_heldout, sweep
 from .latency import LatencyTable, fig2
@@ -34,23 +34,12 @@ def latency_table(base: Pipeline, ours: Pipeline, b: Budget, base_steps: int, ou
     of the machine moves baseline and ours alike and the speed-up holds. On one thread, as the evolving stage's
     lookup table: at these sizes a second thread does not speed the baseline's UNet up and slows the evolved one down.
     """
-    prompt = "a large red circle at the top left on a gray background"
-    parts, fns = {}, {}
-    for name, pipe, steps in (("baseline", base, base_steps), ("ours", ours, our_steps)):
-        z = torch.randn(2, pipe.unet.spec.in_channels, 8, 8)
-        t = torch.tensor([500, 500])
-        ids = pipe.tokenizer([prompt, ""])
-        with torch.no_grad():
-            context = pipe.text_encoder(ids)
-        parts[name] = {"text encoder": (pipe.text_encoder, 1), "UNet": (pipe.unet, steps),
-                       "decoder": (pipe.vae.decoder, 1)}
-        fns |= {(name, "text encoder"): lambda pipe=pipe, ids=ids: pipe.text_encoder(ids),
-                (name, "UNet"): lambda pipe=pipe, z=z, t=t, c=context: pipe.unet(z, t, c),
-                (name, "decoder"): lambda pipe=pipe, z=z: pipe.decode(z[:1]),
-                (name, "e2e"): lambda pipe=pipe, steps=steps: pipe([prompt], steps=steps, guidance=2.0, height=64,
-                                                                   width=64)}
+    parts = {name: {"text encoder": (pipe.text_encoder, 1), "UNet": (pipe.unet, steps),
+                    "decoder": (pipe.vae.decoder, 1)}
+             for name, pipe, steps in (("baseline", base, base_steps), ("ours", ours, our_steps))}
     with threads(1):
-        ms = {key: 1e3 * s for key, s in median_times(fns, warmup=2, repeat=b.repeat).items()}
+        seconds = table1_times({"baseline": (base, base_steps), "ours": (ours, our_steps)}, 64, G0, b.repeat)
+    ms = {key: 1e3 * s for key, s in seconds.items()}
     rows, totals = [], {}
     for name, calls in parts.items():
         for part, (module, n) in calls.items():

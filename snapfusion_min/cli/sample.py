@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import load_pipeline
 from ..checkpoint import atomic_create
 from ..diffusion import SPACINGS
+from ..pipeline import auto_dtype
 from ..recipe import TOY
 from . import check_writable, flag, parser, run
 
@@ -48,7 +49,8 @@ def build_parser():  # noqa: ANN201
     flag(p, "--batch-size", 4, "prompts per forward pass")
     flag(p, "--out-dir", "samples")
     flag(p, "--device", "auto")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on a GPU; on the CPU bf16 where it is native, else "
+                   "fp32), float32, float16, bfloat16")
     p.add_argument("--ema", action="store_true", help="use the EMA UNet of an SD-v1 .ckpt/.safetensors file")
     p.add_argument("--decoder", help="decode with the (pruned, §3.2) autoencoder of this checkpoint")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the checkpoint's prediction type")
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} steps ({s.spacing}), guidance {s.guidance}, "
-          f"{height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
+          f"{height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
+          f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
         batch = prompts[start:start + args.batch_size]
         images = pipe(batch, steps=s.steps, guidance=s.guidance, seed=args.seed + start, height=height, width=width,
