@@ -19,6 +19,7 @@ import torch
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import tiny
+from snapfusion_min.metrics import psnr
 from snapfusion_min.pipeline import SamplerConfig, native_bf16, random_pipeline
 from snapfusion_min.text_encoder import TextConfig, TextEncoder, Tokenizer
 from snapfusion_min.vae import VAE, VAEConfig
@@ -28,10 +29,6 @@ TOY_PROMPTS = ["a large red circle at the top left on a gray background",
                "a small blue square in the center on a white background",
                "a large yellow triangle at the bottom right on a black background",
                "a small purple cross at the top right on a gray background"]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 10 * math.log10(1 / ((a.float() - b.float()) ** 2).mean().item())
 
 
 def sane(model: torch.nn.Module, seed: int) -> torch.nn.Module:

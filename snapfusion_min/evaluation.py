@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from open_clip.model import CustomTextCLIP
 
-from .metrics import clip_score, fid, zero_shot_accuracy
+from .metrics import clip_score, fid, psnr, zero_shot_accuracy
 from .pipeline import Pipeline, load_pipeline
 from .toyclip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
 
@@ -124,13 +124,13 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
             other = load_pipeline(name)
             pipe.set_decoder(other.vae, other.latent_scale)
         images = pipe.decode(latents).cpu()
-        psnr = 10 * torch.log10(1 / ((images - original) ** 2).mean().clamp_min(1e-12)).item()
         acc = zero_shot_accuracy(judge, images, truth)
-        r = {"psnr": psnr, "clip": clip_score(judge, images, prompts), "color": acc["color"], "shape": acc["shape"],
+        r = {"psnr": psnr(images, original), "clip": clip_score(judge, images, prompts), "color": acc["color"],
+             "shape": acc["shape"],
              "fid": fid(judge.image_features(images, normalize=False), real_features),
              "params": sum(p.numel() for p in pipe.vae.decoder.parameters())}
         results[name] = r
-        psnr_text = "-" if name == "original" else f"{psnr:.2f}"
+        psnr_text = "-" if name == "original" else f"{r['psnr']:.2f}"
         print(f"| {Path(name).name} | {pipe.vae.cfg.decoder_channels} | {r['params'] / 1e6:.3f}M | {psnr_text} | "
               f"{r['clip']:.4f} | {r['fid']:.3f} | {r['color']:.0%} | {r['shape']:.0%} |", flush=True)
     return results

@@ -46,6 +46,11 @@ class Judge:
         return torch.cat(out).float().cpu()
 
 
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images (or batches) in [0, 1]: 10 log10(1 / MSE)."""
+    return 10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean().clamp_min(1e-12)).item()
+
 def clip_score(judge: Judge, images: torch.Tensor, captions: Sequence[str]) -> float:
     """Mean cosine similarity of each image with its own caption (the paper reports e.g. 0.30)."""
     return (judge.image_features(images) * judge.text_features(captions)).sum(-1).mean().item()

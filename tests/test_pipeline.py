@@ -1,6 +1,5 @@
 """Whole generations: ours against diffusers' StableDiffusionPipeline + DDIMScheduler, and checkpoint round trips."""
 
-import math
 import warnings
 
 import pytest
@@ -12,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import sd15
 from snapfusion_min.data import unknown_words
+from snapfusion_min.metrics import psnr
 from snapfusion_min.pipeline import OutOfDomainWarning, SamplerConfig
 
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=4,
@@ -98,11 +98,6 @@ def test_out_of_domain_requests_warn():
         pipe(caption, height=64, width=32)
     assert unknown_words("a large purple cross in the center on a black background") == []
     assert unknown_words("a large purple crosses, near the center") == ["crosses", "near"]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio of two images in [0, 1], in dB."""
-    return 10 * math.log10(1 / ((a.float() - b.float()) ** 2).mean().item())
 
 
 @pytest.mark.parametrize("which", ["bundled toy model", "random SD-v1.5 layout"])
