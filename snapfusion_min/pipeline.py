@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import diffusers_folder
 from . import diffusion as D
 from .arch import ArchSpec, sd15
 from .checkpoint import read_meta, read_state_dict, save_checkpoint
@@ -167,6 +168,10 @@ class Pipeline:
     def save(self, path: str | Path) -> None:
         save_checkpoint(path, {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
                         self.config())
+
+    def save_diffusers(self, folder: str | Path) -> Path:
+        """Write a diffusers folder (``StableDiffusionPipeline.from_pretrained(folder)``); see ``diffusers_folder``."""
+        return diffusers_folder.save_diffusers(self, folder)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -332,10 +337,12 @@ def _from_diffusers(folder: Path) -> Pipeline:
     parts = (read_state_dict(_weights_file(folder / p)) for p in ("unet", "vae", "text_encoder"))
     load_diffusers(unet, vae, te, *parts)
     sched = folder / "scheduler" / "scheduler_config.json"
-    prediction = _json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
-    return Pipeline(unet, vae, te, prediction="v" if prediction == "v_prediction" else "eps",
-                    latent_scale=v.get("scaling_factor", VAE_SCALE), source=str(folder),
-                    sampler=SamplerConfig(resolution=(u.get("sample_size") or 64) * vae_cfg.factor))
+    sched = _json(sched) if sched.is_file() else {}
+    spacing = sched.get("timestep_spacing", "leading")  # diffusers' 'linspace' grid is not one of ours
+    sampler = SamplerConfig(resolution=(u.get("sample_size") or 64) * vae_cfg.factor,
+                            spacing=spacing if spacing in D.SPACINGS else "leading")
+    return Pipeline(unet, vae, te, prediction="v" if sched.get("prediction_type") == "v_prediction" else "eps",
+                    latent_scale=v.get("scaling_factor", VAE_SCALE), source=str(folder), sampler=sampler)
 
 
 def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None = None,

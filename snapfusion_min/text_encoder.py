@@ -6,10 +6,13 @@ SD-v1.5 conditions on the *last hidden state* of CLIP ViT-L/14's text transforme
 
 from __future__ import annotations
 
+import gzip
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode, default_bpe
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
@@ -45,6 +48,17 @@ class Tokenizer:
             ids = [SOT] + self.bpe.encode(prompt)[: n - 2] + [EOT]
             rows.append(ids + [EOT] * (n - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+def write_bpe_files(folder: str | Path) -> None:
+    """CLIP's BPE vocabulary as transformers' CLIPTokenizer reads it (``vocab.json``, ``merges.txt``), rebuilt from
+    the file open_clip ships: 256 byte symbols, the same with ``</w>``, one symbol per merge, then SOT and EOT."""
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert vocab.index("<|startoftext|>") == SOT and len(vocab) == EOT + 1
+    Path(folder, "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 class TextEncoder(nn.Module):

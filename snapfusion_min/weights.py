@@ -184,6 +184,24 @@ def apply_map(model: torch.nn.Module, source: dict[str, torch.Tensor], sources_o
     model.load_state_dict(filled, strict=True, assign=True)  # assign: works for models built on the meta device
 
 
+def invert_map(model: torch.nn.Module, sources_of: Callable[[str], list[str]]) -> dict[str, torch.Tensor]:
+    """``apply_map`` backwards: our parameters under their source names (a fused q, k, v split into three)."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        names = sources_of(key)
+        for name, part in zip(names, tensor.detach().cpu().chunk(len(names))):
+            out[name] = part.clone().contiguous()  # own storage: safetensors refuses views of one tensor
+    return out
+
+
+def to_diffusers(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> tuple[dict, dict, dict]:
+    """State dicts of a diffusers folder's unet/, vae/ and text_encoder/ (transformers' keys, 'text_model.' prefix)
+    from our three models: ``load_diffusers`` inverted, by the same tables."""
+    return (invert_map(unet, lambda k: [unet_source_key(k, "diffusers")]),
+            invert_map(vae, lambda k: [vae_source_key(k, "diffusers")]),
+            {"text_model." + k: v for k, v in invert_map(text_encoder, clip_source_keys).items()})
+
+
 def split_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under ``prefix``, with it removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

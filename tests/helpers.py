@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import runpy
 import subprocess
@@ -15,7 +13,7 @@ import torch
 
 from snapfusion_min.arch import tiny
 from snapfusion_min.pipeline import Pipeline, SamplerConfig
-from snapfusion_min.text_encoder import TextConfig, TextEncoder
+from snapfusion_min.text_encoder import TextConfig, TextEncoder, write_bpe_files
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import TOY_VAE, VAE, VAEConfig
 
@@ -89,14 +87,8 @@ def one_line_error(r: subprocess.CompletedProcess, message: str) -> bool:
 
 def sd_tokenizer(folder: Path):  # noqa: ANN201
     """SD-v1.5's CLIPTokenizer (transformers), its vocab.json / merges.txt rebuilt from the BPE file open_clip ships."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_bpe_files(folder)
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
                          model_max_length=77)

@@ -5,14 +5,19 @@
     python export.py --checkpoint v1-5-pruned-emaonly.safetensors --resolution 512 --parts unet \\
         --attention split_einsum --out-dir exports/sd15                 # Neural Engine-style attention
     python export.py --out-dir exports/toy --verify                     # macOS: run each model, compare to torch
+    python export.py --checkpoint sd15-v.safetensors --to diffusers --out-dir sd15-v   # a diffusers folder instead
 
 Models go through torch.export into ML Programs (coremltools), fixed shapes from --resolution, named inputs and
 outputs. The settings an app needs to sample (architecture spec, prediction type, scheduler, steps, guidance, latent
 scale) are stored in every package's metadata and in <out-dir>/snapfusion_min.json.
+
+``--to diffusers`` writes the pipeline as a diffusers folder instead (``StableDiffusionPipeline.from_pretrained``):
+SD-v1.5's block layout (any widths) and an unpruned decoder only -- diffusers' classes cannot express the others.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,6 +33,8 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--arch", help="instead of a checkpoint: a randomly initialised preset (sd15, snapfusion) at SD's "
                                   "widths, to measure conversion time and package size")
     flag(p, "--out-dir", "exports")
+    p.add_argument("--to", choices=["coreml", "diffusers"], default="coreml",
+                   help="coreml: .mlpackage files; diffusers: a diffusers folder at --out-dir (new or empty)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of these")
     p.add_argument("--resolution", type=int, help="image size (default: the checkpoint's)")
     p.add_argument("--unet-batch", type=int, choices=[1, 2], default=2, help="UNet batch: 2 for CFG, 1 without")
@@ -46,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.verify and sys.platform != "darwin":
         raise ValueError("--verify runs Core ML models, which needs macOS; export without --verify here")
     check_writable(args.out_dir, folder=True)
+    if args.to == "diffusers":
+        return to_diffusers(args)
     load_coremltools()
     if args.arch:
         from ..arch import preset
@@ -59,6 +68,21 @@ def main(argv: list[str] | None = None) -> None:
                    precision=args.precision, attention=args.attention)
     if args.verify:
         verify(pipe, paths, resolution, args.unet_batch)
+
+
+def to_diffusers(args: argparse.Namespace) -> None:
+    """--to diffusers: a used folder or Core ML options refused first; an evolved UNet or a pruned decoder once the
+    checkpoint is read, before anything is written."""
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out-dir {out} is not empty; a diffusers folder needs a new or empty one")
+    ignored = [f for f, given in (("--arch", args.arch), ("--verify", args.verify), ("--resolution", args.resolution))
+               if given]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: Core ML options, not used with --to diffusers")
+    pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")  # save_diffusers refuses before writing
+    print(f"wrote {pipe.save_diffusers(out)} (diffusers' StableDiffusionPipeline; sample with "
+          f"num_inference_steps={pipe.sampler.steps}, guidance_scale={pipe.sampler.guidance:g})")
 
 
 def entry() -> None:
