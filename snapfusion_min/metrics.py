@@ -1,13 +1,18 @@
 """The paper's metrics (§3.1, §5): CLIP score and FID, plus per-attribute zero-shot accuracy for the toy world.
 
-A ``Judge`` wraps any open_clip model: the toy CLIP here, or e.g. ViT-g/14 from a local weights file for real runs
-(the paper's CLIP score uses ViT-g/14). FID is the Frechet distance between Gaussian fits of image features; its
-extractor is pluggable (the toy CLIP's image features here; Inception features for real runs).
+A ``Judge`` wraps any open_clip model: the toy CLIP, or at SD scale any open_clip model with its weights from a local
+file (``open_clip_judge``; the paper's CLIP score uses ViT-g/14). FID is the Frechet distance between Gaussian fits of
+image features: on the toy CLIP's features in the toy world, and at SD scale on Inception-v3's 2048 pool features the
+way every SD paper reports it, through torch-fidelity (``inception``; the ``metrics`` extra). torch-fidelity is chosen
+because it is a port of the original TensorFlow FID graph checked to match it (resize included), takes the Inception
+weights from a local file, and needs nothing we do not already install; torchmetrics' FID runs the same extractor
+with more dependencies, clean-fid downloads its weights and resizes differently (its numbers are not the papers').
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +39,8 @@ class Judge:
         for chunk in images.split(batch):
             x = chunk.float().to(self.device)
             if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                                  antialias=True).clamp(0, 1)  # like open_clip's PIL resize: no aliasing, no overshoot
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
             out.append(self.model.encode_image(x, normalize=normalize).float().cpu())
         return torch.cat(out)
@@ -45,6 +51,24 @@ class Judge:
                for i in range(0, len(captions), batch)]
         return torch.cat(out).float().cpu()
 
+
+def open_clip_judge(name: str, weights: str | Path, device: str | torch.device = "cpu",
+                    preprocess: dict | None = None) -> Judge:
+    """CLIP score's judge at SD scale: the open_clip model ``name`` (e.g. ViT-g-14, the paper's; ``open_clip
+    .list_models()`` lists them) with its weights from a local file -- never a hub download -- and its input size;
+    mean and std are open_clip's defaults (OpenAI's, which the LAION ViT-g/14 uses too) unless ``preprocess`` says
+    otherwise. Images must be square (generated ones are); they are resized like open_clip's preprocessing."""
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} (e.g. ViT-g-14, ViT-L-14, ViT-B-32)")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"no such CLIP weights file: {weights}")
+    model = open_clip.create_model(name, pretrained=str(weights), device=device, require_pretrained=True,
+                                   force_preprocess_cfg=preprocess)
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return Judge(model, open_clip.get_tokenizer(name), int(size), cfg["mean"], cfg["std"])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,3 +117,99 @@ def zero_shot_accuracy(judge: Judge, images: torch.Tensor, truth: Sequence[Combo
     probs = attribute_probabilities(judge, images)
     return {attr: (probs[attr].argmax(-1) == torch.tensor([values.index(getattr(c, attr)) for c in truth]))
             .float().mean().item() for attr, values in ATTRIBUTES.items()}
+
+
+# ---- FID at SD scale: Inception-v3 pool features (torch-fidelity) ------------------------------------------------
+def inception(weights: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """FID's Inception-v3 (the TensorFlow graph's port in torch-fidelity), weights from a local file such as
+    torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``: uint8 images [B, 3, H, W] -> (features [B, 2048],).
+    The file is first read as tensors only (torch-fidelity unpickles it without that guard)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        raise ImportError("FID at SD scale needs torch-fidelity: pip install 'snapfusion-min[metrics]'") from None
+    from .checkpoint import read_state_dict
+
+    read_state_dict(weights)  # FileNotFoundError / CheckpointError for a missing, corrupt or code-carrying file
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    return net.to(device)
+
+
+@torch.no_grad()
+def inception_features(net: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """2048-d pool features [N, 2048] (float64) of uint8 image batches [B, 3, H, W]; Inception resizes to 299 itself."""
+    device = next(net.parameters()).device
+    return torch.cat([net(b.to(device))[0].double().cpu() for b in batches])
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The images of a folder (not its subfolders), sorted by name."""
+    from .data import IMAGE_SUFFIXES
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no such image folder: {folder}")
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_images(paths: Sequence[str | Path], size: int | None = None, batch: int = 50) -> Iterable[torch.Tensor]:
+    """uint8 batches [B, 3, size, size] of image files: RGB, shorter side resized to ``size`` (bicubic, e.g. the 256
+    of the SD papers' FID protocol) and centre-cropped; None keeps square images as they are."""
+    from PIL import Image
+
+    from .data import center_crop, to_rgb
+
+    for i in range(0, len(paths), batch):
+        images = []
+        for path in paths[i:i + batch]:
+            with Image.open(path) as im:
+                im = to_rgb(im)
+            if size is not None or im.width != im.height:
+                im = center_crop(im, size or min(im.size))
+            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        yield torch.stack(images)
+
+
+def fid_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """The Gaussian fit FID compares: {'mu': mean [D], 'sigma': covariance [D, D]} (the .npz keys of reference
+    statistics in torch-fidelity and pytorch-fid)."""
+    f = features.double().numpy()
+    return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}
+
+
+def fid_from_statistics(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """FID of two Gaussian fits, by torch-fidelity's formula (``frechet_distance`` is our own, for cross-checking)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    a, b = ({k: np.asarray(s[k], dtype=np.float64) for k in ("mu", "sigma")} for s in (a, b))
+    if a["mu"].shape != b["mu"].shape:
+        raise ValueError(f"FID of features of different widths: {a['mu'].shape[0]} vs {b['mu'].shape[0]}")
+    return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
+
+
+def save_statistics(path: str | Path, stats: dict[str, np.ndarray]) -> None:
+    """Reference statistics as .npz ('mu', 'sigma'), written atomically."""
+    from .checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
+
+    atomic_write(path, write)
+
+
+def load_statistics(path: str | Path) -> dict[str, np.ndarray]:
+    """Reference statistics from an .npz with 'mu' [D] and 'sigma' [D, D] (e.g. made by ``save_statistics``)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such FID statistics file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stats = {k: f[k] for k in ("mu", "sigma") if k in f.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not an .npz of FID statistics ({e})") from None
+    missing = [k for k in ("mu", "sigma") if k not in stats]
+    if missing:
+        raise ValueError(f"{path}: FID statistics need 'mu' and 'sigma', missing {', '.join(missing)}")
+    d = stats["mu"].shape
+    if len(d) != 1 or stats["sigma"].shape != (d[0], d[0]):
+        raise ValueError(f"{path}: 'mu' {stats['mu'].shape} and 'sigma' {stats['sigma'].shape} do not fit together")
+    return stats

@@ -1,10 +1,31 @@
-"""FID's Frechet distance against closed forms; CLIP score and zero-shot accuracy with the bundled toy CLIP."""
+"""FID's Frechet distance against closed forms; CLIP score and zero-shot accuracy with the bundled toy CLIP; at SD
+scale, any open_clip model from a local file and FID on torch-fidelity's Inception (random weights here)."""
+
+import json
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+from helpers import CLIP, randomize
+from torchvision.transforms.functional import to_pil_image
 
-from snapfusion_min.metrics import fid, frechet_distance
+from snapfusion_min.data import to_tensor
+from snapfusion_min.metrics import (
+    clip_score,
+    fid,
+    fid_from_statistics,
+    fid_statistics,
+    frechet_distance,
+    image_files,
+    inception,
+    inception_features,
+    load_statistics,
+    open_clip_judge,
+    read_images,
+    save_statistics,
+)
+from snapfusion_min.toyclip import load_toy_clip, real_heldout, toy_judge
 
 
 def random_rotation(d, rng):
@@ -42,3 +63,102 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
     shifted = [fid(x, x + s) for s in (0.5, 1.0, 2.0)]
     assert shifted == pytest.approx([8 * 0.25, 8 * 1.0, 8 * 4.0], rel=1e-6)  # a pure shift adds |delta mu|^2
     assert fid(x, 1.5 * x) > 0
+
+
+# ---- SD scale: any open_clip model from a local file, FID on torch-fidelity's Inception ---------------------------
+TOY_CLIP_CONFIG = {  # the toy CLIP (toyclip.build_toy_clip) stated as an open_clip model config
+    "embed_dim": 64, "quick_gelu": True, "custom_text": True,
+    "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "head_width": 16, "image_size": 64},
+    "text_cfg": {"context_length": 32, "width": 64, "heads": 4, "layers": 3}}
+TINY_VIT_CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+
+
+def register(name, config, folder):
+    """Make ``name`` an open_clip model, as a user's own config file would."""
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+
+
+def test_open_clip_judge_is_the_toy_judge_for_the_toy_clip(tmp_path):
+    """The generic path (model name + local weights, open_clip's own tokenizer and preprocessing config) gives the toy
+    judge's features for the bundled toy CLIP, and its CLIP score tells matching captions from shuffled ones."""
+    register("toy-clip-test", TOY_CLIP_CONFIG, tmp_path)
+    toy = toy_judge(load_toy_clip(CLIP))
+    judge = open_clip_judge("toy-clip-test", CLIP, preprocess={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    images, truth = real_heldout(64)
+    captions = [c.caption for c in truth]
+    torch.testing.assert_close(judge.image_features(images), toy.image_features(images), rtol=0, atol=1e-6)
+    torch.testing.assert_close(judge.text_features(captions), toy.text_features(captions), rtol=0, atol=1e-6)
+    matching = clip_score(judge, images, captions)
+    shuffled = clip_score(judge, images, captions[1:] + captions[:1])
+    assert matching > shuffled + 0.05, (matching, shuffled)
+
+
+def test_open_clip_judge_preprocesses_like_open_clip(tmp_path):
+    """A small random ViT: at its input size our features are open_clip's exactly; from twice the size (resized by
+    us, by PIL in open_clip's transforms) to cosine 1 - 1e-5."""
+    register("tiny-vit-test", TINY_VIT_CONFIG, tmp_path)
+    model = randomize(open_clip.create_model("tiny-vit-test"), 3).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    judge = open_clip_judge("tiny-vit-test", tmp_path / "tiny.pt")
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-vit-test")
+    images = (real_heldout(8)[0][:, :, ::2, ::2], real_heldout(8)[0])  # 32x32 = its size, 64x64
+    for x, bound in ((images[0], 1e-6), (images[1], 1e-5)):  # no antialiasing: 1e-4
+        pils = [to_pil_image((im * 255).round().byte()) for im in x]
+        want = model.encode_image(torch.stack([preprocess(p) for p in pils]), normalize=True).detach()
+        got = judge.image_features(torch.stack([to_tensor(p) for p in pils]) / 2 + 0.5)
+        assert (1 - (got * want).sum(-1)).max() < bound
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
+        open_clip_judge("ViT-Q-99", tmp_path / "tiny.pt")
+    with pytest.raises(FileNotFoundError, match="no such CLIP weights file"):
+        open_clip_judge("tiny-vit-test", tmp_path / "absent.pt")
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights of a sane scale, as a local weights file (95 MB, deleted)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    skeleton = fe.FeatureExtractorInceptionV3.__new__(fe.FeatureExtractorInceptionV3)
+    with pytest.MonkeyPatch.context() as m:  # build the network without its download or a file
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(torch.nn.Module, "load_state_dict", lambda self, state, *a, **k: None)
+        fe.FeatureExtractorInceptionV3.__init__(skeleton, "inception-v3-compat", ["2048"])
+    state = {k: (torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * (2 / v[0].numel()) ** 0.5
+                 if k.endswith("conv.weight") or k == "fc.weight" else v)
+             for i, (k, v) in enumerate(skeleton.state_dict().items())}
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(state, path)
+    yield inception(path)
+    path.unlink()
+
+
+def folder_of(images, folder):
+    folder.mkdir()
+    for i, x in enumerate(images):
+        to_pil_image(x).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_fid_on_inception_features_of_folders_and_statistics(random_inception, tmp_path):
+    """FID of a folder with itself ~ 0 and growing with a brightness shift; a folder against its saved .npz
+    statistics gives the same number; torch-fidelity's formula agrees with our own frechet_distance."""
+    real = real_heldout(20, seed=5)[0]
+    feats = {}
+    for shift in (0.0, 0.1, 0.3):
+        folder = folder_of((real + shift).clamp(0, 1), tmp_path / f"shift{shift}")
+        feats[shift] = inception_features(random_inception, read_images(image_files(folder), size=64, batch=16))
+    ref = fid_statistics(feats[0.0])
+    fids = [fid_from_statistics(fid_statistics(feats[s]), ref) for s in (0.0, 0.1, 0.3)]
+    assert abs(fids[0]) < 1e-3 * fids[1] and 0 < fids[1] < fids[2], fids  # 20 images: torch-fidelity's eigvals
+    ours = frechet_distance(*fid_statistics(feats[0.3]).values(), *ref.values())
+    assert ours == pytest.approx(fids[2], rel=1e-4)
+    save_statistics(tmp_path / "ref.npz", ref)
+    assert fid_from_statistics(fid_statistics(feats[0.1]), load_statistics(tmp_path / "ref.npz")) == fids[1]
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="do not fit together"):
+        load_statistics(tmp_path / "bad.npz")
+    np.savez(tmp_path / "nosigma.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="missing sigma$"):
+        load_statistics(tmp_path / "nosigma.npz")
