@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from helpers import ROOT, max_rel_err, run_main, tiny_pipeline
 from safetensors.torch import load_file
-from test_pipeline import PROMPTS, reference
+from test_pipeline import reference
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import ArchSpec
