@@ -137,6 +137,7 @@ class EvolveConfig:
     batch_size: int = 32
     baseline: str | None = None  # instead of Alg. 1: 'random' valid removals or 'uniform' (stage by stage)
     threads: int = 1  # CPU threads while timing (one gives stable medians)
+    data: str = "toy"  # robust training and fine-tuning data: 'toy' or a folder of captioned images
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -153,7 +154,7 @@ class EvolveConfig:
 def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, figures: bool = False) -> Pipeline:
     """Robust training (keep_prob < 1) or fine-tuning of the checkpoint ``path``, in its own prediction type."""
     prediction = (read_meta(path) or {}).get("prediction", "v")  # from the metadata: no second load of the weights
-    unet_cfg = UNetConfig(init=path, prediction=prediction, keep_prob=keep_prob,
+    unet_cfg = UNetConfig(init=path, prediction=prediction, keep_prob=keep_prob, data=cfg.data,
                           train=TrainConfig(train_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                             warmup=warmup_for(steps), save_every=10**9, seed=cfg.seed))
     train_unet(unet_cfg, out, figures=figures)
@@ -267,14 +268,16 @@ def minimum_latency(spec: ArchSpec, table: LatencyTable) -> float:
 
 def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipeline], dict], cfg: EvolveConfig,
         batch: int) -> dict:
-    """One line of the result table: measured and predicted latency per step, parameters, quality."""
+    """One line of the result table: measured and predicted latency per step, parameters, quality (``evaluate``
+    gives 'clip_score', and where it has them 'fid' and the toy world's 'accuracy')."""
     latent = pipe.sampler.resolution // pipe.vae.cfg.factor
     with threads(cfg.threads):
         measured = measure_unet(pipe.unet, latent, batch, pipe.text_encoder.cfg.context_length)
     r = evaluate(pipe)
     return {"name": name, "measured_ms": measured, "predicted_ms": table.predict(pipe.unet.spec),
-            "params": count_params(pipe.unet), "clip": r["clip_score"], "fid": r["fid"],
-            "color": r["accuracy"]["color"], "shape": r["accuracy"]["shape"], "blocks": pipe.unet.spec.summary()}
+            "params": count_params(pipe.unet), "clip": r["clip_score"], "fid": r.get("fid"),
+            "color": r.get("accuracy", {}).get("color"), "shape": r.get("accuracy", {}).get("shape"),
+            "blocks": pipe.unet.spec.summary()}
 
 
 def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,

@@ -16,3 +16,24 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights of a sane scale, as a local weights file (95 MB, deleted)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    from snapfusion_min.metrics import inception
+
+    skeleton = fe.FeatureExtractorInceptionV3.__new__(fe.FeatureExtractorInceptionV3)
+    with pytest.MonkeyPatch.context() as m:  # build the network without its download or a file
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(torch.nn.Module, "load_state_dict", lambda self, state, *a, **k: None)
+        fe.FeatureExtractorInceptionV3.__init__(skeleton, "inception-v3-compat", ["2048"])
+    state = {k: (torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * (2 / v[0].numel()) ** 0.5
+                 if k.endswith("conv.weight") or k == "fc.weight" else v)
+             for i, (k, v) in enumerate(skeleton.state_dict().items())}
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(state, path)
+    yield inception(path)
+    path.unlink()

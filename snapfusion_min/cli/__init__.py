@@ -45,6 +45,10 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--resume": (None, "continue exactly from <out>.state.pt", ()),
     "--stop-after": (int, "run at most N optimizer steps in this invocation, save, exit (then --resume)", ()),
     "--num-prompts": (int, "held-out prompts to judge on", ()),
+    "--prompts-file": (str, "prompts: a text file, one per line, or MS-COCO's captions_*.json (one caption per "
+                            "image, chosen with --seed)", ()),
+    "--clip-weights": (str, "makes --clip an open_clip model name (e.g. ViT-g-14, the paper's judge): its weights "
+                            "file, read locally (never downloaded)", ()),
 }
 
 

@@ -11,21 +11,35 @@
 
 Prints per-attribute zero-shot accuracy (generated, and real images as the ceiling), CLIP score and FID
 (toy-CLIP image features, generated vs real), and writes a grid of the first samples with their prompts.
+
+At SD scale (§5's protocol; see docs/sd_scale.md), --prompts-file switches to: generate one image per prompt into
+--images-dir (resumable; shards over `torchrun --nproc_per_node N` ranks), then CLIP score with any open_clip model
+and FID on Inception features (torch-fidelity) against real images or their .npz statistics:
+
+    python evaluate.py --checkpoint ours-8.safetensors --prompts-file captions_val2014.json --num-prompts 30000 \
+        --images-dir gen/ours-8 --clip ViT-g-14 --clip-weights vit-g-14.bin \
+        --inception-weights weights-inception-2015-12-05-6726825d.pth --fid-reference coco-val2014-256.npz \
+        --guidance 2 --guidance 4 --guidance 7 --curve fid_clip.png        # Table 2 / Fig. 4 over guidance
+    python evaluate.py --fid-reference val2014/ --inception-weights W.pth --save-reference coco-val2014-256.npz
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+from pathlib import Path
 
+import torch
 from torchvision.transforms.functional import to_pil_image
 
 from .. import load_pipeline
 from ..data import ToyWorld
 from ..diffusion import SPACINGS
 from ..evaluation import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
+from ..pipeline import pick_device
 from ..recipe import TOY
-from ..toyclip import load_toy_clip
+from ..toyclip import load_toy_clip, toy_judge
 from ..viz import caption_grid, pyplot
 from . import check_writable, flag, parser, run
 
@@ -35,7 +49,8 @@ def build_parser():  # noqa: ANN201
     flag(p, "--checkpoint", more="repeat for several (default: the bundled toy model)", action="append")
     p.add_argument("--ablate", action="append", default=[],
                    help="table mode: one row per value, blocks (comma-separated) removed, or 'none'")
-    p.add_argument("--clip", default=str(TOY / "clip.safetensors"), help="the judge: a toy CLIP")
+    p.add_argument("--clip", default=str(TOY / "clip.safetensors"),
+                   help="the judge: a toy CLIP file, or with --clip-weights an open_clip model name")
     flag(p, "--num-prompts", 500)
     flag(p, "--num-inference-steps", more="default: the checkpoint's; repeat for a table over steps",
          action="append")
@@ -49,11 +64,25 @@ def build_parser():  # noqa: ANN201
     flag(p, "--seed", 1234)
     p.add_argument("--grid", help="write a PNG grid of the first 16 samples here")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    g = p.add_argument_group("SD scale (a prompt file; the judge and FID of §5)")
+    flag(g, "--prompts-file", more="switches to generating into --images-dir, then scoring")
+    g.add_argument("--images-dir", help="where the generated images go (one subfolder per steps/guidance setting "
+                                        "of a sweep); an unfinished one is resumed")
+    flag(g, "--clip-weights")
+    g.add_argument("--inception-weights", help="FID's Inception-v3 weights file (torch-fidelity's "
+                                               "weights-inception-2015-12-05-6726825d.pth)")
+    g.add_argument("--fid-reference", help="FID against: a folder of real images, or their statistics (.npz)")
+    g.add_argument("--fid-size", type=int, default=256, help="images are resized to this for FID (0: as they are)")
+    g.add_argument("--save-reference", help="write the --fid-reference folder's statistics to this .npz")
+    flag(g, "--batch-size", 8, "of generation")
+    flag(g, "--device", "auto")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.prompts_file or args.save_reference:
+        return sd_scale(args)
     if args.num_prompts <= 0 or any(s <= 0 for s in args.num_inference_steps or []):
         raise ValueError("--num-prompts and --num-inference-steps must be positive")
     for path in (args.grid, args.curve):
@@ -93,6 +122,69 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:12s}" + "".join(f"{v:11.1%}" for v in r["accuracy" + suffix].values())
               + f"{r['clip_score' + suffix]:8.4f}" + ("" if fid is None else f"{fid:8.3f}"))
     return r
+
+
+def sd_scale(args: argparse.Namespace) -> dict:
+    """--prompts-file / --save-reference: §5's protocol on any checkpoint (sd_eval)."""
+    from ..metrics import inception, open_clip_judge, save_statistics
+    from ..sd_eval import generate_folder, read_prompt_file, reference_statistics, score_folder, subfolder
+    from ..training import setup_distributed
+
+    size = args.fid_size or None
+    if args.save_reference:
+        if not (args.fid_reference and args.inception_weights):
+            raise ValueError("--save-reference needs --fid-reference (a folder of real images) and --inception-weights")
+        check_writable(args.save_reference)
+    elif not args.images_dir:
+        raise ValueError("--prompts-file needs --images-dir (where the generated images go)")
+    if bool(args.fid_reference) != bool(args.inception_weights):
+        raise ValueError("FID needs both --fid-reference and --inception-weights")
+    if args.curve:
+        check_writable(args.curve)
+    if args.images_dir:
+        check_writable(args.images_dir, folder=True)
+    if args.curve:
+        pyplot()
+    d = setup_distributed(pick_device(args.device))
+    net = inception(args.inception_weights, d.device) if args.inception_weights else None
+    reference = reference_statistics(args.fid_reference, net, size) if net else None
+    if args.save_reference:
+        save_statistics(args.save_reference, reference)
+        print(f"wrote {args.save_reference}")
+        if not args.prompts_file:
+            return {}
+    prompts = read_prompt_file(args.prompts_file, args.num_prompts, args.seed)
+    judge = (open_clip_judge(args.clip, args.clip_weights, d.device) if args.clip_weights
+             else toy_judge(load_toy_clip(args.clip).to(d.device)))
+    names = args.checkpoint or [str(TOY / "model.safetensors")]
+    results, curves = {}, {}
+    if d.main:
+        print("| checkpoint | steps | guidance | CLIP | FID | images |\n|---|---|---|---|---|---|")
+    for name in names:
+        pipe = load_pipeline(name, device=str(d.device))
+        for steps in args.num_inference_steps or [pipe.sampler.steps]:
+            for g in args.guidance or [pipe.sampler.guidance]:
+                folder = Path(args.images_dir) / (Path(name).stem if len(names) > 1 else "") / subfolder(steps, g)
+                generate_folder(pipe, prompts, folder, steps=steps, guidance=g, seed=args.seed,
+                                batch=args.batch_size, rank=d.rank, world=d.world)
+                if d.world > 1:
+                    torch.distributed.barrier()
+                if d.main:
+                    r = score_folder(folder, prompts, judge=judge, inception=net, reference=reference, fid_size=size)
+                    results[f"{Path(name).stem} {steps} steps w={g:g}"] = r
+                    curves.setdefault(f"{Path(name).stem} ({steps} steps)", []).append(
+                        (r["clip_score"], r.get("fid", float("nan")), g))
+                    fid = f"{r['fid']:.2f}" if "fid" in r else "-"
+                    print(f"| {Path(name).stem} | {steps} | {g:g} | {r['clip_score']:.4f} | {fid} | {folder} |",
+                          flush=True)
+    if d.main and args.curve:
+        from ..viz import fid_clip_plot
+
+        fid_clip_plot(curves, args.curve, "FID vs CLIP score over guidance", f"CLIP score ({args.clip.split('/')[-1]})",
+                      "FID (Inception, lower is better)")
+    if d.main and args.json:
+        print(json.dumps(results))
+    return results
 
 
 def entry() -> None:

@@ -3,17 +3,24 @@
     python evolve.py --checkpoint robust.safetensors --target 0.6 --out evolved.safetensors
     python evolve.py --checkpoint robust.safetensors --table-only --table lut.json --figure fig2.png   # §2.2, Fig. 2
     python evolve.py --checkpoint robust.safetensors --target 0.6 --baseline random --out random.safetensors
+    python evolve.py --checkpoint robust-sd15.safetensors --data /data/captioned --clip ViT-g-14 \
+        --clip-weights vit-g-14.bin --prompts-file captions_val2014.json --score-prompts 2000 \
+        --table lut-this-device.json --target 0.5 --out evolved.safetensors                  # at SD scale
 
 Alg. 1: alternate robust training (Eq. 5) with evolving steps. Each step scores every removal action by
-dCLIP / dLatency -- CLIP score lost without the block on fixed validation prompts and seeds (the toy CLIP), latency
-from the lookup table -- then, while the predicted latency is above the target, removes the lowest-value blocks; once
-it is met, copies the highest-value ones while the target still holds. Every action is logged with its numbers
-(<out>.log.json); the evolved spec is in the output checkpoint, loadable by sample.py, distill.py and evaluate.py.
+dCLIP / dLatency -- CLIP score lost without the block on fixed validation prompts and seeds (the toy CLIP on toy
+prompts; at SD scale any open_clip model on a prompt file, e.g. 2K MS-COCO captions), latency from the lookup table
+measured on the device it runs on -- then, while the predicted latency is above the target, removes the lowest-value
+blocks; once it is met, copies the highest-value ones while the target still holds. Every action is logged with its
+numbers (<out>.log.json); the evolved spec is in the output checkpoint, loadable by sample.py, distill.py and
+evaluate.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +29,7 @@ from ..checkpoint import atomic_write
 from ..evaluation import judge_on_heldout
 from ..evolve import BASELINES, EvolveConfig, evolve_and_finetune
 from ..latency import build_table, fig2
-from ..pipeline import load_pipeline
+from ..pipeline import Pipeline, load_pipeline
 from ..recipe import TOY
 from ..toyclip import load_toy_clip, toy_clip_scorer
 from ..viz import pyplot
@@ -47,6 +54,12 @@ def build_parser():  # noqa: ANN201
     flag(p, "--lr", e.lr, "of robust training and fine-tuning")
     flag(p, "--batch-size", e.batch_size, "of robust training and fine-tuning")
     p.add_argument("--score-prompts", type=int, default=64, help="validation prompts of dCLIP")
+    flag(p, "--data", "toy", "of robust training and fine-tuning")
+    p.add_argument("--clip", default=str(TOY / "clip.safetensors"),
+                   help="the judge: a toy CLIP file, or with --clip-weights an open_clip model name")
+    flag(p, "--clip-weights")
+    flag(p, "--prompts-file", more="with --clip-weights: dCLIP on its first --score-prompts, the report on the "
+         "next --num-prompts")
     flag(p, "--num-inference-steps", 10, "when scoring actions")
     flag(p, "--guidance", None, "when scoring (default: the checkpoint's)")
     flag(p, "--num-prompts", 300, "the final report's")
@@ -81,19 +94,38 @@ def main(argv: list[str] | None = None) -> None:
         fig2(pipe.unet, table, context_len, args.figure)
     if args.table_only:
         return
-    clip = load_toy_clip(TOY / "clip.safetensors")
-    judge = judge_on_heldout(clip, args.num_prompts)
-    score = toy_clip_scorer(clip, args.score_prompts, args.num_inference_steps, args.guidance)
-    log = evolve_and_finetune(args.checkpoint, table, cfg, score, lambda pipe: judge(pipe, None, None), args.out)
+    score, evaluate = judges(args)
+    log = evolve_and_finetune(args.checkpoint, table, cfg, score, evaluate, args.out)
     print("\n| model | latency / step measured (predicted) | params | CLIP | FID | color | shape |\n|---|---|---|---|"
           "---|---|---|")
     for r in log["rows"]:
+        rest = [f"{r[k]:{f}}" if r[k] is not None else "-" for k, f in (("fid", ".2f"), ("color", ".0%"),
+                                                                        ("shape", ".0%"))]
         print(f"| {r['name']} | {r['measured_ms']:.2f} ms ({r['predicted_ms']:.2f}) | {r['params'] / 1e6:.2f}M | "
-              f"{r['clip']:.4f} | {r['fid']:.2f} | {r['color']:.0%} | {r['shape']:.0%} |")
+              f"{r['clip']:.4f} | {' | '.join(rest)} |")
     start, final = log["rows"][0], log["rows"][-1]
     print(f"\nlatency ratio evolved / start (measured): {final['measured_ms'] / start['measured_ms']:.3f}; "
           f"CLIP change {final['clip'] - start['clip']:+.4f}\n{final['blocks']}")
     atomic_write(args.out + ".log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+
+
+def judges(args: argparse.Namespace) -> tuple[Callable[[Pipeline], float], Callable[[Pipeline], dict]]:
+    """dCLIP's scorer and the report's judge: the toy CLIP on toy prompts, or an open_clip model on a prompt file."""
+    if not args.clip_weights:
+        clip = load_toy_clip(args.clip)
+        judge = judge_on_heldout(clip, args.num_prompts)
+        return (toy_clip_scorer(clip, args.score_prompts, args.num_inference_steps, args.guidance),
+                lambda pipe: judge(pipe, None, None))
+    from ..metrics import open_clip_judge
+    from ..sd_eval import clip_scorer, read_prompt_file
+
+    if not args.prompts_file:
+        raise ValueError("--clip-weights needs --prompts-file (the prompts dCLIP is measured on)")
+    prompts = read_prompt_file(args.prompts_file, args.score_prompts + args.num_prompts, args.seed)
+    judge = open_clip_judge(args.clip, args.clip_weights)
+    score = clip_scorer(judge, prompts[:args.score_prompts], steps=args.num_inference_steps, guidance=args.guidance)
+    report = clip_scorer(judge, prompts[args.score_prompts:], guidance=args.guidance)
+    return score, lambda pipe: {"clip_score": report(pipe)}
 
 
 def entry() -> None:

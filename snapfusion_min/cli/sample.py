@@ -27,6 +27,7 @@ from ..checkpoint import atomic_create
 from ..diffusion import SPACINGS
 from ..pipeline import auto_dtype
 from ..recipe import TOY
+from ..sd_eval import read_prompt_file
 from . import check_writable, flag, parser, run
 
 BUNDLED = TOY / "model.safetensors"
@@ -36,7 +37,7 @@ def build_parser():  # noqa: ANN201
     p = parser(__doc__)
     flag(p, "--checkpoint", str(BUNDLED), "default: the bundled toy model, models/toy/model.safetensors")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    flag(p, "--prompts-file")
     p.add_argument("--num-images-per-prompt", "--num_images_per_prompt", type=int, default=1,
                    help="images of each prompt, each from its own seed")
     p.add_argument("--negative-prompt", default="", help="text for the unconditional half of CFG (default: empty)")
@@ -60,13 +61,7 @@ def build_parser():  # noqa: ANN201
 def read_prompts(args) -> list[str]:  # noqa: ANN001
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such prompts file: {path}")
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not lines:
-            raise ValueError(f"prompts file {path} has no prompts")
-        prompts += lines
+        prompts += read_prompt_file(args.prompts_file, seed=args.seed)
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
     return prompts
