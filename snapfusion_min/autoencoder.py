@@ -98,7 +98,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str, d: Dist = LOCAL) -> VAE:
     vae = VAE(TOY_VAE).to(d.device)
     with torch.no_grad():  # a narrow posterior from the start (std e^-3): a wide one teaches the decoder to blur
         vae.encoder.quant_conv.bias[TOY_VAE.latent_channels:] = -6.0
-    data = make_dataset(cfg.data, 64, cfg.train.seed, cfg.skip_bad)
+    data = make_dataset(cfg.data, 64, cfg.train.seed, cfg.skip_bad, cfg.train.workers)
 
     def loss_at(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, _ = batch_at(data, step, cfg.train.batch_size, d, cfg.train.seed)

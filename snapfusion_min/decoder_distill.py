@@ -17,7 +17,7 @@ from .autoencoder import default_object_weight, object_weights, reconstruction_l
 from .checkpoint import atomic_write, config_dict
 from .pipeline import Pipeline, load_pipeline
 from .prune import prune_decoder
-from .training import LOCAL, Dist, TrainConfig, fit, make_dataset, seed_step
+from .training import LOCAL, Dist, TrainConfig, captions, fit, make_dataset, seed_step
 
 TRAIN = TrainConfig(train_steps=1000, batch_size=16, lr=1e-3, warmup=50, ema_decay=None)
 IMAGE_CACHE_BYTES = 2**30  # the teacher's images are made once when they fit in 1 GiB, else at each step
@@ -58,12 +58,13 @@ def synthetic_latents(pipe: Pipeline, init: str, cfg: DecoderConfig, out: str, d
         saved = torch.load(cache, map_location="cpu")
         if saved["tag"] == tag:
             return saved["latents"]
-    data = make_dataset(cfg.data, 64 if cfg.data == "toy" else 8 * 64, seed, cfg.skip_bad)
+    data = make_dataset(cfg.data, 64 if cfg.data == "toy" else pipe.sampler.resolution, seed, cfg.skip_bad)
     guidance = pipe.sampler.guidance if cfg.guidance is None else cfg.guidance
     res, chunk, found = pipe.sampler.resolution, 64, []
+    every = captions(data, cfg.latents, seed)
     for i in tqdm(range(0, cfg.latents, chunk), desc="teacher latents", disable=not d.main):
         n = min(chunk, cfg.latents - i)
-        prompts = [data[(i + k) % len(data)][1] for k in range(n)]
+        prompts = every[i:i + n]
         z = pipe.initial_latents(n, res, res, seed=10**6 * (seed + 1) + i)
         context, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * n)
         found.append(pipe.denoise(z, context, uncond, cfg.teacher_steps, guidance, pipe.sampler.spacing).cpu())

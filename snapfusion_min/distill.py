@@ -200,7 +200,7 @@ def distill_stage(teacher: Pipeline, student: Pipeline, cfg: DistillConfig, run:
     unet = student.unet.train()
     teacher.unet.eval().requires_grad_(False)
     t = run.train
-    data = make_dataset(run.data, student.sampler.resolution, t.seed, run.skip_bad)
+    data = make_dataset(run.data, student.sampler.resolution, t.seed, run.skip_bad, t.workers)
     with torch.no_grad():
         empty = student.encode_prompts([""])
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, remove_stale_temps
+from .shards import Shards, is_shards
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -44,8 +45,11 @@ class TrainConfig:
     seed: int = 0  # every random draw of step s is seeded by (seed, s, rank): exact resume
     stop_after: int | None = None  # run at most N steps in this invocation, save, return (then resume)
     resume: bool = False  # continue from <out>.state.pt
+    workers: int = 0  # data-loader processes decoding WebDataset shards (0: this process decodes)
 
     def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         for name in ("train_steps", "batch_size", "accum", "save_every"):
             if getattr(self, name) < (0 if name == "train_steps" else 1):
                 raise ValueError(f"{name.replace('_', '-')} must be {'>= 0' if name == 'train_steps' else '>= 1'}, "
@@ -153,25 +157,41 @@ def load_state(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = False) -> torch.utils.data.Dataset:
-    """'toy' -> the endless toy world (train split); else a folder of captioned images."""
+def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = False,
+                 workers: int = 0) -> torch.utils.data.Dataset | Shards:
+    """'toy' -> the endless toy world (train split); WebDataset shards (a folder of .tar, a glob, a brace range) ->
+    a stream of them (bad samples always skipped and counted; ``workers`` data-loader processes decode); else a
+    folder of captioned images."""
     from .data import CaptionedFolder, ToyWorld
 
     if data == "toy":
         return ToyWorld("train", length=10**9, seed=seed, resolution=resolution)
+    if is_shards(data):
+        return Shards(data, resolution, workers)
     return CaptionedFolder(data, resolution=resolution, skip_bad=skip_bad)
 
 
-def batch_at(data: torch.utils.data.Dataset, step: int, size: int, d: Dist, seed: int) -> tuple[torch.Tensor, list]:
+def batch_at(data: torch.utils.data.Dataset | Shards, step: int, size: int, d: Dist,
+             seed: int) -> tuple[torch.Tensor, list]:
     """This rank's share of the global batch of ``step``: a pure function of (step, rank), so resume is exact.
 
-    A finite dataset is walked in a fresh permutation per epoch (seeded by the epoch); the endless toy world in order.
+    A finite dataset is walked in a fresh permutation per epoch (seeded by the epoch); the endless toy world in order;
+    shards by their stream (``Shards``).
     """
+    if isinstance(data, Shards):
+        return data.batch(step, size, d.rank, d.world, seed)
     n = len(data)
     start = step * size
     order = None if n >= 10**9 else torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + start // n))
     items = [data[i if order is None else int(order[i % n])] for i in range(start + d.rank, start + size, d.world)]
     return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def captions(data: torch.utils.data.Dataset | Shards, n: int, seed: int = 0) -> list[str]:
+    """n captions of the training data, in a fixed order (prompts for synthetic data, App. B.2)."""
+    if isinstance(data, Shards):
+        return data.captions(n, seed)
+    return [data[k % len(data)][1] for k in range(n)]
 
 
 def encoded_batch(pipe: Pipeline, data: torch.utils.data.Dataset, step: int, micro: int, cfg: TrainConfig,

@@ -108,7 +108,8 @@ def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True)
     unet = pipe.unet.train()
     unet.keep_prob = cfg.keep_prob
     t = cfg.train
-    data = make_dataset(cfg.data, 64 if cfg.data == "toy" else 8 * 64, t.seed, cfg.skip_bad)
+    data = make_dataset(cfg.data, 64 if cfg.data == "toy" else pipe.sampler.resolution, t.seed, cfg.skip_bad,
+                        t.workers)
     with torch.no_grad():
         empty = pipe.encode_prompts([""])
 

@@ -1,4 +1,5 @@
-"""train.py: exact resume, DDP through torchrun, and clear errors that leave the last good checkpoint intact."""
+"""train.py: exact resume and clear errors that leave the last good checkpoint intact (DDP through torchrun:
+test_shards.py, whose two ranks must agree)."""
 
 import dataclasses
 
@@ -49,13 +50,6 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, autoencoder):
     pipe = load_pipeline(tmp_path / "b.safetensors")  # the checkpoint sample.py reads
     assert pipe.prediction == "v" and pipe.sampler.steps == 2 and pipe.training["keep_prob"] == 0.8
     assert (tmp_path / "b.safetensors.loss.png").is_file() and (tmp_path / "b.safetensors.samples.png").is_file()
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, autoencoder):
-    r = run(*unet_args(tmp_path / "ddp.safetensors", autoencoder, 3), torchrun=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "all 2 ranks agree" in r.stdout
 
 
 @pytest.mark.slow

@@ -39,8 +39,11 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--keep-prob": (float, "p of Eq. 5: each block runs with probability p during training", ()),
     "--seed": (int, "same seed, same result", ()),
     "--device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", ()),
-    "--data": (str, "'toy' (the toy world) or a folder of captioned images", ()),
-    "--skip-bad": (None, "leave out (and count) images without a caption or that cannot be read", ()),
+    "--data": (str, "'toy' (the toy world), a folder of captioned images, or WebDataset shards (a folder of .tar, "
+                    "a glob, or a brace range like shards/{00000..00999}.tar)", ()),
+    "--skip-bad": (None, "leave out (and count) images without a caption or that cannot be read (WebDataset "
+                         "shards always do)", ()),
+    "--workers": (int, "data-loader processes decoding WebDataset shards (0: the training process decodes)", ()),
     "--save-every": (int, "write the checkpoint and the resumable state every N optimizer steps", ()),
     "--resume": (None, "continue exactly from <out>.state.pt", ()),
     "--stop-after": (int, "run at most N optimizer steps in this invocation, save, exit (then --resume)", ()),

@@ -33,7 +33,7 @@ def build_parser():  # noqa: ANN201
     flag(p, "--guidance", None, "saved as the student's default (default: the teacher's)")
     for name, default in (("--train-steps", t.train_steps), ("--batch-size", t.batch_size), ("--lr", t.lr),
                           ("--ema-decay", t.ema_decay), ("--seed", t.seed), ("--data", "toy"), ("--skip-bad", None),
-                          ("--device", "auto"), ("--save-every", t.save_every), ("--resume", None),
+                          ("--workers", 0), ("--device", "auto"), ("--save-every", t.save_every), ("--resume", None),
                           ("--stop-after", None)):
         flag(p, name, default, "per stage when progressive" if name == "--train-steps" else "")
     return p

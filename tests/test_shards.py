@@ -1,0 +1,117 @@
+"""WebDataset shards (shards.py): written by the webdataset package in img2dataset's layout, one corrupt image and one
+sample without a caption among them; the stream's order, rank and worker split, and training on two ranks with exact
+resume."""
+
+import io
+import json
+
+import pytest
+import torch
+import webdataset as wds
+from helpers import CLIP, run_script
+
+from snapfusion_min.data import ToyWorld
+from snapfusion_min.shards import Shards, is_shards, shard_paths
+from snapfusion_min.training import Dist, batch_at, captions, make_dataset
+from snapfusion_min.vae import TOY_VAE
+
+N_SHARDS, PER_SHARD = 4, 6
+BAD = {"shard-00001.tar:000007": "unreadable (UnidentifiedImageError)", "shard-00002.tar:000015": "empty caption"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """4 shards of 6 toy samples: .jpg + .txt + .json in even shards, .png + .json (caption inside) in odd ones."""
+    folder = tmp_path_factory.mktemp("shards")
+    toy = ToyWorld("train", seed=3)
+    for s in range(N_SHARDS):
+        with wds.TarWriter(str(folder / f"shard-{s:05d}.tar")) as sink:
+            for k in range(PER_SHARD):
+                i = s * PER_SHARD + k
+                image, combo = toy.sample(i)
+                data = io.BytesIO()
+                image.save(data, format="JPEG" if s % 2 == 0 else "PNG")
+                ext = "jpg" if s % 2 == 0 else "png"
+                sample = {"__key__": f"{i:06d}", ext: data.getvalue(),
+                          "json": json.dumps({"caption": combo.caption, "url": f"https://x/{i}"}).encode()}
+                if s % 2 == 0:
+                    sample["txt"] = combo.caption.encode()
+                if i == 7:
+                    sample[ext] = b"not an image at all"
+                if i == 15:
+                    sample["json"] = json.dumps({"url": "no caption here"}).encode()
+                    sample.pop("txt", None)
+                sink.write(sample)
+    return folder
+
+
+def test_shards_are_named_by_folder_glob_or_brace_range(shards):
+    assert is_shards(str(shards)) and not is_shards("toy")
+    names = [p.name for p in shard_paths(str(shards))]
+    assert names == [f"shard-{s:05d}.tar" for s in range(N_SHARDS)]
+    assert [p.name for p in shard_paths(str(shards / "shard-{00001..00002}.tar"))] == names[1:3]
+    assert [p.name for p in shard_paths(str(shards / "shard-*.tar"))] == names
+    with pytest.raises(FileNotFoundError, match=r"no such shard: .*shard-00004.tar \(and 1 more\)"):
+        shard_paths(str(shards / "shard-{00003..00005}.tar"))
+
+
+def test_ranks_split_each_epoch_and_batches_are_a_function_of_the_step(shards):
+    data = Shards(str(shards), 64)
+    keys = {r: [] for r in range(2)}
+    for r in range(2):  # one epoch of each rank's stream: disjoint, together every sample
+        length = sum(len(data.samples(j)) for j in data.rank_shards(0, r, 2, seed=5))
+        keys[r] = [data.samples(j)[k][0] for (j, k), _ in zip(data.stream(0, r, 2, 5), range(length))]
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == [f"{i:06d}" for i in range(N_SHARDS * PER_SHARD)]
+    # the batch of a step does not depend on what was read before, on a new reader, or on data-loader workers
+    want = {(s, r): data.batch(s, 4, r, 2, 5) for s in (0, 1, 2, 7, 30) for r in range(2)}
+    again, workers = Shards(str(shards), 64), Shards(str(shards), 64, workers=2)
+    for s, r in [(30, 1), (0, 0), (7, 1), (2, 0), (1, 1), (7, 0), (30, 0), (0, 1), (1, 0), (2, 1)]:
+        x, c = again.batch(s, 4, r, 2, 5)
+        assert torch.equal(x, want[s, r][0]) and c == want[s, r][1]
+    for s in (1, 2, 3, 4, 7, 8):  # in order (the workers interleave), then a jump back restarts them
+        x, c = workers.batch(s, 4, 0, 2, 5)
+        assert torch.equal(x, data.batch(s, 4, 0, 2, 5)[0]) and c == data.batch(s, 4, 0, 2, 5)[1]
+    assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    for s in range(40):  # the bad samples come by, are counted with why, and never stop a batch
+        for r in range(2):
+            data.batch(s, 4, r, 2, 5)
+    assert data.skipped == BAD and workers.skipped.items() <= BAD.items()
+
+
+def test_training_helpers_read_shards(shards):
+    data = make_dataset(str(shards), 64, seed=5)
+    x, c = batch_at(data, 3, 4, Dist(), seed=5)
+    assert x.shape == (4, 3, 64, 64) and len(c) == 4
+    prompts = captions(data, 30, seed=5)
+    assert len(prompts) == 30 and len(set(prompts)) >= 10
+    with pytest.raises(TypeError, match="no length"):
+        len(data)
+
+
+@pytest.mark.slow
+def test_training_on_two_ranks_from_shards_resumes_exactly(shards, tmp_path):
+    """torchrun, two gloo ranks, the tiny UNet trained on the shards: stopped after 2 of 4 steps and resumed, it ends
+    bitwise where an uninterrupted run ends."""
+    from snapfusion_min.checkpoint import save_checkpoint
+    from snapfusion_min.training import load_state
+    from snapfusion_min.vae import VAE
+
+    ae = tmp_path / "ae.safetensors"
+    save_checkpoint(ae, {"vae": VAE(TOY_VAE)}, {"vae": TOY_VAE.__dict__, "latent_scale": 1.0})
+
+    def train(out, *extra):
+        r = run_script("train.py", "unet", "--arch", "tiny", "--clip", str(CLIP), "--autoencoder", str(ae), "--out",
+                       str(out), "--train-steps", "4", "--batch-size", "4", "--save-every", "100", "--device", "cpu",
+                       "--num-inference-steps", "2", "--data", str(shards), "--workers", "1", *extra, torchrun=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    straight = train(tmp_path / "a.safetensors")
+    assert "all 2 ranks agree" in straight.stdout and "skipped sample" in straight.stderr
+    train(tmp_path / "b.safetensors", "--stop-after", "2")
+    train(tmp_path / "b.safetensors", "--resume")
+    a, b = (load_state(str(tmp_path / f"{n}.safetensors") + ".state.pt") for n in "ab")
+    assert a["step"] == b["step"] == 4 and a["losses"] == b["losses"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
