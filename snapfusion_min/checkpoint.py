@@ -120,12 +120,31 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return stale
 
 
+@contextmanager
+def contiguous_layout(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Parameters in the plain (row-major) layout safetensors writes, converted one at a time and back afterwards:
+    a channels-last UNet is saved without a second copy of its conv weights (2 GB at SD-v1.5's size)."""
+    changed = []
+    for m in modules:
+        for p in m.parameters():
+            if p.device.type == "cpu" and not p.data.is_contiguous():
+                fmt = torch.channels_last if p.data.is_contiguous(memory_format=torch.channels_last) else None
+                p.data = p.data.contiguous()
+                changed.append((p, fmt))
+    try:
+        yield
+    finally:
+        for p, fmt in changed:
+            p.data = p.data.contiguous(memory_format=fmt) if fmt else p.data
+
+
 def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], config: dict) -> None:
     """Save ``{"unet": ..., "vae": ..., "text_encoder": ...}`` (any subset) with ``config`` as JSON metadata."""
-    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
-               for k, v in m.state_dict().items()}
     meta = {META_KEY: json.dumps({"format_version": FORMAT_VERSION, **config})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with contiguous_layout(list(modules.values())):
+        tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
+                   for k, v in m.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def config_dict(cfg: object) -> dict:

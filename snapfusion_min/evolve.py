@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, walk
-from .checkpoint import read_meta
+from .checkpoint import atomic_write, read_meta
 from .cost import count_params, threads
 from .latency import LatencyTable, measure_unet
 from .pipeline import Pipeline, load_pipeline
@@ -138,6 +139,9 @@ class EvolveConfig:
     baseline: str | None = None  # instead of Alg. 1: 'random' valid removals or 'uniform' (stage by stage)
     threads: int = 1  # CPU threads while timing (one gives stable medians)
     data: str = "toy"  # robust training and fine-tuning data: 'toy' or a folder of captioned images
+    ema: bool = True  # the trainings keep an EMA copy (checkpoints store it)
+    optimizer: str = "adamw"  # or 'adafactor' (training.OPTIMIZERS)
+    checkpointing: bool = False  # gradient checkpointing in the trainings
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -156,7 +160,10 @@ def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, 
     prediction = (read_meta(path) or {}).get("prediction", "v")  # from the metadata: no second load of the weights
     unet_cfg = UNetConfig(init=path, prediction=prediction, keep_prob=keep_prob, data=cfg.data,
                           train=TrainConfig(train_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                            warmup=warmup_for(steps), save_every=10**9, seed=cfg.seed))
+                                            warmup=warmup_for(steps), save_every=10**9, seed=cfg.seed,
+                                            ema_decay=0.999 if cfg.ema else None, optimizer=cfg.optimizer,
+                                            checkpointing=cfg.checkpointing,
+                                            save_state=False))  # no resume inside Alg. 1: no state to keep
     train_unet(unet_cfg, out, figures=figures)
     return load_pipeline(out)
 
@@ -212,10 +219,13 @@ def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: flo
     return chosen
 
 
-def evolve(checkpoint: str, pipe: Pipeline, table: LatencyTable, target_ms: float, score: Scorer, cfg: EvolveConfig,
-           work: Path, log: list) -> Pipeline:
-    """Algorithm 1: alternate robust training (Eq. 5) with evolving steps; every action is appended to ``log``."""
-    current = checkpoint  # ``pipe`` is this checkpoint, already loaded
+def evolve(checkpoint: str, pipe: Pipeline | None, table: LatencyTable, target_ms: float, score: Scorer,
+           cfg: EvolveConfig, work: Path, log: list) -> Pipeline:
+    """Algorithm 1: alternate robust training (Eq. 5) with evolving steps; every action is appended to ``log``.
+    ``pipe`` is the checkpoint, already loaded (None: load it if it is needed before the first training)."""
+    current = checkpoint
+    if pipe is None and not cfg.robust_steps:
+        pipe = load_pipeline(checkpoint)
     for it in range(cfg.iterations):
         if cfg.robust_steps:
             out = str(work / f"robust{it}.safetensors")
@@ -301,16 +311,19 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
         if cfg.baseline:
             pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.seed, log)
         else:
-            pipe = evolve(checkpoint, pipe, table, target_ms, score, cfg, work, log)
+            loaded = None if cfg.robust_steps else pipe  # robust training comes first: no copy kept meanwhile
+            pipe = None
+            pipe = evolve(checkpoint, loaded, table, target_ms, score, cfg, work, log)
         if table.predict(pipe.unet.spec) > target_ms:
             print(f"warning: {cfg.iterations} evolving steps did not reach the target; raise --iterations or "
                   "--actions", file=sys.stderr)
         rows.append(row("evolved, before fine-tuning", pipe, table, evaluate, cfg, table.batch))
         pipe.save(work / "final.safetensors")
+        pipe = None  # the fine-tuning reads it from there: one copy of the weights in memory, not two
         steps = cfg.finetune_steps + (cfg.iterations * cfg.robust_steps if cfg.baseline else 0)
         if steps:
             train(str(work / "final.safetensors"), out, steps, 1.0, cfg, figures=True)
         else:
-            pipe.save(out)
+            atomic_write(out, lambda tmp: shutil.copyfile(work / "final.safetensors", tmp))
     rows.append(row(cfg.baseline or "evolved", load_pipeline(out), table, evaluate, cfg, table.batch))
     return {"config": dataclasses.asdict(cfg), "actions": log, "rows": rows}

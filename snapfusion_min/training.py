@@ -11,7 +11,6 @@ what the uninterrupted run did from step k on.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable
@@ -30,6 +29,9 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The loop's settings. Each stage has its own defaults (``UNET``, ``AUTOENCODER``, ... in their modules)."""
@@ -46,10 +48,15 @@ class TrainConfig:
     stop_after: int | None = None  # run at most N steps in this invocation, save, return (then resume)
     resume: bool = False  # continue from <out>.state.pt
     workers: int = 0  # data-loader processes decoding WebDataset shards (0: this process decodes)
+    optimizer: str = "adamw"  # or 'adafactor': a factored second moment and no first (less state than AdamW's 2 copies)
+    checkpointing: bool = False  # gradient checkpointing of the UNet's blocks: less memory, ~1 more forward pass
+    save_state: bool = True  # write <out>.state.pt (model, optimizer, EMA) for --resume
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("train_steps", "batch_size", "accum", "save_every"):
             if getattr(self, name) < (0 if name == "train_steps" else 1):
                 raise ValueError(f"{name.replace('_', '-')} must be {'>= 0' if name == 'train_steps' else '>= 1'}, "
@@ -136,9 +143,6 @@ class EMA:
             if k in self.shadow:
                 self.shadow[k].lerp_(v.detach(), 1 - decay)
 
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict({**model.state_dict(), **self.shadow})
-
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the base rate."""
@@ -202,11 +206,16 @@ def encoded_batch(pipe: Pipeline, data: torch.utils.data.Dataset, step: int, mic
         return pipe.vae.encode(x.to(d.device)) * pipe.latent_scale, pipe.encode_prompts(captions)
 
 
-def ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
-    """A copy of ``model`` holding the EMA weights (what checkpoints store)."""
-    averaged = copy.deepcopy(model)
-    ema.copy_to(averaged)
-    return averaged.eval()
+def swap_ema(model: torch.nn.Module, ema: EMA | None) -> None:
+    """Exchange the model's tensors with the EMA's, without a copy (twice: everything is back). Checkpoints store the
+    EMA weights this way: a copy of the model would be one more copy of the weights in memory (3.2 GiB at SD-v1.5's
+    size, enough to run out of 24 GiB)."""
+    if ema is None:
+        return
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for k, shadow in ema.shadow.items():
+            tensors[k].data, ema.shadow[k] = shadow, tensors[k].data
 
 
 def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
@@ -224,7 +233,7 @@ def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
 
 def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "training loss") -> None:
     """<out>.loss.png and .svg (running mean of the loss; skipped, with a note, without matplotlib) and
-    <out>.samples.png (held-out prompts, the pipeline's sampler)."""
+    <out>.samples.png (held-out toy prompts, the pipeline's sampler; toy-world models only)."""
     from .data import ToyWorld
     from .viz import caption_grid, loss_plot
 
@@ -235,6 +244,8 @@ def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "t
                   f"loss (mean of {k} step{'s' if k > 1 else ''})")
     except ImportError as e:
         print(f"skipped {out}.loss.png: {e}")
+    if (pipe.training or {}).get("data", "toy") != "toy":  # held-out toy prompts say nothing of another world
+        return
     prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
     images = pipe(prompts)  # the pipeline's own sampler settings
     caption_grid(images, prompts, cols=8).save(out + ".samples.png")
@@ -251,7 +262,12 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     A non-finite loss or weight stops the run before anything is written: the last checkpoint on disk stays good.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if cfg.optimizer == "adafactor":  # Shazeer & Stern 2018: row and column statistics of the last two dimensions
+        opt = torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if hasattr(model, "checkpointing"):
+        model.checkpointing = cfg.checkpointing
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     start, losses = 0, []
     state_path = Path(f"{out}.state.pt") if out else None
@@ -283,13 +299,22 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
         if out and d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
             if not all(torch.isfinite(p).all() for p in params):
                 raise FloatingPointError(f"weights are not finite after step {step}; {last_good(out)}")
-            save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                    "ema": ema.shadow if ema else {}, "losses": losses, "tag": tag})
+            if cfg.save_state:
+                save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "step": step + 1, "ema": ema.shadow if ema else {}, "losses": losses,
+                                        "tag": tag})
             if save is not None:
-                save(ema_model(model, ema) if ema else model, step + 1, losses)
+                swap_ema(model, ema)
+                try:
+                    save(model, step + 1, losses)
+                finally:
+                    swap_ema(model, ema)
                 model.train()  # a Pipeline made by the save hook puts its parts in eval mode
     check_ranks_agree(model, d)
-    return (ema_model(model, ema) if ema else model), losses
+    if ema is not None:
+        swap_ema(model, ema)  # for good: the model returned holds the EMA weights
+        model.eval()
+    return model, losses
 
 
 def last_good(out: str | None) -> str:

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, skip_points, walk
 
@@ -137,6 +138,7 @@ class UNet(nn.Module):
         c0, t_dim = spec.channels[0], 4 * spec.channels[0]
         self.keep_prob = 1.0
         self.removed: set[str] = set()
+        self.checkpointing = False  # gradient checkpointing: recompute each block's activations in the backward pass
         self.conv_in = nn.Conv2d(spec.in_channels, c0, 3, padding=1)
         self.time_embed = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.stages = nn.ModuleDict({s: nn.ModuleDict() for s in STAGES})
@@ -170,9 +172,9 @@ class UNet(nn.Module):
                 block, live = modules[name], self.runs(f"{stage}.{name}")
                 if name[0] == "R":
                     x = torch.cat([h, skips.pop()], dim=1) if stage in UP_STAGES else h
-                    h = block(x, temb) if live else block.shortcut(x)
+                    h = self.call(block, x, temb) if live else block.shortcut(x)
                 elif live:
-                    h = block(h, context)
+                    h = self.call(block, h, context)
                 if stage in DOWN_STAGES and push:
                     skips.append(h)
             if "downsample" in modules:
@@ -181,6 +183,13 @@ class UNet(nn.Module):
             if "upsample" in modules:  # nearest 2x, to the next skip's size so odd latent sizes work
                 h = modules["upsample"](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+
+    def call(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        """``block(*args)``; with ``checkpointing`` while training, its activations are not kept but recomputed in
+        the backward pass (less memory for about one more forward pass; Eq. 5's draws are made outside, once)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def memory_format(self) -> torch.memory_format:
         """The layout of the conv weights; inputs follow it. ``unet.to(memory_format=torch.channels_last)`` makes

@@ -6,6 +6,7 @@ training (``keep_prob`` < 1) and the fine-tuning of an evolved UNet (Alg. 1). Th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class UNetConfig:
     amp: bool = False  # bfloat16 autocast
     data: str = "toy"  # 'toy' or a folder of captioned images
     skip_bad: bool = False  # leave out unreadable / uncaptioned images of a folder
+    resolution: int | None = None  # training image side, saved as the sampler's; None: 64 on toy data, else --init's
     sampler: SamplerConfig = TOY_SAMPLER  # a fresh UNet's sampler defaults, saved in its checkpoint
     train: TrainConfig = field(default=TRAIN)
 
@@ -76,7 +78,9 @@ def build_pipeline(cfg: UNetConfig, out: str) -> Pipeline:
     """The model to train: ``cfg.init``, or a fresh UNet of ``cfg.arch`` with the toy CLIP's text tower and the
     autoencoder (built in this order: the random initialisations draw from the seeded RNG)."""
     if cfg.init:
-        return load_pipeline(cfg.init)
+        pipe = load_pipeline(cfg.init)
+        return pipe.with_parts(sampler=dataclasses.replace(pipe.sampler, resolution=cfg.resolution)) \
+            if cfg.resolution else pipe
     from .toyclip import load_toy_clip, text_encoder_from_clip
 
     text_encoder = text_encoder_from_clip(load_toy_clip(cfg.clip))
@@ -108,8 +112,8 @@ def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True)
     unet = pipe.unet.train()
     unet.keep_prob = cfg.keep_prob
     t = cfg.train
-    data = make_dataset(cfg.data, 64 if cfg.data == "toy" else pipe.sampler.resolution, t.seed, cfg.skip_bad,
-                        t.workers)
+    data = make_dataset(cfg.data, 64 if cfg.data == "toy" and not cfg.resolution else pipe.sampler.resolution,
+                        t.seed, cfg.skip_bad, t.workers)
     with torch.no_grad():
         empty = pipe.encode_prompts([""])
 
@@ -127,6 +131,6 @@ def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True)
     stored, losses = fit(unet, loss_at, t, d, out=out, tag=unet.spec.to_json(), save=save, desc="unet")
     if d.main:
         recent = losses[-100:] or [float("nan")]
-        print(f"wrote {out} (EMA weights) at step {len(losses)} of {t.train_steps}; loss "
-              f"{sum(recent) / len(recent):.4f}")
+        kind = "EMA weights" if t.ema_decay is not None else "weights as trained"
+        print(f"wrote {out} ({kind}) at step {len(losses)} of {t.train_steps}; loss {sum(recent) / len(recent):.4f}")
     return pipe.with_parts(unet=stored)

@@ -202,6 +202,18 @@ def to_diffusers(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> tu
             {"text_model." + k: v for k, v in invert_map(text_encoder, clip_source_keys).items()})
 
 
+def to_ldm(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """One state dict in the original single-file layout (SD-v1.5's ``v1-5-pruned-emaonly.safetensors``):
+    ``load_ldm`` inverted, VAE attention weights as LDM's 1x1 convs."""
+    unet_sd = invert_map(unet, lambda k: [unet_source_key(k, "ldm")])
+    state = {"model.diffusion_model." + k: v for k, v in unet_sd.items()}
+    for k, v in invert_map(vae, lambda k: [vae_source_key(k, "ldm")]).items():
+        conv = re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) is not None
+        state["first_stage_model." + k] = v[:, :, None, None] if conv else v
+    text = invert_map(text_encoder, clip_source_keys)
+    return state | {"cond_stage_model.transformer.text_model." + k: v for k, v in text.items()}
+
+
 def split_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under ``prefix``, with it removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

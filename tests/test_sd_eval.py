@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from helpers import CLIP, ROOT, run_main, tiny_pipeline
@@ -21,6 +22,7 @@ from snapfusion_min.metrics import (
     fid_statistics,
     image_files,
     inception_features,
+    load_statistics,
     open_clip_judge,
     read_images,
     save_statistics,
@@ -138,11 +140,15 @@ def test_score_folder_and_the_evaluate_command(tmp_path, tiny_checkpoint, random
     out = run_main("evaluate.py", "--checkpoint", str(tiny_checkpoint), "--prompts-file", str(tmp_path / "p.txt"),
                    "--num-prompts", "3", "--images-dir", str(tmp_path / "sweep"), "--guidance", "1", "--guidance", "3",
                    "--inception-weights", str(tmp_path / "inception.pth"), "--fid-reference", str(tmp_path / "r.npz"),
-                   "--fid-size", "64", "--json")
-    assert out == 0
+                   "--fid-size", "64", "--curve", str(tmp_path / "curve.png"), "--json")
+    assert out == 0 and (tmp_path / "curve.png").is_file() and (tmp_path / "curve.svg").is_file()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
     assert [row.split(" | ")[2] for row in rows] == ["1", "3"]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["s4-w1", "s4-w3"]
+    assert run_main("evaluate.py", "--fid-reference", str(real), "--inception-weights", str(tmp_path / "inception.pth"),
+                    "--save-reference", str(tmp_path / "saved.npz"), "--fid-size", "64") == 0
+    saved = load_statistics(tmp_path / "saved.npz")
+    assert np.allclose(saved["mu"], reference["mu"]) and np.allclose(saved["sigma"], reference["sigma"])
     assert run_main("evaluate.py", "--prompts-file", str(tmp_path / "p.txt")) == \
         "evaluate.py: error: --prompts-file needs --images-dir (where the generated images go)"
 

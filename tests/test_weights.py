@@ -21,7 +21,7 @@ from snapfusion_min.checkpoint import read_state_dict
 from snapfusion_min.text_encoder import TextEncoder, Tokenizer
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import VAE
-from snapfusion_min.weights import clip_source_keys, unet_source_key, vae_source_key
+from snapfusion_min.weights import to_ldm
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -29,20 +29,9 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, lat
 
 
 def random_ldm_state_dict() -> dict[str, torch.Tensor]:
-    """A random SD-v1.5-shaped LDM file: our key tables name the LDM keys, the converter below checks them."""
-    state = {}
-    for model, prefix, names in ((randomize(UNet(sd15()), 1), "model.diffusion_model.",
-                                  lambda k: [unet_source_key(k, "ldm")]),
-                                 (randomize(VAE(), 2), "first_stage_model.", lambda k: [vae_source_key(k, "ldm")]),
-                                 (randomize(TextEncoder(), 3), "cond_stage_model.transformer.text_model.",
-                                  clip_source_keys)):
-        for key, value in model.state_dict().items():
-            sources = names(key)
-            for i, source in enumerate(sources):  # the fused qkv splits into q, k, v
-                part = value.chunk(len(sources))[i]
-                if source.startswith("decoder.mid.attn_1.") or source.startswith("encoder.mid.attn_1."):
-                    part = part[..., None, None] if part.dim() == 2 else part  # LDM: 1x1 convs
-                state[prefix + source] = part.clone()
+    """A random SD-v1.5-shaped LDM file: our key tables name the LDM keys (weights.to_ldm), the converter below checks
+    them."""
+    state = to_ldm(randomize(UNet(sd15()), 1), randomize(VAE(), 2), randomize(TextEncoder(), 3))
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     state["alphas_cumprod"] = torch.rand(1000)  # LatentDiffusion's own buffers sit beside the models
     return state

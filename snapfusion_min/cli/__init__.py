@@ -43,6 +43,13 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
                     "a glob, or a brace range like shards/{00000..00999}.tar)", ()),
     "--skip-bad": (None, "leave out (and count) images without a caption or that cannot be read (WebDataset "
                          "shards always do)", ()),
+    "--optimizer": (str, "adamw, or adafactor (a factored second moment and no first: a fraction of AdamW's two "
+                         "copies of the weights; bench/sd_memory.py)", ()),
+    "--checkpointing": (None, "gradient checkpointing: the UNet's blocks recompute their activations in the backward "
+                              "pass (less memory, ~1 more forward pass of time)", ()),
+    "--no-ema": (None, "keep no EMA copy: checkpoints store the weights as trained (one copy of the weights less in "
+                       "memory)", ()),
+    "--no-state": (None, "write no <out>.state.pt (no --resume; with AdamW the state is 4x the weights on disk)", ()),
     "--workers": (int, "data-loader processes decoding WebDataset shards (0: the training process decodes)", ()),
     "--save-every": (int, "write the checkpoint and the resumable state every N optimizer steps", ()),
     "--resume": (None, "continue exactly from <out>.state.pt", ()),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..distill import TRAIN, DistillConfig, DistillRun, distill
 from ..pipeline import pick_device
-from ..training import TrainConfig, setup_distributed
+from ..training import OPTIMIZERS, TrainConfig, setup_distributed
 from . import check_writable, defaults, flag, from_args, parser, run
 
 
@@ -36,6 +36,12 @@ def build_parser():  # noqa: ANN201
                           ("--workers", 0), ("--device", "auto"), ("--save-every", t.save_every), ("--resume", None),
                           ("--stop-after", None)):
         flag(p, name, default, "per stage when progressive" if name == "--train-steps" else "")
+    flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
+    flag(p, "--checkpointing")
+    flag(p, "--no-ema")
+    flag(p, "--no-state")
+    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32", help="the frozen teacher's "
+                   "(bfloat16: half its memory; fast on GPUs, emulated and ~20x slower on a CPU without native bf16)")
     return p
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise ValueError(f"--progressive takes step counts like 64,32,16,8, got {args.progressive!r}") from None
     loss = from_args(DistillConfig, args, teacher_steps=chain[0], student_steps=chain[1])
-    train = from_args(TrainConfig, args, warmup=TRAIN.warmup)
+    train = from_args(TrainConfig, args, warmup=TRAIN.warmup, save_state=not args.no_state,
+                      ema_decay=None if args.no_ema else args.ema_decay)
     cfg = DistillRun(chain=chain, loss=loss, guidance=args.guidance, data=args.data, skip_bad=args.skip_bad,
-                     train=train)
+                     teacher_dtype=args.teacher_dtype, train=train)
     cfg.stages()  # every stage's checks, before any model is loaded
     check_writable(args.out)
     d = setup_distributed(pick_device(args.device))

@@ -139,6 +139,8 @@ def sd_scale(args: argparse.Namespace) -> dict:
         raise ValueError("--prompts-file needs --images-dir (where the generated images go)")
     if bool(args.fid_reference) != bool(args.inception_weights):
         raise ValueError("FID needs both --fid-reference and --inception-weights")
+    if args.curve and not args.inception_weights:
+        raise ValueError("--curve plots FID against CLIP score: it needs --inception-weights and --fid-reference")
     if args.curve:
         check_writable(args.curve)
     if args.images_dir:

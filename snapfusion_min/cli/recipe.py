@@ -3,6 +3,7 @@
     python recipe.py                    # every stage from scratch -> report/
     python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher
     python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # a smoke run of every stage (the tests)
+    python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
 Measured on an idle 2-core CPU: --bundled 59 min wall (50 min of stages, then the report; the report alone 5.7 min);
 from scratch that plus the bundled models' 27 min (models/toy/README.md); --quick 2 min 52 s wall, 4.6 min CPU.
@@ -19,8 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..recipe import QUICK, STAGES, Budget, run_recipe
+from ..smoke import SmokeConfig, run_smoke
+from ..training import OPTIMIZERS
 from ..viz import pyplot
-from . import check_writable, parser, run
+from . import check_writable, flag, parser, run
 
 
 def build_parser():  # noqa: ANN201
@@ -31,11 +34,27 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
     p.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report); "
                    f"stages: {', '.join(STAGES)}")
+    g = p.add_argument_group("SD-v1.5 at full size (snapfusion_min/smoke.py; docs/sd_scale.md)")
+    g.add_argument("--smoke", choices=["sd15"], help="instead of the toy recipe: random SD-v1.5 weights in the "
+                   "single-file format through every stage, a few steps each; prints wall time and peak memory")
+    s = SmokeConfig()
+    g.add_argument("--resolution", type=int, default=s.resolution, help="image side of the smoke run")
+    flag(g, "--optimizer", s.optimizer, "of the smoke run's training stages", choices=OPTIMIZERS)
+    flag(g, "--checkpointing", more="in the smoke run's UNet trainings")
+    g.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default=s.teacher_dtype,
+                   help="the frozen distillation teacher's (distill.py --teacher-dtype)")
+    g.add_argument("--keep", action="store_true", help="keep the smoke run's files (GBs) in <work-dir>")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        check_writable(args.work_dir, folder=True)
+        cfg = SmokeConfig(resolution=args.resolution, optimizer=args.optimizer, checkpointing=args.checkpointing,
+                          teacher_dtype=args.teacher_dtype)
+        run_smoke(cfg, Path(args.work_dir) / "smoke-sd15", keep=args.keep)
+        return
     for folder in (args.work_dir, args.report_dir):
         check_writable(folder, folder=True)
     pyplot()  # before any work: the report's figures need matplotlib

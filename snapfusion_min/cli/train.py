@@ -19,7 +19,7 @@ from dataclasses import replace
 from .. import autoencoder, decoder_distill, unet_training
 from ..pipeline import pick_device
 from ..toyclip import ClipConfig, train_clip_stage
-from ..training import TrainConfig, setup_distributed
+from ..training import OPTIMIZERS, TrainConfig, setup_distributed
 from . import HelpFormatter, check_writable, defaults, flag, from_args, parser, run
 
 
@@ -50,6 +50,8 @@ def build_parser():  # noqa: ANN201
     u.add_argument("--prediction", choices=["v", "eps"], default=d.prediction,
                    help="v-prediction (Eq. 6; fine-tunes an eps --init to v) or eps (Eq. 1)")
     flag(u, "--keep-prob", d.keep_prob)
+    u.add_argument("--resolution", type=int, help="training image side, saved as the checkpoint's (default: 64 on toy "
+                   "data, else --init's)")
     u.add_argument("--cfg-dropout", type=float, default=d.cfg_dropout, help="caption dropped to '' with this "
                    "probability (for CFG at sampling)")
     u.add_argument("--accum", type=int, default=1, help="gradient accumulation: micro-batches per step")
@@ -84,14 +86,19 @@ def common(p, t: TrainConfig, ema: bool = False) -> None:  # noqa: ANN001
         flag(p, name, default)
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default: {t.warmup}" +
                    (", at most 10%% of --train-steps)" if ema else ")"))
-    if ema:
+    flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
+    flag(p, "--no-state")
+    if ema:  # the UNet stage
         flag(p, "--ema-decay", t.ema_decay)
+        flag(p, "--no-ema")
+        flag(p, "--checkpointing")
 
 
 def train_config(args, t: TrainConfig) -> TrainConfig:  # noqa: ANN001
     warmup = args.warmup if args.warmup is not None else (
         unet_training.warmup_for(args.train_steps) if args.stage == "unet" else t.warmup)
-    return from_args(TrainConfig, args, warmup=warmup, ema_decay=getattr(args, "ema_decay", None))
+    ema = None if getattr(args, "no_ema", False) else getattr(args, "ema_decay", None)
+    return from_args(TrainConfig, args, warmup=warmup, ema_decay=ema, save_state=not args.no_state)
 
 
 def main(argv: list[str] | None = None) -> None:
