@@ -69,12 +69,16 @@ def is_shards(source: str) -> bool:
     return source.endswith(".tar") or "{" in source or any(c in source for c in "*?[")
 
 
-def index_shard(path: Path) -> list[Sample]:
-    """The samples of one shard, in tar order, from its headers only."""
+def index_shard(path: Path) -> tuple[list[Sample], str]:
+    """The samples of one shard, in tar order, from its headers only; and what went wrong reading it ('' if nothing):
+    a truncated or corrupt shard keeps the samples before the damage."""
     samples: dict[str, list] = {}
+    problem, size = "", path.stat().st_size
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
+                if info.offset_data + info.size > size:
+                    problem = f"truncated: {info.name} ends past the file's {size} bytes"
                 if not info.isfile():
                     continue
                 folder, _, base = info.name.rpartition("/")
@@ -86,9 +90,21 @@ def index_shard(path: Path) -> list[Sample]:
                     entry[1] = (info.offset_data, info.size)
                 elif ext == "txt" or (ext == "json" and entry[3] != "txt"):
                     entry[2], entry[3] = (info.offset_data, info.size), ext
+            if not problem and _data_after(path, tar.offset):  # tarfile stops at a garbled header, silently
+                problem = f"damaged: unreadable tar header at byte {tar.offset} of {size}"
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path}: not a readable tar shard ({e})") from None
-    return [tuple(s) for s in samples.values()]  # type: ignore[misc]
+        problem = f"unreadable tar after {len(samples)} samples ({e})"
+    return [tuple(s) for s in samples.values()], problem  # type: ignore[misc]
+
+
+def _data_after(path: Path, offset: int) -> bool:
+    """Is there more than the end-of-archive zeros (and the record's zero padding) after ``offset``?"""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                return True
+    return False
 
 
 class Shards:
@@ -98,6 +114,7 @@ class Shards:
         self.paths, self.resolution, self.workers = shard_paths(source), resolution, workers
         self.skipped: dict[str, str] = {}  # 'shard:key' -> why (the bad samples met so far)
         self._index: dict[int, list[Sample]] = {}
+        self._damaged: dict[str, str] = {}  # shard -> what is wrong with it (it keeps the samples before that)
         self._files: dict[int, io.BufferedReader] = {}
         self._pid = os.getpid()
         self._loader: Iterator | None = None
@@ -112,8 +129,16 @@ class Shards:
     # ---- the order ---------------------------------------------------------------------------------------------
     def samples(self, shard: int) -> list[Sample]:
         if shard not in self._index:
-            self._index[shard] = index_shard(self.paths[shard])
+            self._index[shard], problem = index_shard(self.paths[shard])
+            if problem:  # counted like a bad sample: the run goes on with what the shard holds
+                self._damaged[self.paths[shard].name] = problem
         return self._index[shard]
+
+    def _note(self, skipped: dict[str, str]) -> None:
+        for name, why in skipped.items():
+            if name not in self.skipped and len(self.skipped) < 10:
+                print(f"warning: skipped {name}: {why}", file=sys.stderr)
+            self.skipped[name] = why
 
     def rank_shards(self, epoch: int, rank: int, world: int, seed: int) -> list[int]:
         if len(self.paths) < world:
@@ -177,7 +202,7 @@ class Shards:
                 continue
             items.append(got)
             if len(items) == m:
-                return torch.stack([x for x, _ in items]), [c for _, c in items], skipped
+                return torch.stack([x for x, _ in items]), [c for _, c in items], {**self._damaged, **skipped}
         raise AssertionError("unreachable: the stream is endless")
 
     def batch(self, step: int, size: int, rank: int, world: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -195,10 +220,7 @@ class Shards:
             s, x, captions, skipped = next(self._loader)
             assert s == step, (s, step)
         self._next = step + 1
-        for name, why in skipped.items():
-            if name not in self.skipped and len(self.skipped) < 10:
-                print(f"warning: skipped sample {name}: {why}", file=sys.stderr)
-            self.skipped[name] = why
+        self._note(skipped)
         return x, captions
 
     def captions(self, n: int, seed: int) -> list[str]:

@@ -4,6 +4,7 @@ resume."""
 
 import io
 import json
+import tarfile
 
 import pytest
 import torch
@@ -79,6 +80,27 @@ def test_ranks_split_each_epoch_and_batches_are_a_function_of_the_step(shards):
     assert data.skipped == BAD and workers.skipped.items() <= BAD.items()
 
 
+def test_a_truncated_shard_keeps_the_samples_before_the_damage(shards, tmp_path):
+    for s in range(2):
+        (tmp_path / f"shard-{s:05d}.tar").write_bytes((shards / f"shard-{s:05d}.tar").read_bytes())
+    """A shard cut short keeps its samples up to the cut, one with a garbled tar header those before it; both are
+    named as damaged, the broken samples skipped, and every batch is whole."""
+    whole = bytearray((shards / "shard-00002.tar").read_bytes())
+    (tmp_path / "shard-00002.tar").write_bytes(whole[:len(whole) * 2 // 3])
+    with tarfile.open(shards / "shard-00003.tar") as tar:
+        header = tar.getmembers()[7].offset  # the header of the 3rd sample's first file
+    whole = bytearray((shards / "shard-00003.tar").read_bytes())
+    whole[header:header + 512] = b"\xab" * 512
+    (tmp_path / "shard-00003.tar").write_bytes(whole)
+    data = Shards(str(tmp_path), 64)
+    for step in range(20):
+        assert data.batch(step, 2, 0, 1, 5)[0].shape == (2, 3, 64, 64)
+    assert [len(data.samples(j)) for j in range(4)] == [PER_SHARD, PER_SHARD, 5, 4]  # the 5th cut, the 4th garbled
+    assert data.skipped["shard-00002.tar"].startswith(("truncated: ", "damaged: "))  # cut in a file or a header
+    assert data.skipped["shard-00003.tar"].startswith("damaged: unreadable tar header at byte")
+    assert {"shard-00002.tar:000016", "shard-00003.tar:000021"} <= set(data.skipped)
+
+
 def test_training_helpers_read_shards(shards):
     data = make_dataset(str(shards), 64, seed=5)
     x, c = batch_at(data, 3, 4, Dist(), seed=5)
@@ -108,7 +130,7 @@ def test_training_on_two_ranks_from_shards_resumes_exactly(shards, tmp_path):
         return r
 
     straight = train(tmp_path / "a.safetensors")
-    assert "all 2 ranks agree" in straight.stdout and "skipped sample" in straight.stderr
+    assert "all 2 ranks agree" in straight.stdout and "warning: skipped shard-00001.tar:000007" in straight.stderr
     train(tmp_path / "b.safetensors", "--stop-after", "2")
     train(tmp_path / "b.safetensors", "--resume")
     a, b = (load_state(str(tmp_path / f"{n}.safetensors") + ".state.pt") for n in "ab")
