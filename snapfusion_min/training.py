@@ -251,6 +251,13 @@ def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "t
     caption_grid(images, prompts, cols=8).save(out + ".samples.png")
 
 
+def optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (§5), or Adafactor (Shazeer & Stern 2018: row and column statistics of the last two dimensions)."""
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
 def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
         d: Dist, *, out: str | None = None, tag: str = "", save: Callable[[torch.nn.Module, int, list[float]], None]
         | None = None, desc: str = "train") -> tuple[torch.nn.Module, list[float]]:
@@ -262,10 +269,7 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     A non-finite loss or weight stops the run before anything is written: the last checkpoint on disk stays good.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adafactor":  # Shazeer & Stern 2018: row and column statistics of the last two dimensions
-        opt = torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = optimizer(params, cfg)
     if hasattr(model, "checkpointing"):
         model.checkpointing = cfg.checkpointing
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None

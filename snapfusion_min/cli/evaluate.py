@@ -124,13 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     return r
 
 
-def sd_scale(args: argparse.Namespace) -> dict:
-    """--prompts-file / --save-reference: §5's protocol on any checkpoint (sd_eval)."""
-    from ..metrics import inception, open_clip_judge, save_statistics
-    from ..sd_eval import generate_folder, read_prompt_file, reference_statistics, score_folder, subfolder
-    from ..training import setup_distributed
-
-    size = args.fid_size or None
+def check_sd_scale(args: argparse.Namespace) -> None:
+    """--prompts-file / --save-reference: every refusal before any work."""
     if args.save_reference:
         if not (args.fid_reference and args.inception_weights):
             raise ValueError("--save-reference needs --fid-reference (a folder of real images) and --inception-weights")
@@ -141,12 +136,21 @@ def sd_scale(args: argparse.Namespace) -> dict:
         raise ValueError("FID needs both --fid-reference and --inception-weights")
     if args.curve and not args.inception_weights:
         raise ValueError("--curve plots FID against CLIP score: it needs --inception-weights and --fid-reference")
-    if args.curve:
-        check_writable(args.curve)
     if args.images_dir:
         check_writable(args.images_dir, folder=True)
     if args.curve:
-        pyplot()
+        check_writable(args.curve)
+        pyplot()  # the curve needs matplotlib
+
+
+def sd_scale(args: argparse.Namespace) -> dict:
+    """--prompts-file / --save-reference: §5's protocol on any checkpoint (sd_eval)."""
+    from ..metrics import inception, open_clip_judge, save_statistics
+    from ..sd_eval import generate_folder, read_prompt_file, reference_statistics, score_folder, subfolder
+    from ..training import setup_distributed
+
+    check_sd_scale(args)
+    size = args.fid_size or None
     d = setup_distributed(pick_device(args.device))
     net = inception(args.inception_weights, d.device) if args.inception_weights else None
     reference = reference_statistics(args.fid_reference, net, size) if net else None
