@@ -125,7 +125,8 @@ def prepare(c: SmokeConfig, work: Path) -> str:
 
 
 def run_command(command: str, argv: list[str]) -> str:
-    """``python <command>.py <argv>`` in this process (its memory is this process's); returns the command line."""
+    """``python <command>.py <argv>`` in this process (its memory is this process's); returns its name, e.g.
+    `train.py unet`."""
     import importlib
 
     importlib.import_module(f"snapfusion_min.cli.{command}").main(argv)
@@ -137,7 +138,7 @@ def run_smoke(c: SmokeConfig, work: Path, keep: bool = False) -> list[dict]:
     deleted at the end unless ``keep``."""
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"| stage | wall | peak RSS | note |\n|---|---|---|---|  ({dataclasses.asdict(c)})", flush=True)
+    print(f"settings: {dataclasses.asdict(c)}\n| stage | wall | peak RSS | note |\n|---|---|---|---|", flush=True)
     try:
         steps = [("random SD-v1.5 weights (single file)", lambda: prepare(c, work))]
         for name, command, argv in commands(c, work):
