@@ -72,6 +72,13 @@ def read_meta(path: str | Path) -> dict | None:
     return json.loads(meta[META_KEY]) if META_KEY in meta else None
 
 
+def umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _written_temp(folder: Path, name: str, write: Callable[[str], None]) -> Iterator[str]:
     """A temporary file beside the target, filled by ``write``, with a new file's usual mode (mkstemp makes 0600);
@@ -81,9 +88,7 @@ def _written_temp(folder: Path, name: str, write: Callable[[str], None]) -> Iter
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~umask())
         yield tmp
     finally:
         if os.path.exists(tmp):

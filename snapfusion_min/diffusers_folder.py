@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from safetensors.torch import save_file
 
 from .arch import STAGES, sd15
+from .checkpoint import umask
 from .text_encoder import EOT, SOT, write_bpe_files
 from .weights import to_diffusers
 
@@ -116,7 +117,7 @@ def save_diffusers(pipe: Pipeline, folder: str | Path) -> Path:
         save_file(vae, str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
         save_file(text, str(tmp / "text_encoder" / "model.safetensors"))
         write_bpe_files(tmp / "tokenizer")
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a new folder's usual mode
         if folder.is_dir():
             folder.rmdir()  # empty, checked above
         os.replace(tmp, folder)
@@ -124,8 +125,3 @@ def save_diffusers(pipe: Pipeline, folder: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

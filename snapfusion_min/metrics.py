@@ -96,8 +96,8 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
 
 def fid(features1: torch.Tensor, features2: torch.Tensor) -> float:
     """FID from two feature sets [N, D] (any extractor)."""
-    f1, f2 = features1.double().numpy(), features2.double().numpy()
-    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    a, b = fid_statistics(features1), fid_statistics(features2)
+    return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
 def attribute_probabilities(judge: Judge, images: torch.Tensor, combos: Sequence[Combo] = ALL_COMBOS,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -258,6 +259,16 @@ def optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+@contextmanager
+def ema_weights(model: torch.nn.Module, ema: EMA | None) -> Iterator[None]:
+    """The model holds the EMA weights inside the block (``swap_ema`` in, then out)."""
+    swap_ema(model, ema)
+    try:
+        yield
+    finally:
+        swap_ema(model, ema)
+
+
 def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
         d: Dist, *, out: str | None = None, tag: str = "", save: Callable[[torch.nn.Module, int, list[float]], None]
         | None = None, desc: str = "train") -> tuple[torch.nn.Module, list[float]]:
@@ -308,11 +319,8 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
                                         "step": step + 1, "ema": ema.shadow if ema else {}, "losses": losses,
                                         "tag": tag})
             if save is not None:
-                swap_ema(model, ema)
-                try:
+                with ema_weights(model, ema):
                     save(model, step + 1, losses)
-                finally:
-                    swap_ema(model, ema)
                 model.train()  # a Pipeline made by the save hook puts its parts in eval mode
     check_ranks_agree(model, d)
     if ema is not None:
