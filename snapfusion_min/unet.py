@@ -162,26 +162,46 @@ class UNet(nn.Module):
         return not (self.training and self.keep_prob < 1.0 and torch.rand(()).item() >= self.keep_prob)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        temb = self.time_embed(timestep_embedding(t, self.spec.channels[0]).to(z.dtype))
+        temb = self.embed_time(t, z)
         h = self.conv_in(z.contiguous(memory_format=self.memory_format()))
-        skips = [h]
+        h, _ = self.run(self.plan(), h, [h], temb, context)
+        return self.head(h)
+
+    def embed_time(self, t: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
+        """The timestep embedding every ResNet block adds (sinusoidal, then the two-layer MLP)."""
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
+        return self.time_embed(timestep_embedding(t, self.spec.channels[0]).to(z.dtype))
+
+    def plan(self) -> list[tuple[str, str, bool]]:
+        """The forward pass as a list of steps in order: (stage, block name or 'downsample' / 'upsample', whether
+        a down stage pushes a skip after it). Any slice of it can run on its own (``run``): Core ML chunks cut it."""
+        steps = []
         for stage in STAGES:
-            blocks, modules = self.spec.stages[stage], self.stages[stage]
-            for name, push in zip(blocks, skip_points(blocks)):
-                block, live = modules[name], self.runs(f"{stage}.{name}")
-                if name[0] == "R":
-                    x = torch.cat([h, skips.pop()], dim=1) if stage in UP_STAGES else h
-                    h = self.call(block, x, temb) if live else block.shortcut(x)
-                elif live:
-                    h = self.call(block, h, context)
-                if stage in DOWN_STAGES and push:
-                    skips.append(h)
-            if "downsample" in modules:
-                h = modules["downsample"](h)
+            blocks = self.spec.stages[stage]
+            steps += [(stage, name, push) for name, push in zip(blocks, skip_points(blocks))]
+            steps += [(stage, op, op == "downsample") for op in ("downsample", "upsample") if op in self.stages[stage]]
+        return steps
+
+    def run(self, steps: list[tuple[str, str, bool]], h: torch.Tensor, skips: list[torch.Tensor],
+            temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Steps of ``plan`` from hidden state h and the skip stack: up stages pop skips, down stages push them."""
+        for stage, name, push in steps:
+            module = self.stages[stage][name]
+            if name == "downsample":
+                h = module(h)
+            elif name == "upsample":  # nearest 2x, to the next skip's size so odd latent sizes work
+                h = module(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+            elif name[0] == "R":
+                live = self.runs(f"{stage}.{name}")
+                x = torch.cat([h, skips.pop()], dim=1) if stage in UP_STAGES else h
+                h = self.call(module, x, temb) if live else module.shortcut(x)
+            elif self.runs(f"{stage}.{name}"):
+                h = self.call(module, h, context)
+            if stage in DOWN_STAGES and push:
                 skips.append(h)
-            if "upsample" in modules:  # nearest 2x, to the next skip's size so odd latent sizes work
-                h = modules["upsample"](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+        return h, skips
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
     def call(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
