@@ -1,24 +1,35 @@
 """Core ML export (Apple's ml-stable-diffusion, the paper's iPhone deployment): text encoder, UNet of any
 architecture spec, and the (pruned) decoder, each converted on its own through torch.export into an ML Program, with
 fixed shapes, named inputs and outputs, and the settings an app needs to sample in every package's metadata.
+
+What the packages compute is in ``coreml_parts`` (our layout or Apple's, the UNet whole or in two chunks); weight
+compression (palettization, int8) and its error in ``coreml_compress``; ``verify`` runs them on macOS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import shutil
 import sys
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write
+from .coreml_compress import check_compression, compress, package_bytes, weight_error
+from .coreml_parts import PARTS, Package, balanced_cut, packages
 from .pipeline import Pipeline
+from .text_encoder import write_bpe_files
 from .unet import Attention
 
-PARTS = ("text_encoder", "unet", "decoder")
+LAYOUTS = ("snapfusion", "apple")  # apple: the names and conventions Apple's Swift StableDiffusionPipeline loads
+PSNR_PASS = 35.0  # dB: ml-stable-diffusion's bound for a converted model's outputs vs torch
 ATTENTIONS = ("default", "split_einsum")  # split_einsum: the Neural Engine-friendly attention of ml-stable-diffusion
 PRECISIONS = ("fp16", "fp32")
 # what coremltools logs at import on Linux and with a newer torch than it lists, and while it stores index constants
@@ -43,62 +54,15 @@ def load_coremltools():  # noqa: ANN201
     return coremltools
 
 
-class TextEncoderPart(nn.Module):
-    """input_ids [1, L] int32 -> last_hidden_state [1, L, width] (after the final layer norm, as SD uses it)."""
-
-    def __init__(self, pipe: Pipeline) -> None:
-        super().__init__()
-        self.encoder = pipe.text_encoder
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids.long())
-
-
-class UNetPart(nn.Module):
-    """(sample [B, 4, h, w], timestep [B], encoder_hidden_states [B, L, width]) -> the network's output (eps or v)."""
-
-    def __init__(self, pipe: Pipeline) -> None:
-        super().__init__()
-        self.unet = pipe.unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states)
-
-
-class DecoderPart(nn.Module):
-    """Scaled latent z [1, 4, h, w] -> image [1, 3, H, W] in [0, 1] (the latent scale is folded in)."""
-
-    def __init__(self, pipe: Pipeline) -> None:
-        super().__init__()
-        self.decoder, self.scale = pipe.vae.decoder, pipe.latent_scale
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.decoder(z / self.scale) / 2 + 0.5).clamp(0, 1)
-
-
-def part_io(pipe: Pipeline, part: str, resolution: int, batch: int) -> tuple[nn.Module, dict, list[str]]:
-    """The wrapper module, its named example inputs, and its output name(s)."""
-    h = resolution // pipe.vae.cfg.factor
-    width, length = pipe.text_encoder.cfg.width, pipe.text_encoder.cfg.context_length
-    if part == "text_encoder":
-        return TextEncoderPart(pipe), {"input_ids": torch.zeros(1, length, dtype=torch.int32)}, ["last_hidden_state"]
-    if part == "unet":
-        inputs = {"sample": torch.randn(batch, pipe.unet.spec.in_channels, h, h),
-                  "timestep": torch.full((batch,), 999.0), "encoder_hidden_states": torch.randn(batch, length, width)}
-        return UNetPart(pipe), inputs, ["noise_pred" if pipe.prediction == "eps" else "v_pred"]
-    return DecoderPart(pipe), {"z": torch.randn(1, pipe.vae.cfg.latent_channels, h, h)}, ["image"]
-
-
-def metadata(pipe: Pipeline, resolution: int, batch: int, attention: str, precision: str) -> dict:
-    """What an app needs to sample without guessing."""
+def metadata(pipe: Pipeline, resolution: int, batch: int, options: ExportOptions) -> dict:
+    """What an app needs to sample without guessing (and how the packages were made)."""
     cfg = pipe.config()
     return {"arch": cfg["arch"], "prediction": pipe.prediction, "latent_scale": pipe.latent_scale,
             "scheduler": {"name": "DDIM", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                           "train_steps": 1000, "spacing": pipe.sampler.spacing},
             "steps": pipe.sampler.steps, "guidance": pipe.sampler.guidance, "resolution": resolution,
-            "unet_batch": batch, "vae": cfg["vae"], "text": cfg["text"], "attention": attention,
-            "precision": precision, "source": Path(pipe.source).name}
+            "unet_batch": batch, "vae": cfg["vae"], "text": cfg["text"], **dataclasses.asdict(options),
+            "unet_output": "eps" if options.layout == "apple" else pipe.prediction, "source": Path(pipe.source).name}
 
 
 def convert(module: nn.Module, inputs: dict, outputs: list[str], precision: str, meta: dict) -> object:
@@ -112,51 +76,126 @@ def convert(module: nn.Module, inputs: dict, outputs: list[str], precision: str,
         program = torch.export.export(module, tuple(inputs.values())).run_decompositions({})
     types = [ct.TensorType(name=name, shape=tuple(x.shape), dtype=np.int32 if x.dtype == torch.int32 else np.float32)
              for name, x in inputs.items()]
-    with warnings.catch_warnings():  # numpy's, when coremltools folds the text encoder's -inf causal mask
-        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
-        model = ct.convert(program, inputs=types, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
-                           convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                           compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+    model = ct.convert(program, inputs=types, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
+                       convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                       compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
     model.user_defined_metadata["snapfusion_min"] = json.dumps(meta)
     model.short_description = f"snapfusion-min {meta['part']} ({meta['source']})"
     return model
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to write the packages: weight precision, attention kernel, file layout (ours, or Apple's Swift
+    pipeline's), the UNet in two chunks, and weight compression (``coreml_compress.COMPRESSIONS``)."""
+
+    precision: str = "fp16"
+    attention: str = "default"
+    layout: str = "snapfusion"
+    chunk: bool = False
+    compress: str | None = None
+
+    def check(self, batch: int) -> None:
+        """ValueError for a setting that cannot be written, before any work."""
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "apple" and batch != 2:
+            raise ValueError("Apple's Swift pipeline runs the UNet at batch 2 (CFG's two halves): use --unet-batch 2")
+        check_compression(self.compress, self.precision)
+
+
 def export(pipe: Pipeline, out: Path, parts: list[str], *, resolution: int = 64, batch: int = 2,
-           precision: str = "fp16", attention: str = "default", log: bool = True) -> dict[str, Path]:
-    """Write <out>/<part>.mlpackage for each part and <out>/snapfusion_min.json; returns the package paths."""
+           options: ExportOptions = ExportOptions(), log: bool = True) -> dict[str, Path]:
+    """Write one .mlpackage per package of each part (two for a chunked UNet), ``snapfusion_min.json`` with the
+    settings, sizes and weight errors, and in Apple's layout the tokenizer's vocab.json and merges.txt. Returns the
+    package paths by package name."""
+    options.check(batch)
     for m in pipe.unet.modules():
         if isinstance(m, Attention):
-            m.split_einsum = attention == "split_einsum"
+            m.split_einsum = options.attention == "split_einsum"
     pipe.unet.to(memory_format=torch.contiguous_format)
     out.mkdir(parents=True, exist_ok=True)
-    meta = metadata(pipe, resolution, batch, attention, precision)
-    paths = {}
+    meta = metadata(pipe, resolution, batch, options)
+    if options.chunk:
+        k = balanced_cut(pipe.unet)
+        stage, name, _ = pipe.unet.plan()[k - 1]
+        meta["chunk_after"] = f"{stage}.{name}"  # the last block of the first chunk (plan step k - 1)
+    paths, report = {}, {}
     for part in parts:
-        start = time.perf_counter()
-        module, inputs, outputs = part_io(pipe, part, resolution, batch)
-        model = convert(module, inputs, outputs, precision, {**meta, "part": part})
-        paths[part] = out / f"{part}.mlpackage"
-        model.save(str(paths[part]))
-        if log:
-            print(f"{paths[part]}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    (out / "snapfusion_min.json").write_text(json.dumps({**meta, "parts": {p: f"{p}.mlpackage" for p in paths}},
-                                                        indent=1))
+        for pkg in packages(pipe, part, resolution, batch, layout=options.layout, chunk=options.chunk):
+            paths[pkg.name], report[pkg.name] = write_package(pkg, out, meta, options)
+            if log:
+                print(describe(pkg.name, report[pkg.name]), file=sys.stderr)
+    if options.layout == "apple":
+        write_bpe_files(out)
+    sidecar = out / "snapfusion_min.json"  # a second export into the folder (e.g. a pruned decoder) adds its rows
+    earlier = json.loads(sidecar.read_text()).get("packages", {}) if sidecar.exists() else {}
+    report = {**{k: v for k, v in earlier.items() if (out / v["file"]).exists()}, **report}
+    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({**meta, "packages": report}, indent=1)))
     return paths
 
 
-def verify(pipe: Pipeline, paths: dict[str, Path], resolution: int, batch: int) -> None:
-    """macOS only: each package on random inputs vs torch, max abs difference."""
+def write_package(pkg: Package, out: Path, meta: dict, options: ExportOptions) -> tuple[Path, dict]:
+    """Convert (and compress) one package; saved beside its path and renamed into place, replacing an earlier
+    export of the same name (said in its row: 'replaced'). Returns the path and its row of the report."""
+    start = time.perf_counter()
+    model = convert(pkg.module, pkg.inputs, pkg.outputs, options.precision,
+                    {**meta, "part": pkg.part, "package": pkg.name})
+    row = {}
+    if options.compress:
+        compressed = compress(model, options.compress)
+        row["weight_error"] = weight_error(model, compressed)
+        model = compressed
+    path, tmp = out / f"{pkg.name}.mlpackage", out / f".{pkg.name}.partial.mlpackage"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp))
+    del model
+    if path.exists():
+        row["replaced"] = True
+        shutil.rmtree(path)
+    tmp.rename(path)
+    row.update(file=path.name, source=meta["source"], bytes=package_bytes(path),
+               seconds=round(time.perf_counter() - start, 1))
+    return path, row
+
+
+def describe(name: str, row: dict) -> str:
+    """One line per written package: size, time, and the weight error compression introduced."""
+    text = f"{row['file']}: {row['bytes'] / 1e6:.1f} MB, {row['seconds']:.1f} s"
+    if row.get("replaced"):
+        text += " (replaced the earlier one)"
+    if "weight_error" in row:
+        e = row["weight_error"]
+        text += f", weight error {e['relative']:.2e} (worst tensor {e['worst']:.2e}, {e['tensors']} compressed)"
+    return text
+
+
+def output_psnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    """PSNR of a Core ML output against torch's, with the reference's largest |value| as the peak: the check of
+    Apple's ml-stable-diffusion, which calls >= 35 dB a pass (``PSNR_PASS``)."""
+    rms = ((got.double() - want.double()) ** 2).mean().sqrt().clamp_min(1e-12)
+    return 20 * math.log10(max(want.abs().max().item(), 1e-12) / rms.item())
+
+
+def verify(pipe: Pipeline, paths: dict[str, Path], resolution: int, batch: int,
+           options: ExportOptions = ExportOptions()) -> bool:
+    """macOS only: each written package on its example inputs vs torch; prints per package the lowest PSNR of its
+    outputs and pass/fail against Apple's 35 dB; True if all pass."""
     ct = load_coremltools()
-
-    for part, path in paths.items():
-        module, inputs, outputs = part_io(pipe, part, resolution, batch)
-        with torch.no_grad():
-            want = module.eval()(*inputs.values())
-        got = ct.models.MLModel(str(path)).predict({k: v.numpy() for k, v in inputs.items()})[outputs[0]]
-        print(f"{part}: max |coreml - torch| = {(torch.from_numpy(got).float() - want).abs().max().item():.3e}")
-
-
+    ok = True
+    for part in PARTS:
+        for pkg in packages(pipe, part, resolution, batch, layout=options.layout, chunk=options.chunk):
+            if pkg.name not in paths:
+                continue
+            with torch.no_grad():
+                want = pkg.module.eval()(*pkg.inputs.values())
+            want = want if isinstance(want, tuple) else (want,)
+            got = ct.models.MLModel(str(paths[pkg.name])).predict({k: v.numpy() for k, v in pkg.inputs.items()})
+            psnr = min(output_psnr(torch.from_numpy(got[n]).float(), w) for n, w in zip(pkg.outputs, want))
+            ok &= psnr >= PSNR_PASS
+            verdict = "pass" if psnr >= PSNR_PASS else "FAIL"
+            print(f"{pkg.name}: PSNR {psnr:.1f} dB vs torch ({verdict}; Apple's bound {PSNR_PASS:.0f} dB)")
+    return ok
 
 
 def check_resolution(pipe: Pipeline, resolution: int) -> None:

@@ -78,6 +78,9 @@ class TextEncoder(nn.Module):
         tower = self.tower
         n = tokens.shape[1]
         x = tower.token_embedding(tokens) + tower.positional_embedding[:n]
-        causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)  # CLIP's text is causal
+        # CLIP's text is causal: -inf above the diagonal. Written as a select, not full(-inf).triu(1): coremltools
+        # folds triu by multiplying with a 0/1 mask, and -inf * 0 = NaN stored every entry of a Core ML mask as NaN.
+        above = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        causal = torch.zeros(n, n, device=x.device, dtype=x.dtype).masked_fill(above, float("-inf"))
         x = tower.transformer(x, attn_mask=causal)
         return tower.ln_final(x)

@@ -111,7 +111,10 @@ def test_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")  # --verify needs macOS
     for args, message in ((["--resolution", "96"], "multiple of 64"),
                           (["--checkpoint", str(tmp_path / "missing.safetensors")], "no such checkpoint"),
-                          (["--parts", "unet,vocoder"], "parts"), (["--verify"], "needs macOS")):
+                          (["--parts", "unet,vocoder"], "parts"), (["--verify"], "needs macOS"),
+                          (["--layout", "apple", "--unet-batch", "1"], "batch 2"),
+                          (["--compress", "pal6", "--precision", "fp32"], "--precision fp16"),
+                          (["--to", "diffusers", "--compress", "pal6"], "not used with --to diffusers")):
         code = run_main("export.py", "--checkpoint", ck, *args, "--out-dir", str(tmp_path / "x"))
         assert isinstance(code, str) and message in code and "\n" not in code, code
     monkeypatch.setitem(sys.modules, "coremltools", None)  # as if not installed
@@ -122,8 +125,8 @@ def test_bad_input(tmp_path, monkeypatch):
 
 def test_known_coremltools_noise_is_not_shown(tmp_path, capfd, caplog):
     """What coremltools says on conversions here and is known harmless -- its import-time notes, int64 index
-    constants stored as int32 (the toy UNet's), numpy's 'invalid value' while folding the text encoder's -inf causal
-    mask -- does not reach the user; anything else it logs still does."""
+    constants stored as int32 (the toy UNet's) -- does not reach the user; anything else it logs still does. Folding
+    the text encoder's causal mask raises no numpy 'invalid value' (it once did: the stored mask was all NaN)."""
     import logging
     import warnings
 

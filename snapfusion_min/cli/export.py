@@ -21,7 +21,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..coreml import ATTENTIONS, PARTS, PRECISIONS, check_resolution, export, load_coremltools, verify
+from ..coreml import (
+    ATTENTIONS,
+    LAYOUTS,
+    PARTS,
+    PRECISIONS,
+    ExportOptions,
+    check_resolution,
+    export,
+    load_coremltools,
+    verify,
+)
+from ..coreml_compress import COMPRESSIONS
 from ..pipeline import SamplerConfig, load_pipeline, random_pipeline
 from ..recipe import TOY
 from . import check_writable, flag, parser, run
@@ -38,10 +49,20 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of these")
     p.add_argument("--resolution", type=int, help="image size (default: the checkpoint's)")
     p.add_argument("--unet-batch", type=int, choices=[1, 2], default=2, help="UNet batch: 2 for CFG, 1 without")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="of the weights and the compute")
     p.add_argument("--attention", choices=ATTENTIONS, default="default",
                    help="split_einsum: the Neural Engine-friendly attention of Apple's ml-stable-diffusion")
-    p.add_argument("--verify", action="store_true", help="run each package and compare with torch (macOS only)")
+    p.add_argument("--layout", choices=LAYOUTS, default="snapfusion",
+                   help="apple: the file names and input/output conventions of Apple's Swift StableDiffusionPipeline "
+                        "(TextEncoder, Unet or UnetChunk1/2, VAEDecoder, vocab.json, merges.txt; the UNet outputs "
+                        "eps); compile with xcrun coremlcompiler (docs/export.md)")
+    p.add_argument("--chunk", action="store_true",
+                   help="the UNet as two packages of about equal size, cut at a block boundary of its spec")
+    p.add_argument("--compress", choices=list(COMPRESSIONS),
+                   help="weights: k-means palettization to 8/6/4 bits (fp16 lookup tables; needs kmeans1d) or int8 "
+                        "linear quantization (default: none, fp16)")
+    p.add_argument("--verify", action="store_true",
+                   help="run each package and compare with torch: PSNR, pass at >= 35 dB (macOS only)")
     return p
 
 
@@ -56,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.to == "diffusers":
         return to_diffusers(args)
     load_coremltools()
+    options = ExportOptions(precision=args.precision, attention=args.attention, layout=args.layout, chunk=args.chunk,
+                            compress=args.compress)
+    options.check(args.unet_batch)
     if args.arch:
         from ..arch import preset
 
@@ -64,10 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")
     resolution = pipe.sampler.resolution if args.resolution is None else args.resolution
     check_resolution(pipe, resolution)
-    paths = export(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch,
-                   precision=args.precision, attention=args.attention)
-    if args.verify:
-        verify(pipe, paths, resolution, args.unet_batch)
+    paths = export(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch, options=options)
+    if args.verify and not verify(pipe, paths, resolution, args.unet_batch, options):
+        raise SystemExit(1)
 
 
 def to_diffusers(args: argparse.Namespace) -> None:
@@ -76,8 +99,9 @@ def to_diffusers(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out-dir {out} is not empty; a diffusers folder needs a new or empty one")
-    ignored = [f for f, given in (("--arch", args.arch), ("--verify", args.verify), ("--resolution", args.resolution))
-               if given]
+    ignored = [f for f, given in (("--arch", args.arch), ("--verify", args.verify), ("--resolution", args.resolution),
+                                  ("--layout", args.layout != "snapfusion"), ("--chunk", args.chunk),
+                                  ("--compress", args.compress)) if given]
     if ignored:
         raise ValueError(f"{', '.join(ignored)}: Core ML options, not used with --to diffusers")
     pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")  # save_diffusers refuses before writing
