@@ -203,7 +203,7 @@ def int8_expected(w: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_compression_sizes_and_weight_errors(tmp_path):
-    """Each scheme on the toy-shaped decoder (Gaussian random weights): the package shrinks as the bits go down;
+    """The schemes on the toy-shaped decoder (Gaussian random weights): the package shrinks as the bits go down;
     k-means palettization's error is that of the optimal n-bit quantizer of a Gaussian (Panter & Dite's
     sqrt(sqrt(3) pi / 2) 2^-n, within 15%), int8's that of rounding to each channel's step (within 10%); the error
     equals one recomputed from the stored lookup tables and indices (not coremltools' decompression); the metadata
@@ -212,14 +212,14 @@ def test_compression_sizes_and_weight_errors(tmp_path):
 
     pipe = tiny_pipeline(seed=3, sampler=SAMPLER)
     sizes, errors = {}, {}
-    for scheme in ("fp16", "pal8", "pal6", "pal4", "int8"):
+    for scheme in ("fp16", "pal6", "pal4", "int8"):
         options = ExportOptions(compress=None if scheme == "fp16" else scheme)
         export(pipe, tmp_path / scheme, ["decoder"], resolution=64, batch=2, options=options, log=False)
         row = json.loads((tmp_path / scheme / "snapfusion_min.json").read_text())["packages"]["decoder"]
         sizes[scheme], errors[scheme] = row["bytes"], row.get("weight_error")
-    assert sizes["pal4"] < sizes["pal6"] < sizes["pal8"] < 0.7 * sizes["fp16"], sizes
+    assert sizes["pal4"] < sizes["pal6"] < 0.6 * sizes["fp16"], sizes
     assert sizes["int8"] < 0.7 * sizes["fp16"], sizes
-    for bits in (8, 6, 4):
+    for bits in (6, 4):  # 8 bits: the bundled model's test below
         e = errors[f"pal{bits}"]
         assert e["tensors"] >= 10 and e["relative"] == pytest.approx(PANTER_DITE / 2**bits, rel=0.15), (bits, e)
 
@@ -275,24 +275,24 @@ def test_causal_mask_is_stored_right_and_never_compressed(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_toy_model_compresses_within_the_uniform_grid_bound(tmp_path):
-    """The bundled (trained) toy model's decoder at 4 bits: k-means1d's palette is the optimal one, so no tensor's
-    error exceeds that of 16 evenly spaced levels over its range (|error| <= half a step); the package shrinks."""
+    """The bundled (trained) toy model's decoder at 8 bits: k-means1d's palette is the optimal one, so no tensor's
+    error exceeds that of 256 evenly spaced levels over its range (|error| <= half a step); the package shrinks."""
     from snapfusion_min.coreml_compress import weights
     from snapfusion_min.pipeline import load_pipeline
     from snapfusion_min.recipe import TOY
 
     pipe = load_pipeline(TOY / "model.safetensors", device="cpu", dtype="float32")
     sizes = {}
-    for scheme in (None, "pal4"):
+    for scheme in (None, "pal8"):
         export(pipe, tmp_path / str(scheme), ["decoder"], options=ExportOptions(compress=scheme), log=False)
         sizes[str(scheme)] = json.loads((tmp_path / str(scheme) / "snapfusion_min.json").read_text())["packages"]
-    assert sizes["pal4"]["decoder"]["bytes"] < 0.4 * sizes["None"]["decoder"]["bytes"]
+    assert sizes["pal8"]["decoder"]["bytes"] < 0.6 * sizes["None"]["decoder"]["bytes"]
     original, _ = weights(ct.models.MLModel(str(tmp_path / "None" / "decoder.mlpackage"), skip_model_load=True))
-    model = ct.models.MLModel(str(tmp_path / "pal4" / "decoder.mlpackage"), skip_model_load=True)
+    model = ct.models.MLModel(str(tmp_path / "pal8" / "decoder.mlpackage"), skip_model_load=True)
     decompressed, compressed = weights(ct.optimize.coreml.decompress_weights(model))
     assert len(compressed) >= 10
     for name in compressed:
         w, wc = original[name].astype(np.float64), decompressed[name].astype(np.float64)
-        half_step = (w.max() - w.min()) / (2 * 15)
+        half_step = (w.max() - w.min()) / (2 * 255)
         assert np.sqrt(((wc - w) ** 2).mean()) <= half_step, name
-        assert len(np.unique(wc)) <= 16, name
+        assert len(np.unique(wc)) <= 256, name
