@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write
-from .coreml_compress import check_compression, compress, package_bytes, weight_error
+from .coreml_compress import check_compression, compress, package_bytes
 from .coreml_parts import PARTS, Package, balanced_cut, packages
 from .pipeline import Pipeline
 from .text_encoder import write_bpe_files
@@ -143,9 +143,7 @@ def write_package(pkg: Package, out: Path, meta: dict, options: ExportOptions) -
                     {**meta, "part": pkg.part, "package": pkg.name})
     row = {}
     if options.compress:
-        compressed = compress(model, options.compress)
-        row["weight_error"] = weight_error(model, compressed)
-        model = compressed
+        model, row["weight_error"] = compress(model, options.compress)
     path, tmp = out / f"{pkg.name}.mlpackage", out / f".{pkg.name}.partial.mlpackage"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))

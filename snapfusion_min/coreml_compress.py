@@ -35,20 +35,25 @@ def check_compression(scheme: str | None, precision: str) -> None:
             raise ValueError("palettization needs kmeans1d: pip install kmeans1d (or the 'compress' extra)") from None
 
 
-def compress(model: object, scheme: str) -> object:
-    """The MLModel with its large weights palettized or int8-quantized; its metadata is kept."""
+def compress(model: object, scheme: str) -> tuple[object, dict]:
+    """The MLModel with its large weights palettized or int8-quantized (its metadata kept), and the weight error
+    that introduced (``weight_error``); the original weights are read once for both."""
     import coremltools.optimize.coreml as opt
 
     kind, bits = COMPRESSIONS[scheme]
+    before, _ = weights(model)
     # constants that are not weights but hold -inf (the text encoder's folded causal mask) stay as they are
-    masks = {name: None for name, w in weights(model)[0].items() if w.dtype.kind == "f" and not np.isfinite(w).all()}
+    masks = {name: None for name, w in before.items() if w.dtype.kind == "f" and not np.isfinite(w).all()}
     if kind == "palettize":
         op = opt.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
                                     weight_threshold=PALETTIZE_MIN_SIZE)
-        return opt.palettize_weights(model, opt.OptimizationConfig(global_config=op, op_name_configs=masks))
-    op = opt.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                     weight_threshold=QUANTIZE_MIN_SIZE)
-    return opt.linear_quantize_weights(model, opt.OptimizationConfig(global_config=op, op_name_configs=masks))
+        compressed = opt.palettize_weights(model, opt.OptimizationConfig(global_config=op, op_name_configs=masks))
+    else:
+        op = opt.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                         weight_threshold=QUANTIZE_MIN_SIZE)
+        compressed = opt.linear_quantize_weights(model, opt.OptimizationConfig(global_config=op,
+                                                                               op_name_configs=masks))
+    return compressed, weight_error(before, compressed)
 
 
 def weights(model: object) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -65,13 +70,13 @@ def weights(model: object) -> tuple[dict[str, np.ndarray], set[str]]:
     return out, renamed
 
 
-def weight_error(original: object, compressed: object) -> dict:
-    """Decompressed vs original weights: {'tensors': how many were compressed, 'relative': ||W_c - W|| / ||W||
+def weight_error(before: dict[str, np.ndarray], compressed: object) -> dict:
+    """Decompressed vs original weights (``before``: the original package's ``weights``): {'tensors': how many
+    were compressed, 'relative': ||W_c - W|| / ||W||
     over all of them together, 'worst': the largest relative error of a single one}. Tensors left uncompressed
     (biases, norms: below the size threshold) are exact and not counted."""
     from coremltools.optimize.coreml import decompress_weights
 
-    before, _ = weights(original)
     after, renamed = weights(decompress_weights(compressed))
     if renamed - before.keys():
         raise AssertionError(f"compressed tensors not in the original package: {sorted(renamed - before.keys())[:5]}")
