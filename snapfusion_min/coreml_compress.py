@@ -72,9 +72,8 @@ def weights(model: object) -> tuple[dict[str, np.ndarray], set[str]]:
 
 def weight_error(before: dict[str, np.ndarray], compressed: object) -> dict:
     """Decompressed vs original weights (``before``: the original package's ``weights``): {'tensors': how many
-    were compressed, 'relative': ||W_c - W|| / ||W||
-    over all of them together, 'worst': the largest relative error of a single one}. Tensors left uncompressed
-    (biases, norms: below the size threshold) are exact and not counted."""
+    were compressed, 'relative': ||W_c - W|| / ||W|| over all of them together, 'worst': the largest relative error
+    of a single one}. Tensors left uncompressed (biases, norms: below the size threshold) are exact, not counted."""
     from coremltools.optimize.coreml import decompress_weights
 
     after, renamed = weights(decompress_weights(compressed))
