@@ -67,7 +67,8 @@ def synthetic_latents(pipe: Pipeline, init: str, cfg: DecoderConfig, out: str, d
         prompts = every[i:i + n]
         z = pipe.initial_latents(n, res, res, seed=10**6 * (seed + 1) + i)
         context, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * n)
-        found.append(pipe.denoise(z, context, uncond, cfg.teacher_steps, guidance, pipe.sampler.spacing).cpu())
+        found.append(pipe.denoise(z, context, uncond, cfg.teacher_steps, guidance, pipe.sampler.spacing,
+                                  solver=pipe.sampler.solver).cpu())
     latents = torch.cat(found)
     if d.main:
         atomic_write(cache, lambda tmp: torch.save({"tag": tag, "latents": latents}, tmp))

@@ -1,4 +1,4 @@
-"""Diffusion math: SD's noise schedule, the eps / v / x conversions, the DDIM step and CFG (paper §2.1, §4, App. C).
+"""Diffusion math: SD's noise schedule, the eps / v / x conversions, DDIM, DPM-Solver and CFG (paper §2.1, §4, App. C).
 
 Notation as in the paper: z_t = alpha_t x + sigma_t eps (§2.1), with alpha_t^2 + sigma_t^2 = 1 (variance preserving);
 v = alpha_t eps - sigma_t x (Eq. 6). Timesteps are SD's integers 0..999; ``CLEAN = -1`` stands for the data itself
@@ -16,6 +16,7 @@ TRAIN_STEPS = 1000  # SD-v1.5's discrete training timesteps
 BETA_START, BETA_END = 0.00085, 0.012  # SD-v1.5's "scaled_linear" schedule
 CLEAN = -1  # pseudo-timestep of clean data: alpha = 1, sigma = 0
 SPACINGS = ("leading", "trailing")  # timestep grids of ``timesteps``
+SOLVERS = ("ddim", "dpm", "dpm++")  # samplers of ``Solver``: Eq. 2; multistep DPM-Solver-2; DPM-Solver++(2M)
 Scalar = torch.Tensor | float  # a per-sample [B] tensor or one number
 
 
@@ -116,3 +117,59 @@ def timesteps(steps: int, spacing: str = "leading", offset: int = 1) -> list[int
     if spacing == "trailing":
         return [round(Fraction(TRAIN_STEPS * (steps - i), steps)) - 1 for i in range(steps)] + [CLEAN]
     raise ValueError(f"unknown timestep spacing {spacing!r} (expected 'leading' or 'trailing')")
+
+
+def dpm_step(*, z: torch.Tensor, d: torch.Tensor, alpha: Scalar, sigma: Scalar, alpha_next: Scalar,
+             sigma_next: Scalar, data: bool) -> torch.Tensor:
+    """One exponential-integrator step from t to t' with the prediction d held fixed over the step.
+
+    data=False, d = eps_hat (DPM-Solver, Lu et al., arXiv 2206.00927, §3.3, DPM-Solver-1):
+        z_t' = (alpha_t'/alpha_t) z_t - sigma_t' (e^h - 1) d;
+    data=True, d = x_hat (DPM-Solver++, arXiv 2211.01095, §4, its first-order solver):
+        z_t' = (sigma_t'/sigma_t) z_t - alpha_t' (e^-h - 1) d;
+    h = lambda_t' - lambda_t, lambda = log(alpha / sigma). With d a first-order prediction both are DDIM (Eq. 2).
+    e^h = alpha_t' sigma_t / (sigma_t' alpha_t) is written out, so that a step onto clean data (sigma_t' = 0,
+    h = inf) stays finite.
+    """
+    if data:
+        return expand(sigma_next / sigma, z) * z + expand(alpha_next - sigma_next * alpha / sigma, z) * d
+    return expand(alpha_next / alpha, z) * z - expand(alpha_next * sigma / alpha - sigma_next, z) * d
+
+
+def multistep(d: torch.Tensor, d_prev: torch.Tensor, r: float) -> torch.Tensor:
+    """The second-order multistep prediction, d + (d - d_prev) / (2 r), r = h_prev / h (DPM-Solver++(2M),
+    arXiv 2211.01095 Alg. 2: D = (1 + 1/(2r)) d - 1/(2r) d_prev; the same for eps in multistep DPM-Solver-2)."""
+    return d + (d - d_prev) / (2 * r)
+
+
+class Solver:
+    """Steps z along a grid given the network's (guided) output at each point: 'ddim' (Eq. 2), 'dpm' (multistep
+    DPM-Solver-2 on eps_hat) or 'dpm++' (DPM-Solver++(2M) on x_hat).
+
+    The multistep solvers keep the previous step's prediction; the first step is first order (no history yet), and so
+    is the last when it lands on clean data (h = inf) or when there are fewer than 15 steps -- DPM-Solver's
+    'lower order final' rule, kept so that our steps equal diffusers' ``DPMSolverMultistepScheduler``.
+    """
+
+    def __init__(self, name: str, grid: list[int], schedule: Schedule, prediction: str):
+        if name not in SOLVERS:
+            raise ValueError(f"unknown sampler {name!r} (expected one of {SOLVERS})")
+        self.name, self.grid, self.schedule, self.prediction = name, grid, schedule, prediction
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (d, lambda) at the previous point
+
+    def step(self, i: int, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """z at grid[i] and the network's output there -> z at grid[i + 1]."""
+        alpha, sigma = self.schedule.alpha_sigma(self.grid[i])
+        alpha_next, sigma_next = self.schedule.alpha_sigma(self.grid[i + 1])
+        x, eps = predict_x_eps(out, z=z, alpha=alpha, sigma=sigma, prediction=self.prediction)
+        if self.name == "ddim":
+            return ddim_step(x=x, eps=eps, alpha_next=alpha_next, sigma_next=sigma_next)
+        d, lam = (x if self.name == "dpm++" else eps), (alpha / sigma).log()
+        prev, self.prev = self.prev, (d, lam)
+        steps = len(self.grid) - 1
+        last_first_order = i == steps - 1 and (sigma_next == 0 or steps < 15)
+        if prev is not None and not last_first_order:
+            h, h_prev = (alpha_next / sigma_next).log() - lam, lam - prev[1]
+            d = multistep(d, prev[0], float(h_prev / h))
+        return dpm_step(z=z, d=d, alpha=alpha, sigma=sigma, alpha_next=alpha_next, sigma_next=sigma_next,
+                        data=self.name == "dpm++")

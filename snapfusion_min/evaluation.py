@@ -112,7 +112,7 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
         batch = prompts[i:i + 100]
         z = pipe.initial_latents(len(batch), TOY_IMAGE, TOY_IMAGE, seed + i)
         latents.append(pipe.denoise(z, pipe.encode_prompts(batch), pipe.encode_prompts([""] * len(batch)), steps,
-                                    guidance, pipe.sampler.spacing))
+                                    guidance, pipe.sampler.spacing, solver=pipe.sampler.solver))
     latents = torch.cat(latents)
     judge = toy_judge(clip)
     real_features = judge.image_features(real, normalize=False)

@@ -45,6 +45,7 @@ class SamplerConfig:
     steps: int = 50  # DDIM steps (Eq. 2); a distilled student: its own N
     guidance: float = 7.5  # CFG scale w (Eq. 3); 1 = no guidance
     spacing: str = "leading"  # timestep grid: 'leading' (SD-v1.5) or 'trailing' (students, App. D)
+    solver: str = "ddim"  # the sampler: 'ddim' (Eq. 2), 'dpm' or 'dpm++' (DPM-Solver-2, DPM-Solver++(2M))
     resolution: int = 512  # image side the model was trained at
     distilled: bool = False  # a step-distilled student: it samples at its own steps only
 
@@ -55,6 +56,8 @@ class SamplerConfig:
             raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {self.guidance!r}")
         if self.spacing not in D.SPACINGS:
             raise ValueError(f"spacing must be one of {D.SPACINGS}, got {self.spacing!r}")
+        if self.solver not in D.SOLVERS:
+            raise ValueError(f"sampler must be one of {D.SOLVERS}, got {self.solver!r}")
         if not (isinstance(self.resolution, int) and self.resolution >= 8):
             raise ValueError(f"resolution must be an integer >= 8, got {self.resolution!r}")
 
@@ -180,20 +183,20 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, z: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None, steps: int,
-                guidance: float, spacing: str = "leading", progress: bool = False) -> torch.Tensor:
-        """DDIM (Eq. 2) from z_T to the final latent, CFG (Eq. 3) if guidance > 1, [uncond; cond] in one batch."""
+                guidance: float, spacing: str = "leading", progress: bool = False,
+                solver: str = "ddim") -> torch.Tensor:
+        """From z_T to the final latent by the solver (DDIM, Eq. 2, or DPM-Solver), CFG (Eq. 3) if guidance > 1,
+        [uncond; cond] in one batch."""
         grid = D.timesteps(steps, spacing)
+        sampler = D.Solver(solver, grid, self.schedule, self.prediction)
         use_cfg = guidance > 1.0 and uncond is not None
         ctx = torch.cat([uncond, context]) if use_cfg else context
-        for t, t_next in tqdm(list(zip(grid[:-1], grid[1:])), desc="denoising", disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(grid[:-1], desc="denoising", disable=not progress, leave=False)):
             out = self.unet(torch.cat([z, z]) if use_cfg else z, t, ctx)
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = D.cfg(out_cond, out_uncond, guidance)
-            alpha, sigma = self.schedule.alpha_sigma(t)
-            alpha_next, sigma_next = self.schedule.alpha_sigma(t_next)
-            x, eps = D.predict_x_eps(out, z=z, alpha=alpha, sigma=sigma, prediction=self.prediction)
-            z = D.ddim_step(x=x, eps=eps, alpha_next=alpha_next, sigma_next=sigma_next)
+            z = sampler.step(i, z, out)
         return z
 
     def set_decoder(self, vae: VAE, latent_scale: float) -> None:
@@ -233,17 +236,19 @@ class Pipeline:
 
     def __call__(self, prompts: str | list[str], *, steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, height: int | None = None, width: int | None = None,
-                 latents: torch.Tensor | None = None, spacing: str | None = None, negative_prompt: str = "",
+                 latents: torch.Tensor | None = None, spacing: str | None = None, solver: str | None = None,
+                 negative_prompt: str = "",
                  num_images_per_prompt: int = 1, progress: bool = False,
                  output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1]).
 
-        Steps, guidance, spacing and size default to ``self.sampler``: what the checkpoint was trained for. With
+        Steps, guidance, spacing, solver and size default to ``self.sampler``: what the checkpoint was trained for. With
         ``num_images_per_prompt`` n, each prompt is repeated n times in place (p0, p0, p1, p1, ...); image i of that
         list starts from seed + i.
         """
         s = dataclasses.replace(self.sampler, **{k: v for k, v in (("steps", steps), ("guidance", guidance),
-                                                                   ("spacing", spacing)) if v is not None})
+                                                                   ("spacing", spacing), ("solver", solver))
+                                                    if v is not None})
         steps, guidance, spacing = s.steps, s.guidance, s.spacing
         height, width = (s.resolution if v is None else v for v in (height, width))
         if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
@@ -260,7 +265,7 @@ class Pipeline:
             self.device, self.dtype)
         context = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance > 1.0 else None
-        z = self.denoise(z, context, uncond, steps, guidance, spacing, progress)
+        z = self.denoise(z, context, uncond, steps, guidance, spacing, progress, s.solver)
         if not torch.isfinite(z).all():
             raise FloatingPointError("the sampled latents are not finite: the UNet's weights hold NaN or inf, or the "
                                      "guidance scale overflows")

@@ -73,6 +73,7 @@ def _settings(pipe: Pipeline, prompts: list[str], steps: int, guidance: float, s
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     source = str(Path(pipe.source).resolve()) if pipe.source and Path(pipe.source).exists() else pipe.source
     return {"checkpoint": source, "steps": steps, "guidance": guidance, "spacing": pipe.sampler.spacing,
+            "sampler": pipe.sampler.solver,
             "seed": seed, "resolution": size, "prediction": pipe.prediction, "n": len(prompts),
             "prompts_sha256": digest}
 

@@ -25,7 +25,8 @@ PROMPT = "a large red circle at the top left on a gray background"
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    tiny_pipeline(sampler=SamplerConfig(steps=3, guidance=4.0, spacing="trailing", resolution=32)).save(path)
+    tiny_pipeline(sampler=SamplerConfig(steps=3, guidance=4.0, spacing="trailing", resolution=32, solver="dpm++")
+                  ).save(path)
     return path
 
 
@@ -40,6 +41,7 @@ def test_sample_writes_pngs_with_metadata(tmp_path, tiny_checkpoint):
     assert image.size == (32, 32)  # the checkpoint's own resolution and sampler defaults
     assert image.text["prompt"] == "a blue square" and image.text["seed"] == "4" and image.text["steps"] == "3"
     assert image.text["spacing"] == "trailing" and image.text["checkpoint"] == str(tiny_checkpoint)
+    assert image.text["sampler"] == "dpm++"
     again = run_script("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", "a blue square", "--seed", "4",
                        "--output_dir", str(tmp_path / "again"), "--device", "cpu")  # diffusers' spelling
     assert again.returncode == 0, again.stderr

@@ -1,16 +1,24 @@
-"""Whole generations: ours against diffusers' StableDiffusionPipeline + DDIMScheduler, and checkpoint round trips."""
+"""Whole generations: ours against diffusers' StableDiffusionPipeline + DDIMScheduler or DPMSolverMultistepScheduler,
+and checkpoint round trips."""
 
 import warnings
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from helpers import ROOT, max_rel_err, randomize, sd_tokenizer, tiny_pipeline
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import sd15
 from snapfusion_min.data import unknown_words
+from snapfusion_min.diffusion import timesteps
 from snapfusion_min.metrics import psnr
 from snapfusion_min.pipeline import OutOfDomainWarning, SamplerConfig
 
@@ -51,6 +59,25 @@ def test_ddim_generation_equals_stable_diffusion_pipeline(tmp_path, prediction, 
     assert max_rel_err(got, want) < 1e-4
     want = ref(PROMPTS, num_inference_steps=4, guidance_scale=1.0, output_type="pt", **kw).images  # no CFG
     assert max_rel_err(ours(PROMPTS, steps=4, guidance=1.0, spacing=spacing, output_type="pt", **kw), want) < 1e-4
+
+
+@pytest.mark.parametrize("solver,spacing", [("dpm++", "trailing"), ("dpm", "leading")])
+def test_dpm_solver_generation_equals_stable_diffusion_pipeline(tmp_path, solver, spacing):
+    """The whole pipeline with DPM-Solver(++) against StableDiffusionPipeline driven by DPMSolverMultistepScheduler
+    (on our leading grid, passed as its custom timesteps: its own 'leading' is another grid)."""
+    ref = reference("v_prediction", spacing, tmp_path)
+    ref.scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+        algorithm_type={"dpm": "dpmsolver", "dpm++": "dpmsolver++"}[solver], solver_order=2, timestep_spacing=spacing,
+        final_sigmas_type="zero" if spacing == "trailing" else "sigma_min")
+    ours = load_pipeline(tmp_path)
+    kw = dict(height=64, width=64, latents=torch.randn(2, 4, 8, 8))
+    steps = 6
+    grid = {"num_inference_steps": steps} if spacing == "trailing" else {"timesteps": timesteps(steps, "leading")[:-1]}
+    want = ref(PROMPTS, guidance_scale=5.0, output_type="pt", **grid, **kw).images
+    got = ours(PROMPTS, steps=steps, guidance=5.0, spacing=spacing, solver=solver, output_type="pt", **kw)
+    assert max_rel_err(got, want) < 1e-4
+    assert max_rel_err(ours(PROMPTS, steps=steps, guidance=5.0, spacing=spacing, output_type="pt", **kw), want) > 1e-3
 
 
 def test_own_checkpoint_round_trip_and_seeds(tmp_path):

@@ -31,6 +31,8 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--num-inference-steps": (int, "sampling (DDIM) steps", ("--num_inference_steps",)),
     "--guidance": (float, "CFG scale w of Eq. 3; 1 = no guidance", ("--guidance-scale", "--guidance_scale")),
     "--spacing": (str, "timestep grid: leading (SD-v1.5) or trailing (distilled students, App. D)", ()),
+    "--sampler": (str, "ddim (Eq. 2), dpm (multistep DPM-Solver-2) or dpm++ (DPM-Solver++(2M)); a distilled student "
+                       "was trained for ddim", ()),
     "--train-steps": (int, "optimizer steps", ("--max-train-steps", "--max_train_steps")),
     "--batch-size": (int, "images per batch (a training batch is split over DDP ranks)", ("--batch_size",)),
     "--lr": (float, "peak learning rate (AdamW, weight decay 0.01 as §5; linear warm-up, cosine decay)",

@@ -35,7 +35,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from .. import load_pipeline
 from ..data import ToyWorld
-from ..diffusion import SPACINGS
+from ..diffusion import SOLVERS, SPACINGS
 from ..evaluation import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
 from ..pipeline import pick_device
 from ..recipe import TOY
@@ -61,6 +61,8 @@ def build_parser():  # noqa: ANN201
                    help="table mode: decode the same latents with the (pruned) autoencoder of this checkpoint too")
     flag(p, "--spacing", more="of undistilled checkpoints (default: each one's own; students keep theirs)",
          choices=SPACINGS)
+    flag(p, "--sampler", more="of undistilled checkpoints (default: each one's own, else ddim; students keep theirs)",
+         choices=SOLVERS)
     flag(p, "--seed", 1234)
     p.add_argument("--grid", help="write a PNG grid of the first 16 samples here")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -93,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.checkpoint or [str(TOY / "model.safetensors")]
     pipes, clip = {name: load_pipeline(name) for name in names}, load_toy_clip(args.clip)
     for pipe in pipes.values():
-        if args.spacing and not pipe.sampler.distilled:
-            pipe.sampler = dataclasses.replace(pipe.sampler, spacing=args.spacing)
+        own_sampler(pipe, args)
     judge = judge_on_heldout(clip, args.num_prompts, args.seed)
     steps, guidance = args.num_inference_steps, args.guidance
     if len(steps or []) > 1 or len(guidance or []) > 1:
@@ -122,6 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:12s}" + "".join(f"{v:11.1%}" for v in r["accuracy" + suffix].values())
               + f"{r['clip_score' + suffix]:8.4f}" + ("" if fid is None else f"{fid:8.3f}"))
     return r
+
+
+def own_sampler(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001
+    """--spacing and --sampler apply to undistilled checkpoints: a student keeps the grid and solver it learned."""
+    if not pipe.sampler.distilled:
+        change = {k: v for k, v in (("spacing", args.spacing), ("solver", args.sampler)) if v}
+        pipe.sampler = dataclasses.replace(pipe.sampler, **change)
 
 
 def check_sd_scale(args: argparse.Namespace) -> None:
@@ -168,6 +176,7 @@ def sd_scale(args: argparse.Namespace) -> dict:
         print("| checkpoint | steps | guidance | CLIP | FID | images |\n|---|---|---|---|---|---|")
     for name in names:
         pipe = load_pipeline(name, device=str(d.device))
+        own_sampler(pipe, args)
         for steps in args.num_inference_steps or [pipe.sampler.steps]:
             for g in args.guidance or [pipe.sampler.guidance]:
                 folder = Path(args.images_dir) / (Path(name).stem if len(names) > 1 else "") / subfolder(steps, g)

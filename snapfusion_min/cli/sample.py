@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import load_pipeline
 from ..checkpoint import atomic_create
-from ..diffusion import SPACINGS
+from ..diffusion import SOLVERS, SPACINGS
 from ..pipeline import auto_dtype
 from ..recipe import TOY
 from ..sd_eval import read_prompt_file
@@ -44,6 +44,7 @@ def build_parser():  # noqa: ANN201
     flag(p, "--num-inference-steps", None, "default: the checkpoint's, else 50")
     flag(p, "--guidance", None, "default: the checkpoint's, else 7.5")
     flag(p, "--spacing", None, "default: the checkpoint's, else leading", choices=SPACINGS)
+    flag(p, "--sampler", None, "default: the checkpoint's, else ddim", choices=SOLVERS)
     flag(p, "--seed", 0, "image i uses seed + i")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: checkpoint's, else 512)")
@@ -88,25 +89,26 @@ def main(argv: list[str] | None = None) -> None:
         other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
         pipe.set_decoder(other.vae, other.latent_scale)
     s = replace(pipe.sampler, **{k: v for k, v in (("steps", args.num_inference_steps), ("guidance", args.guidance),
-                                                    ("spacing", args.spacing)) if v is not None})
+                                                    ("spacing", args.spacing), ("solver", args.sampler))
+                                 if v is not None})
     height, width = (s.resolution if v is None else v for v in (args.height, args.width))
     f = pipe.vae.cfg.factor
     if height % f or width % f or height <= 0 or width <= 0:
         raise ValueError(f"--height and --width must be positive multiples of {f}, got {height}x{width}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} steps ({s.spacing}), guidance {s.guidance}, "
-          f"{height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
+    print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} {s.solver} steps ({s.spacing}), "
+          f"guidance {s.guidance}, {height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
           f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
         batch = prompts[start:start + args.batch_size]
         images = pipe(batch, steps=s.steps, guidance=s.guidance, seed=args.seed + start, height=height, width=width,
-                      spacing=s.spacing, negative_prompt=args.negative_prompt, progress=True)
+                      spacing=s.spacing, solver=s.solver, negative_prompt=args.negative_prompt, progress=True)
         for i, (prompt, image) in enumerate(zip(batch, images)):
             meta = PngInfo()
             for key, value in (("prompt", prompt), ("negative_prompt", args.negative_prompt),
                                ("seed", args.seed + start + i), ("steps", s.steps), ("guidance", s.guidance),
-                               ("spacing", s.spacing), ("checkpoint", pipe.source)):
+                               ("spacing", s.spacing), ("sampler", s.solver), ("checkpoint", pipe.source)):
                 meta.add_text(key, str(value))
             # named by the image's own seed; never over an existing file (a second run gets <name>-2.png)
             print(atomic_create(out, f"{args.seed + start + i:04d}-{slug(prompt)}", ".png",
