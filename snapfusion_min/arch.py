@@ -66,6 +66,7 @@ class ArchSpec:
     groups: int = 32  # GroupNorm groups
     in_channels: int = 4  # latent channels
     out_channels: int = 4
+    guidance_embed: int = 0  # w-conditioned (Meng et al.): width of the guidance scale's embedding (LCM: 256); 0: none
 
     def __post_init__(self) -> None:
         if set(self.stages) != set(STAGES):
@@ -74,6 +75,8 @@ class ArchSpec:
         object.__setattr__(self, "channels", tuple(self.channels))
         if len(self.channels) != 4:
             _fail(f"channels needs 4 levels, got {self.channels}")
+        if not (isinstance(self.guidance_embed, int) and self.guidance_embed >= 0 and self.guidance_embed % 2 == 0):
+            _fail(f"guidance_embed must be an even integer >= 0 (0: no w input), got {self.guidance_embed!r}")
         for c in self.channels:
             if c % self.groups or c % self.heads:
                 _fail(f"channel width {c} must be divisible by groups={self.groups} and heads={self.heads}")

@@ -62,7 +62,8 @@ def metadata(pipe: Pipeline, resolution: int, batch: int, options: ExportOptions
                           "train_steps": 1000, "spacing": pipe.sampler.spacing},
             "steps": pipe.sampler.steps, "guidance": pipe.sampler.guidance, "resolution": resolution,
             "unet_batch": batch, "vae": cfg["vae"], "text": cfg["text"], **dataclasses.asdict(options),
-            "unet_output": "eps" if options.layout == "apple" else pipe.prediction, "source": Path(pipe.source).name}
+            "unet_output": "eps" if options.layout == "apple" else pipe.prediction, "source": Path(pipe.source).name,
+            "w_conditioned": bool(pipe.unet.spec.guidance_embed)}  # then the UNet takes 'guidance' and needs no CFG
 
 
 def convert(module: nn.Module, inputs: dict, outputs: list[str], precision: str, meta: dict) -> object:
@@ -110,6 +111,9 @@ def export(pipe: Pipeline, out: Path, parts: list[str], *, resolution: int = 64,
     settings, sizes and weight errors, and in Apple's layout the tokenizer's vocab.json and merges.txt. Returns the
     package paths by package name."""
     options.check(batch)
+    if options.layout == "apple" and pipe.unet.spec.guidance_embed:
+        raise ValueError("a w-conditioned UNet takes the guidance scale as an input, which Apple's Swift pipeline "
+                         "does not feed: export it with --layout snapfusion")
     for m in pipe.unet.modules():
         if isinstance(m, Attention):
             m.split_einsum = options.attention == "split_einsum"

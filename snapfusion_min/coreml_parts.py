@@ -34,6 +34,7 @@ class TextEncoderPart(nn.Module):
 
 class UNetPart(nn.Module):
     """(sample [B, 4, h, w], timestep [B], encoder_hidden_states [B, L, width]) -> the network's output (eps or v).
+    A w-conditioned UNet (Meng et al.) takes a fourth input, guidance [B]: its output is the guided one.
 
     Apple's layout: the hidden states come as [B, width, 1, L] (StableDiffusionPipeline.swift's toHiddenStates) and
     the output is always eps, which its schedulers assume: a v-prediction model's output is turned into eps inside
@@ -56,9 +57,10 @@ class UNetPart(nn.Module):
         i = timestep.long()
         return D.eps_from_v(z=sample, v=out, alpha=self.alpha[i], sigma=self.sigma[i])
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output(self.unet(sample, timestep, self.context(encoder_hidden_states)), sample, timestep)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.unet(sample, timestep, self.context(encoder_hidden_states), w=guidance)
+        return self.output(out, sample, timestep)
 
 
 class UNetChunk1(UNetPart):
@@ -70,10 +72,10 @@ class UNetChunk1(UNetPart):
         super().__init__(pipe, apple)
         self.cut = cut
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         u = self.unet
-        temb = u.embed_time(timestep, sample)
+        temb = u.embed_time(timestep, sample, guidance)
         h = u.conv_in(sample.contiguous(memory_format=u.memory_format()))
         h, skips = u.run(u.plan()[: self.cut], h, [h], temb, self.context(encoder_hidden_states))
         return (temb, h, *skips)
@@ -81,7 +83,7 @@ class UNetChunk1(UNetPart):
 
 class UNetChunk2(UNetChunk1):
     """The UNet's steps ``plan()[cut:]`` and its head: the original inputs (Apple's Unet.swift passes them to every
-    chunk) and the first chunk's outputs -> the UNet's output."""
+    chunk; w, if any, is in temb) and the first chunk's outputs -> the UNet's output."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 temb: torch.Tensor, hidden_states: torch.Tensor, *skips: torch.Tensor) -> torch.Tensor:
@@ -151,6 +153,8 @@ def packages(pipe: Pipeline, part: str, resolution: int, batch: int, *, layout: 
     inputs = {"sample": torch.randn(batch, pipe.unet.spec.in_channels, h, h, generator=gen),
               "timestep": torch.full((batch,), 999.0),
               "encoder_hidden_states": context.transpose(1, 2).unsqueeze(2).contiguous() if apple else context}
+    if pipe.unet.spec.guidance_embed:
+        inputs["guidance"] = torch.full((batch,), pipe.sampler.guidance)
     output = ["noise_pred" if apple or pipe.prediction == "eps" else "v_pred"]
     if not chunk:
         return [Package(names[part], part, UNetPart(pipe, apple), inputs, output)]
@@ -162,5 +166,6 @@ def packages(pipe: Pipeline, part: str, resolution: int, batch: int, *, layout: 
     middle_names = ["temb", "hidden_states", *(f"skip_{i}" for i in range(len(middle) - 2))]
     chunk_names = ("UnetChunk1", "UnetChunk2") if apple else ("unet_chunk1", "unet_chunk2")
     return [Package(chunk_names[0], part, first, inputs, middle_names),
-            Package(chunk_names[1], part, UNetChunk2(pipe, cut, apple), {**inputs, **dict(zip(middle_names, middle))},
+            Package(chunk_names[1], part, UNetChunk2(pipe, cut, apple),
+                    {**{k: v for k, v in inputs.items() if k != "guidance"}, **dict(zip(middle_names, middle))},
                     output)]

@@ -63,6 +63,7 @@ def configs(pipe: Pipeline) -> dict[str, dict]:
             "in_channels": spec.in_channels, "out_channels": spec.out_channels, "layers_per_block": 2,
             "block_out_channels": list(spec.channels), "cross_attention_dim": spec.context_dim,
             "attention_head_dim": spec.heads,  # SD-v1's name for the number of heads
+            "time_cond_proj_dim": spec.guidance_embed or None,  # a w-conditioned UNet's w input (LCM's name)
             "norm_num_groups": spec.groups, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}

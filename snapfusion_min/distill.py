@@ -20,6 +20,7 @@ from . import diffusion as D
 from .checkpoint import config_dict
 from .pipeline import Pipeline, load_pipeline
 from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures
+from .unet import with_guidance_input
 
 TRAIN = TrainConfig(train_steps=1500, batch_size=32, lr=1e-4, warmup=100)
 
@@ -33,6 +34,8 @@ class DistillConfig:
     cfg_prob: float = 0.1  # p of Eq. 11: probability of the CFG distillation loss in an iteration
     gamma: float = 0.2  # weight of L_ori in Eq. 11, applied after rescaling L_ori to the distillation loss
     spacing: str = "trailing"
+    w_conditioned: bool = False  # Meng et al.'s student: w is its input, one pass gives the guided output (Eq. 10's
+    # target); else the student is guided like the teacher, two passes
 
     def __post_init__(self) -> None:
         if self.student_steps <= 0 or self.teacher_steps % self.student_steps:
@@ -103,7 +106,9 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 def dstl_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
               w: torch.Tensor | None, cfg: DistillConfig, schedule: D.Schedule) -> dict[str, torch.Tensor]:
     """L_dstl: Eq. 9 (w=None, vanilla) or Eq. 10 (teacher and student guided with the per-sample w), at a student
-    step i ~ U{0, ..., N-1} per sample. Returns the loss and what it drew: the student timestep t and the noise."""
+    step i ~ U{0, ..., N-1} per sample. Returns the loss and what it drew: the student timestep t and the noise.
+    With ``cfg.w_conditioned`` the student is not guided but told w (Meng et al., arXiv 2210.03142: one pass learns the
+    teacher's guided steps; vanilla iterations tell it w = 1)."""
     b = x0.shape[0]
     teacher_grid = torch.tensor(D.timesteps(cfg.teacher_steps, cfg.spacing), device=x0.device)
     i = torch.randint(0, cfg.student_steps, (b,), device=x0.device)  # which student step, per sample
@@ -115,7 +120,8 @@ def dstl_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, context:
     z_t = D.noisy(x=x0, eps=eps, alpha=alpha_t, sigma=sigma_t)
     z_t2 = teacher_z(teacher, z_t, points, context, uncond, w, schedule)
     target = x_target(z_t=z_t, z_t2=z_t2, alpha_t=alpha_t, sigma_t=sigma_t, alpha_t2=alpha_t2, sigma_t2=sigma_t2)
-    x_student = D.x_from_v(z=z_t, v=guided_v(student, z_t, t, context, uncond, w), alpha=alpha_t, sigma=sigma_t)
+    v = student(z_t, t, context, w=w) if cfg.w_conditioned else guided_v(student, z_t, t, context, uncond, w)
+    x_student = D.x_from_v(z=z_t, v=v, alpha=alpha_t, sigma=sigma_t)
     per_sample = ((_fp32(x_student) - _fp32(target)) ** 2).mean(dim=(1, 2, 3))  # Eq. 8: the student's x_hat
     loss = (D.expand(snr_weight(alpha_t, sigma_t), per_sample) * per_sample).mean()
     return {"loss": loss, "t": t, "eps": eps}
@@ -180,14 +186,20 @@ class DistillRun:
             raise ValueError(f"guidance must be a finite number >= 1, got {self.guidance}")
         if len(self.chain) < 2:
             raise ValueError(f"a distillation chain needs at least two step counts, got {self.chain}")
+        if self.loss.w_conditioned and len(self.chain) > 2:
+            raise ValueError("a w-conditioned student is distilled in one stage: its teacher must be guided by CFG")
         if self.teacher_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"teacher-dtype must be float32 or bfloat16, got {self.teacher_dtype!r}")
         return [dataclasses.replace(self.loss, teacher_steps=a, student_steps=b)
                 for a, b in zip(self.chain[:-1], self.chain[1:])]
 
 
-def check_pair(teacher: Pipeline, student: Pipeline) -> None:
+def check_pair(teacher: Pipeline, student: Pipeline, w_conditioned: bool = False) -> None:
     """Refuse, before any training, a pair that cannot be distilled."""
+    if teacher.unet.spec.guidance_embed:
+        raise ValueError("the teacher takes w as an input (w-conditioned); distil from a teacher guided by CFG (Eq. 3)")
+    if student.unet.spec.guidance_embed and not w_conditioned:
+        raise ValueError("the student takes w as an input (w-conditioned): distil it with --w-conditioned")
     if teacher.prediction != "v" or student.prediction != "v":
         raise ValueError(f"teacher and student must both be v-prediction models (§4.1), got teacher "
                          f"{teacher.prediction!r} and student {student.prediction!r}; fine-tune to v with train.py")
@@ -240,7 +252,9 @@ def distill(teacher_path: str, student_path: str, run: DistillRun, out: str, d: 
     teacher = load_pipeline(teacher_path).to(d.device)
     teacher.unet.to(getattr(torch, run.teacher_dtype))  # before the student loads: the peak holds one fp32 copy less
     student = load_pipeline(student_path).to(d.device)
-    check_pair(teacher, student)
+    check_pair(teacher, student, run.loss.w_conditioned)
+    if run.loss.w_conditioned:  # Meng et al.: the student gets a w input, zero at first (it starts as it was)
+        student = student.with_parts(unet=with_guidance_input(student.unet))
     teacher = teacher.with_parts(vae=student.vae, text_encoder=student.text_encoder)  # the teacher's own are unused
     for i, cfg in enumerate(stages):
         guidance = teacher.sampler.guidance if run.guidance is None else run.guidance

@@ -186,13 +186,15 @@ class Pipeline:
                 guidance: float, spacing: str = "leading", progress: bool = False,
                 solver: str = "ddim") -> torch.Tensor:
         """From z_T to the final latent by the solver (DDIM, Eq. 2, or DPM-Solver), CFG (Eq. 3) if guidance > 1,
-        [uncond; cond] in one batch."""
+        [uncond; cond] in one batch. A w-conditioned UNet (Meng et al.) gives the guided output in one conditional
+        pass with w as an input: no unconditional half."""
         grid = D.timesteps(steps, spacing)
         sampler = D.Solver(solver, grid, self.schedule, self.prediction)
-        use_cfg = guidance > 1.0 and uncond is not None
-        ctx = torch.cat([uncond, context]) if use_cfg else context
+        w_input = bool(self.unet.spec.guidance_embed)
+        use_cfg = guidance > 1.0 and uncond is not None and not w_input
+        ctx, w = (torch.cat([uncond, context]) if use_cfg else context), ({"w": guidance} if w_input else {})
         for i, t in enumerate(tqdm(grid[:-1], desc="denoising", disable=not progress, leave=False)):
-            out = self.unet(torch.cat([z, z]) if use_cfg else z, t, ctx)
+            out = self.unet(torch.cat([z, z]) if use_cfg else z, t, ctx, **w)
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = D.cfg(out_cond, out_uncond, guidance)
@@ -264,7 +266,8 @@ class Pipeline:
         z = self.initial_latents(len(prompts), height, width, seed) if latents is None else latents.to(
             self.device, self.dtype)
         context = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance > 1.0 else None
+        uncond = (self.encode_prompts([negative_prompt] * len(prompts))
+                  if guidance > 1.0 and not self.unet.spec.guidance_embed else None)
         z = self.denoise(z, context, uncond, steps, guidance, spacing, progress, s.solver)
         if not torch.isfinite(z).all():
             raise FloatingPointError("the sampled latents are not finite: the UNet's weights hold NaN or inf, or the "
@@ -331,7 +334,8 @@ def _from_diffusers(folder: Path) -> Pipeline:
     heads = u.get("attention_head_dim", 8)  # SD-v1's 'attention_head_dim' is really the number of heads
     spec = dataclasses.replace(sd15(), channels=tuple(u["block_out_channels"]), context_dim=u["cross_attention_dim"],
                                heads=heads if isinstance(heads, int) else heads[0], groups=u.get("norm_num_groups", 32),
-                               in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4))
+                               in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
+                               guidance_embed=u.get("time_cond_proj_dim") or 0)
     vc = list(v["block_out_channels"])
     vae_cfg = VAEConfig(channels=tuple(vc), decoder_channels=tuple(reversed(vc)), layers=v.get("layers_per_block", 2),
                         latent_channels=v.get("latent_channels", 4), groups=v.get("norm_num_groups", 32))

@@ -12,6 +12,7 @@ stochastic-depth reading of Eq. 5: the residual branch is what gets dropped. A c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -28,6 +29,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale, [sin | cos] of 1000 (w - 1) (Meng et al.'s w input, written as LCM
+    and diffusers' ``get_guidance_scale_embedding`` write it, whose omega is our w - 1: w-conditioned UNets published
+    in diffusers' format read it the same way)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1))
+    angles = 1000.0 * (w.float()[:, None] - 1.0) * freqs[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
 class ResBlock(nn.Module):
@@ -141,6 +152,11 @@ class UNet(nn.Module):
         self.checkpointing = False  # gradient checkpointing: recompute each block's activations in the backward pass
         self.conv_in = nn.Conv2d(spec.in_channels, c0, 3, padding=1)
         self.time_embed = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        # w-conditioned: the guidance scale's embedding, projected, joins the timestep's (diffusers' cond_proj); zero at
+        # first, so that a student made from a teacher starts as the teacher's conditional output
+        self.w_proj = nn.Linear(spec.guidance_embed, c0, bias=False) if spec.guidance_embed else None
+        if self.w_proj is not None:
+            nn.init.zeros_(self.w_proj.weight)
         self.stages = nn.ModuleDict({s: nn.ModuleDict() for s in STAGES})
         shapes, stage_out = walk(spec)
         for b in shapes:
@@ -161,16 +177,25 @@ class UNet(nn.Module):
             return False
         return not (self.training and self.keep_prob < 1.0 and torch.rand(()).item() >= self.keep_prob)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        temb = self.embed_time(t, z)
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                w: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The network output at (z_t, t, c); a w-conditioned UNet also takes the guidance scale w (default 1: the
+        conditional output), per sample [B] or one number."""
+        temb = self.embed_time(t, z, w)
         h = self.conv_in(z.contiguous(memory_format=self.memory_format()))
         h, _ = self.run(self.plan(), h, [h], temb, context)
         return self.head(h)
 
-    def embed_time(self, t: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
-        """The timestep embedding every ResNet block adds (sinusoidal, then the two-layer MLP)."""
+    def embed_time(self, t: torch.Tensor | float, z: torch.Tensor,
+                   w: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The timestep embedding every ResNet block adds (sinusoidal, plus the projected w embedding of a
+        w-conditioned UNet, then the two-layer MLP)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        return self.time_embed(timestep_embedding(t, self.spec.channels[0]).to(z.dtype))
+        emb = timestep_embedding(t, self.spec.channels[0]).to(z.dtype)
+        if self.w_proj is not None:
+            w = torch.as_tensor(1.0 if w is None else w, device=z.device).reshape(-1).expand(z.shape[0])
+            emb = emb + self.w_proj(guidance_embedding(w, self.spec.guidance_embed).to(z.dtype))
+        return self.time_embed(emb)
 
     def plan(self) -> list[tuple[str, str, bool]]:
         """The forward pass as a list of steps in order: (stage, block name or 'downsample' / 'upsample', whether
@@ -216,3 +241,15 @@ class UNet(nn.Module):
         convolutions ~6% faster on CPU (oneDNN) and the [B, C, H, W] <-> [B, HW, C] token views free."""
         cl = self.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         return torch.channels_last if cl else torch.contiguous_format
+
+
+def with_guidance_input(unet: UNet, dim: int = 256) -> UNet:
+    """The same UNet with a w input (Meng et al.'s w-conditioned student): every weight kept, the w projection zero,
+    so that it computes exactly what ``unet`` computes, at every w, until it is trained."""
+    if unet.spec.guidance_embed:
+        return unet
+    new = UNet(dataclasses.replace(unet.spec, guidance_embed=dim))
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    assert missing == ["w_proj.weight"] and not unexpected, (missing, unexpected)
+    p = next(unet.parameters())
+    return new.to(p.device, p.dtype)

@@ -34,6 +34,7 @@ UNET_TOP = {  # ours -> (diffusers, LDM)
     "conv_in": ("conv_in", "input_blocks.0.0"),
     "time_embed.0": ("time_embedding.linear_1", "time_embed.0"),
     "time_embed.2": ("time_embedding.linear_2", "time_embed.2"),
+    "w_proj": ("time_embedding.cond_proj", None),  # a w-conditioned UNet (LCM's time_cond_proj_dim); not in SD-v1 files
     "norm_out": ("conv_norm_out", "out.0"),
     "conv_out": ("conv_out", "out.2"),
 }
@@ -69,7 +70,10 @@ def unet_source_key(key: str, fmt: str) -> str:
     module, param = key.rsplit(".", 1)
     for ours, theirs in UNET_TOP.items():
         if module == ours:
-            return f"{theirs[0] if fmt == 'diffusers' else theirs[1]}.{param}"
+            name = theirs[0] if fmt == "diffusers" else theirs[1]
+            if name is None:
+                raise CheckpointError(f"{key}: the SD-v1 single-file format has no such weight")
+            return f"{name}.{param}"
     _, stage, block, *rest = module.split(".")
     inner = ".".join(rest)
     if fmt == "diffusers":

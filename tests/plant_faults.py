@@ -21,13 +21,14 @@ FAULTS = [  # (fault, code as it is, code with the fault)
     ("w ~ U[0, 1]", "w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(", "w = torch.rand("),
     ("dynamic gamma not detached", 'cfg.gamma * dstl["loss"].detach() / ori["loss"].detach()',
      'cfg.gamma * dstl["loss"] / ori["loss"]'),
-    ("student and teacher start from different timesteps", "v=guided_v(student, z_t, t, context",
-     "v=guided_v(student, z_t, points[1], context"),
+    ("student and teacher start from different timesteps", "else guided_v(student, z_t, t, context",
+     "else guided_v(student, z_t, points[1], context"),
     ("x_target's sigma ratio inverted", "torch.as_tensor(sigma_t2) / torch.as_tensor(sigma_t)",
      "torch.as_tensor(sigma_t) / torch.as_tensor(sigma_t2).clamp(min=1e-3)"),
     ("guidance with cond and uncond swapped", "return D.cfg(v_cond, v_uncond, w)", "return D.cfg(v_uncond, v_cond, w)"),
-    ("the student unguided in the CFG loss", "v=guided_v(student, z_t, t, context, uncond, w)",
-     "v=guided_v(student, z_t, t, context, uncond, None)"),
+    ("the student unguided in the CFG loss", "guided_v(student, z_t, t, context, uncond, w)",
+     "guided_v(student, z_t, t, context, uncond, None)"),
+    ("the w-conditioned student not told w", "student(z_t, t, context, w=w) if", "student(z_t, t, context) if"),
     ("L_ori at one fixed t and no noise", "t = torch.randint(0, schedule.steps, (x0.shape[0],), device=x0.device)\n"
      "    eps = torch.randn_like(x0)", "t = torch.full((x0.shape[0],), 999, device=x0.device)\n"
      "    eps = torch.zeros_like(x0)"),

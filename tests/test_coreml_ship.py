@@ -296,3 +296,30 @@ def test_bundled_toy_model_compresses_within_the_uniform_grid_bound(tmp_path):
         half_step = (w.max() - w.min()) / (2 * 255)
         assert np.sqrt(((wc - w) ** 2).mean()) <= half_step, name
         assert len(np.unique(wc)) <= 256, name
+
+
+def test_w_conditioned_unet_takes_guidance_as_an_input(tmp_path):
+    """Meng et al.'s student in Core ML: a fourth input 'guidance' (the chunks: only the first, w goes into temb);
+    the wrappers compute the UNet at that w; Apple's layout, whose Swift code feeds no w, is refused."""
+    from snapfusion_min.unet import with_guidance_input
+
+    pipe = tiny_pipeline(seed=6, sampler=SAMPLER)
+    pipe = pipe.with_parts(unet=with_guidance_input(pipe.unet, 32))
+    pipe.unet.w_proj.weight.data.normal_(std=0.1)
+    first, second = packages(pipe, "unet", 64, 2, chunk=True)
+    assert list(first.inputs) == ["sample", "timestep", "encoder_hidden_states", "guidance"]
+    assert "guidance" not in second.inputs and second.inputs["temb"].shape == (2, 128)
+    inputs = list(first.inputs.values())
+    inputs[3] = torch.tensor([1.5, 4.0])
+    with torch.no_grad():
+        want = pipe.unet(*inputs[:3], w=inputs[3])
+        assert torch.equal(UNetPart(pipe).eval()(*inputs), want)
+        middle = first.module.eval()(*inputs)
+        assert torch.equal(second.module.eval()(*inputs[:3], *middle), want)
+        assert not torch.allclose(UNetPart(pipe).eval()(*inputs[:3], torch.ones(2)), want)
+    export(pipe, tmp_path, ["unet"], resolution=64, batch=2, log=False)
+    ins, outs, _ = spec_io(tmp_path / "unet.mlpackage")
+    assert ins == {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 16, 32), "guidance": (2,)}
+    assert json.loads((tmp_path / "snapfusion_min.json").read_text())["w_conditioned"] is True
+    with pytest.raises(ValueError, match="export it with --layout snapfusion"):
+        export(pipe, tmp_path, ["unet"], options=ExportOptions(layout="apple"), log=False)

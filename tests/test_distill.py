@@ -88,6 +88,19 @@ class Net(nn.Module):
         return torch.einsum("bdhw,cd->bchw", h, self.w2) + self.skip[None, :, None, None] * z
 
 
+class WNet(Net):
+    """Net with a w input (Meng et al.'s student): its output moves with w; w = None is w = 1."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.ww = nn.Parameter(0.3 * torch.randn(4, generator=torch.Generator().manual_seed(seed + 7),
+                                                 dtype=torch.float64))
+
+    def forward(self, z, t, c, w=None):
+        w = torch.as_tensor(1.0 if w is None else w, dtype=z.dtype).reshape(-1, 1, 1, 1)
+        return super().forward(z, t, c) + (w - 1) * self.ww[None, :, None, None] * torch.tanh(z)
+
+
 def alpha_sigma(t: int) -> tuple[float, float]:
     abar = 1.0 if t < 0 else SCHEDULE.alphas_cumprod[t].double().item()  # the float32 table diffusers uses
     return math.sqrt(abar), math.sqrt(1 - abar)
@@ -98,8 +111,9 @@ def guided(net, z, t, c, u, w):
     return net(z, t, c) if w is None else w * net(z, t, c) - (w - 1) * net(z, t, u)
 
 
-def reference_loss(student, teacher, x0, c, u, draws, teacher_steps, student_steps, gamma):
-    """Eq. 11, sample by sample, from the paper: L_dstl (Eq. 9 / 10 with Eq. 7, 8, 16) + gamma_dyn L_ori (Eq. 6)."""
+def reference_loss(student, teacher, x0, c, u, draws, teacher_steps, student_steps, gamma, w_input=False):
+    """Eq. 11, sample by sample, from the paper: L_dstl (Eq. 9 / 10 with Eq. 7, 8, 16) + gamma_dyn L_ori (Eq. 6).
+    ``w_input``: Meng et al.'s student, one pass told w (1 when vanilla), in place of the guided student."""
     k, big, small = teacher_steps // student_steps, trailing(teacher_steps), trailing(student_steps)
     dstl, ori = [], []
     for b in range(x0.shape[0]):
@@ -118,7 +132,8 @@ def reference_loss(student, teacher, x0, c, u, draws, teacher_steps, student_ste
         assert tn == small[i + 1]
         a2, s2 = alpha_sigma(tn)
         target = (z - s2 / s * z_t) / (a2 - s2 / s * a)  # Eq. 16
-        x_student = a * z_t - s * guided(student, z_t, t, cb, ub, w)  # Eq. 8
+        v_student = student(z_t, t, cb, 1.0 if w is None else w) if w_input else guided(student, z_t, t, cb, ub, w)
+        x_student = a * z_t - s * v_student  # Eq. 8
         dstl.append(max(a * a / (s * s), 1.0) * ((x_student - target) ** 2).mean())  # Eq. 9
         t_o = int(draws["t_ori"][b])
         a_o, s_o = alpha_sigma(t_o)
@@ -156,6 +171,24 @@ def test_distill_loss_equals_independent_reference(teacher_steps, use_cfg):
     refs = torch.autograd.grad(want, list(student.parameters()))
     for g, r in zip(grads, refs):  # relative to the gradient's scale: 1e-6
         assert (g - r).abs().max() <= 1e-6 * r.abs().max()
+
+
+@pytest.mark.parametrize("use_cfg", [False, True])
+def test_w_conditioned_student_loss_equals_independent_reference(use_cfg):
+    """Meng et al.'s student in Eq. 11: one pass told the same per-sample w as the guided teacher; the vanilla
+    iterations and L_ori tell it w = 1. Value and gradient (the w weights included) against the reference."""
+    student, teacher = WNet(1), Net(2)
+    x0, c, u = data()
+    cfg = DistillConfig(teacher_steps=16, student_steps=8, w_min=2.0, w_max=14.0, gamma=0.3, w_conditioned=True)
+    torch.manual_seed(5)
+    out = distill_loss(student, teacher, x0, c, u, cfg, SCHEDULE, use_cfg=use_cfg)
+    want = reference_loss(student, teacher, x0, c, u, out, 16, 8, 0.3, w_input=True)[0]
+    assert abs(out["loss"].item() / want.item() - 1) < 1e-6
+    for g, r in zip(torch.autograd.grad(out["loss"], list(student.parameters())),
+                    torch.autograd.grad(want, list(student.parameters()))):
+        assert (g - r).abs().max() <= 1e-6 * r.abs().max()
+    guided = reference_loss(student, teacher, x0, c, u, out, 16, 8, 0.3)[0]  # the CFG-aware student instead
+    assert (abs(guided.item() / want.item() - 1) > 1e-3) == use_cfg  # the same loss only without guidance
 
 
 def test_gradient_is_dstl_plus_constant_gamma_times_ori():

@@ -4,6 +4,7 @@
     python distill.py --teacher t.safetensors --student-init evolved.safetensors ...         # another architecture
     python distill.py --teacher t.safetensors --progressive 64,32,16,8 --out s8.safetensors  # progressive (Fig. 6a)
     python distill.py ... --cfg-prob 0   # vanilla loss only (Eq. 9);  --cfg-prob 1: CFG loss only (Eq. 10)
+    python distill.py ... --w-conditioned --cfg-prob 1   # Meng et al.'s student: w an input, one pass per step
 
 The student starts from --student-init (default: the teacher itself, 'self-distillation' of App. D) and is saved as a
 checkpoint whose sampler defaults are its own N steps on the trailing grid, so sample.py uses it as is.
@@ -29,6 +30,9 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--w-min", type=float, default=d.w_min, help="CFG range of Eq. 10: w ~ U[w-min, w-max]")
     p.add_argument("--w-max", type=float, default=d.w_max, help="see --w-min")
     p.add_argument("--cfg-prob", type=float, default=d.cfg_prob, help="p of Eq. 11: probability of the CFG loss")
+    p.add_argument("--w-conditioned", action="store_true",
+                   help="the student takes w as an input (Meng et al.; a zero-initialised w embedding is added) and "
+                        "gives the guided output in one pass, without CFG's unconditional one")
     p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the rescaled L_ori, Eq. 11")
     flag(p, "--guidance", None, "saved as the student's default (default: the teacher's)")
     for name, default in (("--train-steps", t.train_steps), ("--batch-size", t.batch_size), ("--lr", t.lr),
