@@ -3,9 +3,10 @@
 toy CLIP -> autoencoder -> v-prediction teacher, the baseline (Eq. 6) -> robust training (Eq. 5) and its plain
 control -> evolving to 50% of the latency (Alg. 1) -> 32->16 distillation of the teacher and of the evolved UNet ->
 16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D), with its vanilla, CFG-only
-and paper-range ablations (Fig. 6c-d) -> 50% pruned decoder by data distillation (§3.2) -> the final pipeline ->
-Core ML -> report (``report.py``). Each stage is skipped once done, as recorded in <work>/recipe.json; the training
-stages resume exactly after a crash, the others start over.
+and paper-range ablations (Fig. 6c-d) and Meng et al.'s w-conditioned student (Table 2, Fig. 6b) -> 50% pruned
+decoder by data distillation (§3.2) -> the final pipeline -> Core ML -> report (``report.py``). Each stage is skipped
+once done, as recorded in <work>/recipe.json; the training stages resume exactly after a crash, the others start
+over.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .training import Dist, TrainConfig
 
 TOY = Path(__file__).resolve().parent.parent / "models" / "toy"  # the bundled toy models
 NAMES = ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16", "student8",
-         "vanilla8", "cfg8", "paper_range8", "pruned0", "pruned", "final"]  # the checkpoints, in stage order
+         "vanilla8", "cfg8", "paper_range8", "wcond8", "pruned0", "pruned", "final"]  # the checkpoints, in stage order
 STAGES = (*NAMES, "coreml")
 
 
@@ -82,8 +83,9 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool) -> list[tup
                                                                          train=t), str(p[name]), d)
 
     def distil(name: str, teacher: str, init: str, chain: tuple[int, int], cfg_prob: float = 0.1,
-               cfg_range: tuple[float, float] = b.cfg_range) -> Callable:
-        loss = distill.DistillConfig(w_min=cfg_range[0], w_max=cfg_range[1], cfg_prob=cfg_prob)
+               cfg_range: tuple[float, float] = b.cfg_range, w_conditioned: bool = False) -> Callable:
+        loss = distill.DistillConfig(w_min=cfg_range[0], w_max=cfg_range[1], cfg_prob=cfg_prob,
+                                     w_conditioned=w_conditioned)
         run = distill.DistillRun(chain=chain, loss=loss, guidance=2.0, train=replace(
             distill.TRAIN, train_steps=b.distill, save_every=200, resume=resumable(name)))
         return lambda: distill.distill(str(p[teacher]), str(p[init]), run, str(p[name]), d)
@@ -110,6 +112,7 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool) -> list[tup
             ("vanilla8", distil("vanilla8", "teacher16", "evolved16", (16, 8), 0.0)),
             ("cfg8", distil("cfg8", "teacher16", "evolved16", (16, 8), 1.0)),
             ("paper_range8", distil("paper_range8", "teacher16", "evolved16", (16, 8), 0.1, (2.0, 14.0))),
+            ("wcond8", distil("wcond8", "teacher16", "evolved16", (16, 8), 1.0, w_conditioned=True)),
             ("pruned0", decoder("pruned0", 0)), ("pruned", decoder("pruned", b.decoder_steps)),
             ("final", lambda: final_pipeline(p)), ("coreml", lambda: coreml_stage(p["final"], work / "coreml"))]
     return run

@@ -1,5 +1,5 @@
-"""The recipe's report (report/README.md): the paper's Tables 1-2 and Figs. 2, 4, 5, 6c, 8 at toy scale, judged by
-the bundled toy CLIP on held-out prompts, and the goal the recipe is held to.
+"""The recipe's report (report/README.md): the paper's Tables 1-2 and Figs. 2, 4, 5, 6b, 6c, 8 at toy scale, judged
+by the bundled toy CLIP on held-out prompts, and the goal the recipe is held to.
 """
 
 from __future__ import annotations
@@ -15,15 +15,23 @@ from torchvision.transforms.functional import to_pil_image
 
 from .cost import count_params, table1_times, threads
 from .data import ToyWorld
+from .diffusion import SOLVERS
 from .evaluation import decoder_table, judge_on_heldout, sweep
 from .latency import LatencyTable, fig2
 from .pipeline import Pipeline, load_pipeline
 from .recipe import TOY, Budget
 from .toyclip import load_toy_clip
-from .viz import caption_grid
+from .viz import caption_grid, fid_clip_plot
 
 ABLATE = ["none", "down1.A0", "up2.A2", "up3.A1", "up1.A0,up1.A1,up1.A2"]  # Fig. 5: blocks removed at inference
 BASE_STEPS, G0 = 50, 2.0  # the baseline's steps; the guidance the goal is judged at (the toy world's best)
+SAMPLER_NAME = {"ddim": "DDIM", "dpm": "DPM-Solver-2", "dpm++": "DPM-Solver++(2M)"}
+MENG = "Meng et al.: w-conditioned, 8 steps"
+PAPER_TABLE2 = {  # method -> (FID, CLIP) of the paper's Table 2 (SD-v1.5 scale, MS-COCO 2017 5K, 8 steps)
+    "baseline, 8-step DPM-Solver-2": (31.7, 0.32), "baseline, 8-step DPM-Solver++(2M)": (25.6, 0.32),
+    MENG: (26.9, 0.30), "ours, 8 steps": (24.2, 0.30)}
+NOISE_SEEDS = (1, 2, 3, 4)  # more held-out prompt sets (besides the default, 1234) to measure the judge's noise
+FEW_STEPS = (3, 4)  # the teacher's samplers below 8 steps (at 2 both multistep solvers are DDIM)
 
 
 def latency_table(base: Pipeline, ours: Pipeline, b: Budget, base_steps: int, our_steps: int) -> tuple[list[str],
@@ -51,11 +59,13 @@ def latency_table(base: Pipeline, ours: Pipeline, b: Budget, base_steps: int, ou
     return rows, totals
 
 
-def judge_all(configs: list[tuple], clip: CustomTextCLIP, n: int, curve: Path, title: str) -> tuple[list[str], dict]:
-    """``evaluation.sweep`` on held-out prompts: the markdown table, the curve PNG, results by (label, steps,
+def judge_all(configs: list[tuple], clip: CustomTextCLIP, n: int, curve: Path | None,
+              title: str) -> tuple[list[str], dict]:
+    """``evaluation.sweep`` on held-out prompts: the markdown table, the curve PNG (if any), results by (label, steps,
     guidance)."""
     lines, results = sweep(configs, judge_on_heldout(clip, n), curve, title)
-    return lines + ["", f"![{title}]({curve.name})"], {(c[0], c[2], c[3]): r for c, r in zip(configs, results)}
+    figure = ["", f"![{title}]({curve.name})"] if curve else []
+    return lines + figure, {(c[0], c[2], c[3]): r for c, r in zip(configs, results)}
 
 
 def ablation_grid(plain: Pipeline, robust: Pipeline, path: Path) -> None:
@@ -127,8 +137,9 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
              "(scores in its own scale: real images score about 0.97, unrelated captions about 0.5). "
              f"{b.eval_n} held-out prompts per point. Budget: `{b}`.", ""]
     table1, totals = table1_section(teacher, final, b)
-    table2, t2 = table2_section(teacher, final, b, clip, report)
+    table2, t2, noise = table2_section(teacher, final, load_pipeline(p["wcond8"]), b, clip, report)
     fig6, f6, mixed = fig6_section(p, b, clip, report)
+    fig6 += fig6b_section(t2, f6, b, report, noise)
     goal_lines, verdict = goals(t2, f6, totals, f"baseline {BASE_STEPS}-step", BASE_STEPS, G0, mixed)
     lines += [*table1, *table2, *fig5_section(p, b, report), *evolve_section(p, b), *fig6, *goal_lines,
               *fig8_section(p, b, clip), *samples_section(final, report), *times_section(timings, cpu or {})]
@@ -154,16 +165,102 @@ def table1_section(teacher: Pipeline, final: Pipeline, b: Budget) -> tuple[list[
             "fast as it was and slows the evolved one down (threading overhead).", ""], totals
 
 
-def table2_section(teacher: Pipeline, final: Pipeline, b: Budget, clip: CustomTextCLIP,
-                   report: Path) -> tuple[list[str], dict]:
+def table2_section(teacher: Pipeline, final: Pipeline, wcond: Pipeline, b: Budget, clip: CustomTextCLIP,
+                   report: Path) -> tuple[list[str], dict, dict]:
+    """Table 2 / Fig. 4: the 50-step baseline; the undistilled teacher at 8 steps by DDIM, DPM-Solver-2
+    and DPM-Solver++(2M) (trailing grid, as the students'); Meng et al.'s w-conditioned student; ours. Then the
+    judge's noise (the w-conditioned student on more prompt sets), the paper's Table 2 beside ours, and the teacher's
+    samplers at fewer steps. Returns the lines, the results and the noise ((min, max) of CLIP score and FID)."""
     print("report: Table 2 / Fig. 4")
+
+    def sampled(solver: str) -> Pipeline:
+        return teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing="trailing", solver=solver))
+
     table, t2 = judge_all([(f"baseline {BASE_STEPS}-step", teacher, BASE_STEPS, g) for g in b.guidance]
-                          + [("baseline, 8-step DDIM", teacher, 8, g) for g in b.guidance]
+                          + [(f"baseline, 8-step {SAMPLER_NAME[s]}", sampled(s), 8, g) for s in SOLVERS
+                             for g in b.guidance]
+                          + [(MENG, wcond, 8, g) for g in b.guidance]
                           + [("ours, 8 steps", final, 8, g) for g in b.guidance], clip, b.eval_n,
                           report / "fig4_fid_clip.png", "Fig. 4: FID vs CLIP over guidance")
-    return ["## Table 2 / Fig. 4: FID and CLIP score, final 8-step model vs the baseline", "", *table, "",
-            "No DPM-Solver sampler is implemented here; the 8-step baseline is plain DDIM (Table 2's DPM rows have "
-            "no analogue).", ""], t2
+    few, _ = judge_all([(f"baseline, {n}-step {SAMPLER_NAME[s]}", sampled(s), n, G0) for n in FEW_STEPS
+                         for s in SOLVERS], clip, b.eval_n, None, "")
+    sets = [t2[MENG, 8, G0]] + [judge_on_heldout(clip, b.eval_n, seed, progress=False)(wcond, 8, G0)
+                                for seed in NOISE_SEEDS]
+    noise = {k: (min(r[k] for r in sets), max(r[k] for r in sets)) for k in ("clip_score", "fid")}
+    return ["## Table 2 / Fig. 4: FID and CLIP score, final 8-step model vs the baseline and the comparators", "",
+            *table, "", f"The 8-step baselines are the undistilled teacher on the trailing grid (the students' grid; "
+            "t = 999 first). DPM-Solver-2 is multistep DPM-Solver on eps (Lu et al. 2022), DPM-Solver++(2M) its "
+            "data-prediction form (`--sampler dpm`, `dpm++`). Meng et al.'s student takes w as an input and makes "
+            "one UNet pass per step (`distill.py --w-conditioned`: the CFG-aware targets of Eq. 10, w ~ U"
+            f"[{b.cfg_range[0]:g}, {b.cfg_range[1]:g}], p = 1, learned in one pass) where ours makes CFG's two. "
+            "'Ours' is the final pipeline (evolved, distilled UNet and the pruned decoder); the w-conditioned student "
+            "decodes with the original decoder: Fig. 6b compares the students like for like.", "",
+            f"The judge's noise: the w-conditioned student at guidance {G0:g} on {len(sets)} held-out prompt sets of "
+            f"{b.eval_n} (seeds 1234, {', '.join(map(str, NOISE_SEEDS))}) scores CLIP "
+            f"{noise['clip_score'][0]:.4f} to {noise['clip_score'][1]:.4f} and FID {noise['fid'][0]:.3f} to "
+            f"{noise['fid'][1]:.3f}: differences smaller than that are not clearly resolved (a conservative bound: "
+            "the rows here share one prompt set).", "",
+            *paper_table2(t2, noise),
+            f"### Fewer steps: the teacher's samplers at guidance {G0:g} (trailing grid)", "", *few, "",
+            "At 3 steps the two multistep solvers draw the same images: their only second-order step follows a "
+            "first-order one, and after a first-order step the two corrections are equal (diffusers' schedulers "
+            "agree); they part from the third step on.", ""], t2, noise
+
+
+def paper_table2(t2: dict, noise: dict) -> list[str]:
+    """The paper's Table 2 beside ours at the toy world's working guidance G0, and both rankings by FID (with the
+    judge's noise: ``noise`` = (min, max) over held-out prompt sets)."""
+    ours = {label: t2[label, 8, G0] for label in PAPER_TABLE2}
+    lines = [f"The paper's Table 2 beside the toy world's (guidance {G0:g}; UNet passes per image: CFG's two per "
+             "step, the w-conditioned student's one):", "",
+             "| method | paper FID | paper CLIP | toy FID | toy CLIP | UNet passes |", "|---|---|---|---|---|---|"]
+    for label, (fid, clip) in PAPER_TABLE2.items():
+        passes = 8 if label == MENG else 16
+        toy = ours[label]
+        lines.append(f"| {label} | {fid:.1f} | {clip:.2f} | {toy['fid']:.3f} | {toy['clip_score']:.4f} | {passes} |")
+    paper = sorted(PAPER_TABLE2, key=lambda k: PAPER_TABLE2[k][0])
+    toy = sorted(PAPER_TABLE2, key=lambda k: ours[k]["fid"])
+    same = "the same" if paper == toy else "not the same"
+    spread = noise["fid"][1] - noise["fid"][0]
+    gaps = [ours[b]["fid"] - ours[a]["fid"] for a, b in zip(toy, toy[1:])]
+    resolved = sum(gap > spread for gap in gaps)
+    return lines + ["", f"Ranked by FID (best first), the paper: {' < '.join(paper)}; here: {' < '.join(toy)} "
+                        f"({same} order; {resolved} of its {len(gaps)} steps exceed the judge's FID spread of "
+                        f"{spread:.2f}).", ""]
+
+
+def fig6b_section(t2: dict, f6: dict, b: Budget, report: Path, noise: dict) -> list[str]:
+    """Fig. 6b like for like: Meng et al.'s student against the students of Fig. 6c with the same teacher, start,
+    decoder and w range (CFG only: also p = 1; mixed: ours), and the 50-step baseline, over guidance. The paper's claim
+    in numbers: best CLIP score over guidance, and at the largest guidance; a difference within the judge's CLIP
+    spread is called a tie."""
+    lo, hi = b.cfg_range
+    cfg_only, mixed = f"CFG only (p = 1, w ~ U[{lo:g}, {hi:g}])", f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
+    rows = {MENG: {g: t2[MENG, 8, g] for g in b.guidance}, cfg_only: {g: f6[cfg_only, 8, g] for g in b.guidance},
+            mixed: {g: f6[mixed, 8, g] for g in b.guidance},
+            f"baseline {BASE_STEPS}-step": {g: t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, g] for g in b.guidance}}
+    curves = {label: [(r["clip_score"], r["fid"], g) for g, r in by_g.items()] for label, by_g in rows.items()}
+    fid_clip_plot(curves, report / "fig6b_w_conditioned.png", "Fig. 6b: the w-conditioned student vs CFG-aware ones",
+                  "CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is better)")
+    spread, top = noise["clip_score"][1] - noise["clip_score"][0], max(b.guidance)
+    best = {label: max(r["clip_score"] for r in by_g.values()) for label, by_g in rows.items()}
+
+    def versus(other: str, mine: float, theirs: float) -> str:
+        d = mine - theirs
+        word = "ties with" if abs(d) <= spread else "falls short of" if d < 0 else "exceeds"
+        return f"{word} {other} ({d:+.4f})"
+
+    outside = f", beyond the trained w <= {hi:g}" if top > hi else ""
+    return ["## Fig. 6b: the w-conditioned student vs the CFG-aware students (8 steps, same teacher and start)", "",
+            "![Fig. 6b](fig6b_w_conditioned.png)", "",
+            "The paper: the w-conditioned student cannot reach high CLIP scores at large guidance. Here, best CLIP "
+            f"over guidance: w-conditioned {best[MENG]:.4f}, CFG only {best[cfg_only]:.4f}, mixed {best[mixed]:.4f}, "
+            f"the 50-step baseline {best[f'baseline {BASE_STEPS}-step']:.4f}; the w-conditioned student "
+            f"{versus('CFG only', best[MENG], best[cfg_only])} and {versus('mixed', best[MENG], best[mixed])}. At "
+            f"w = {top:g}{outside}: {rows[MENG][top]['clip_score']:.4f}, it "
+            f"{versus('CFG only', rows[MENG][top]['clip_score'], rows[cfg_only][top]['clip_score'])} and "
+            f"{versus('mixed', rows[MENG][top]['clip_score'], rows[mixed][top]['clip_score'])}. Ties: within the "
+            f"judge's CLIP spread of {spread:.4f} (Table 2).", ""]
 
 
 def fig5_section(p: dict[str, Path], b: Budget, report: Path) -> list[str]:

@@ -24,7 +24,8 @@ def test_every_stage_produced_its_output(quick_run):
     work, out = quick_run
     done = json.loads((work / "recipe.json").read_text())["done"]
     assert list(done) == ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16",
-                          "student8", "vanilla8", "cfg8", "paper_range8", "pruned0", "pruned", "final", "coreml"]
+                          "student8", "vanilla8", "cfg8", "paper_range8", "wcond8", "pruned0", "pruned", "final",
+                          "coreml"]
     for name in [n for n in done if n != "coreml"]:
         assert (work / f"{name}.safetensors").is_file(), name
     assert {p.name for p in (work / "coreml").glob("*.mlpackage")} >= {"unet.mlpackage", "decoder.mlpackage"}
@@ -39,11 +40,11 @@ def test_report_has_every_table_and_figure(quick_run):
     work, _ = quick_run
     report = work / "report"
     text = (report / "README.md").read_text()
-    for heading in ["## Table 1", "## Table 2 / Fig. 4", "## Fig. 5", "## Fig. 2", "## Fig. 6c", "## Fig. 8",
-                    "## The goal", "## Final samples", "## Stage times"]:
+    for heading in ["## Table 1", "## Table 2 / Fig. 4", "## Fig. 6b", "### Fewer steps", "## Fig. 5", "## Fig. 2",
+                    "## Fig. 6c", "## Fig. 8", "## The goal", "## Final samples", "## Stage times"]:
         assert heading in text, heading
     for png in ["fig2_latency.png", "fig4_fid_clip.png", "fig5_blocks_removed.png", "fig6_distillation.png",
-                "samples.png"]:
+                "fig6b_w_conditioned.png", "samples.png"]:
         assert (report / png).stat().st_size > 1000, png
         assert f"]({png})" in text, png
     for svg in ["fig2_latency.svg", "fig4_fid_clip.svg", "fig6_distillation.svg"]:
@@ -53,6 +54,10 @@ def test_report_has_every_table_and_figure(quick_run):
     verdict = json.loads((report / "results.json").read_text())
     assert verdict["speedup"] > 1  # 8 evolved steps vs 50 steps of the baseline: faster even untrained
     assert "paper" in text and "End-to-end speed-up, measured" in text
+    for row in ["8-step DPM-Solver-2", "8-step DPM-Solver++(2M)", "Meng et al.: w-conditioned", "4-step DDIM"]:
+        assert f"| baseline, {row} |" in text or f"| {row}" in text, row
+    assert "| method | paper FID | paper CLIP | toy FID | toy CLIP | UNet passes |" in text
+    assert load_pipeline(work / "wcond8.safetensors").unet.spec.guidance_embed > 0
 
 
 def test_a_run_with_another_budget_is_refused(quick_run):

@@ -5,14 +5,14 @@
     python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # a smoke run of every stage (the tests)
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
-Measured on an idle 2-core CPU: --bundled 59 min wall (50 min of stages, then the report; the report alone 5.7 min);
-from scratch that plus the bundled models' 27 min (models/toy/README.md); --quick 2 min 52 s wall, 4.6 min CPU.
+Measured on an idle 2-core CPU: --bundled 63 min wall (54.6 min of stages, then the report, 8.5 min); from scratch
+that plus the bundled models' 27 min (models/toy/README.md), about 90 min; --quick 3 min 30 s wall, 5.6 min CPU.
 The report lists each stage's wall and CPU time; a busy machine takes longer. A --quick report says its numbers are
 not results.
 
 Stages (snapfusion_min/recipe.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->
-evolving (Alg. 1) -> 32->16 and 16->8 distillation with the Fig. 6c ablations -> pruned decoder (§3.2) -> final
-pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training stages resume.
+evolving (Alg. 1) -> 32->16 and 16->8 distillation with the Fig. 6c ablations and the w-conditioned student (Fig. 6b)
+-> pruned decoder (§3.2) -> final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training stages resume.
 """
 
 from __future__ import annotations
