@@ -12,7 +12,8 @@ not results.
 
 Stages (snapfusion_min/recipe.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->
 evolving (Alg. 1) -> 32->16 and 16->8 distillation with the Fig. 6c ablations and the w-conditioned student (Fig. 6b)
--> pruned decoder (§3.2) -> final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training stages resume.
+-> pruned decoder (§3.2) -> final pipeline -> Core ML -> report. Each stage is skipped once done
+(<work-dir>/recipe.json); training stages resume.
 """
 
 from __future__ import annotations
