@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler
 from helpers import tiny_pipeline, trailing
 
 from snapfusion_min import diffusion as D
+from snapfusion_min.arch import tiny
 
 
 def sd15_scheduler(prediction: str = "epsilon", spacing: str = "leading", **kw) -> DDIMScheduler:
@@ -132,7 +133,7 @@ class Smooth(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.spec = [], tiny()  # a UNet stand-in carries the spec the pipeline reads
 
     def forward(self, z, t, c):
         self.calls.append(int(torch.as_tensor(t).reshape(-1)[0]))

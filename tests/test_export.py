@@ -14,7 +14,7 @@ from helpers import randomize, run_main, tiny_pipeline
 from snapfusion_min.arch import tiny
 from snapfusion_min.coreml import export
 from snapfusion_min.pipeline import SamplerConfig
-from snapfusion_min.unet import Attention, UNet, split_einsum_attention
+from snapfusion_min.unet import Attention, UNet, split_einsum_attention, with_guidance_input
 from snapfusion_min.vae import VAEConfig
 
 ct = pytest.importorskip("coremltools")
@@ -30,6 +30,8 @@ VAE = VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(32, 32, 16, 8), lay
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     pipe = tiny_pipeline(seed=3, sampler=SAMPLER, vae=VAE)
+    pipe = pipe.with_parts(unet=with_guidance_input(pipe.unet, 32))  # Meng et al.'s w input: a 4th UNet input
+    pipe.unet.w_proj.weight.data.normal_(std=0.1)
     paths = export(pipe, out, ["text_encoder", "unet", "decoder"], resolution=64, batch=2, log=False)
     return pipe, out, paths
 
@@ -45,7 +47,8 @@ def test_interfaces(exported):
     assert shapes(specs["text_encoder"].description.input) == {"input_ids": ((1, 16), INT32)}
     assert [o.name for o in specs["text_encoder"].description.output] == ["last_hidden_state"]
     assert shapes(specs["unet"].description.input) == {
-        "sample": ((2, 4, 8, 8), FP32), "timestep": ((2,), FP32), "encoder_hidden_states": ((2, 16, 32), FP32)}
+        "sample": ((2, 4, 8, 8), FP32), "timestep": ((2,), FP32), "encoder_hidden_states": ((2, 16, 32), FP32),
+        "guidance": ((2,), FP32)}
     assert [o.name for o in specs["unet"].description.output] == ["v_pred"]
     assert shapes(specs["decoder"].description.input) == {"z": ((1, 4, 8, 8), FP32)}
     assert [o.name for o in specs["decoder"].description.output] == ["image"]
@@ -61,6 +64,7 @@ def test_metadata_lets_an_app_sample(exported):
     assert sidecar["arch"] == json.loads(pipe.unet.spec.to_json())
     assert (sidecar["prediction"], sidecar["steps"], sidecar["guidance"]) == ("v", 8, 4.0)
     assert sidecar["scheduler"]["spacing"] == "trailing" and sidecar["latent_scale"] == 0.5
+    assert sidecar["w_conditioned"] is True  # the UNet takes 'guidance' and needs no CFG batch
     for part, path in paths.items():
         meta = json.loads(ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata["snapfusion_min"])
         assert meta["part"] == part and meta["arch"] == sidecar["arch"] and meta["precision"] == "fp16"

@@ -95,3 +95,22 @@ def test_distill_makes_a_w_conditioned_student_that_reloads(tmp_path):
         check_pair(student, tiny_pipeline(), True)
     with pytest.raises(ValueError, match="distilled in one stage"):
         DistillRun(chain=(8, 4, 2), loss=DistillConfig(w_conditioned=True)).stages()
+
+
+def test_diffusers_folder_round_trip_keeps_the_w_input(tmp_path):
+    """Saved as a diffusers folder, the w-conditioned UNet is diffusers' UNet2DConditionModel with time_cond_proj_dim
+    (fed LCM's embedding of w - 1) and loads back as itself."""
+    pipe = tiny_pipeline()
+    pipe = pipe.with_parts(unet=with_guidance_input(pipe.unet, 32))
+    pipe.unet.w_proj.weight.data.normal_(std=0.1)
+    pipe.save_diffusers(tmp_path / "w")
+    theirs = UNet2DConditionModel.from_pretrained(tmp_path / "w" / "unet").eval()
+    again = load_pipeline(tmp_path / "w")
+    assert theirs.config.time_cond_proj_dim == 32 and again.unet.spec.guidance_embed == 32
+    z, c, w = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32), torch.tensor([2.0, 6.0])
+    cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=32)
+    with torch.no_grad():
+        want = pipe.unet(z, 400, c, w=w)
+        assert max_rel_err(theirs(z, 400, c, timestep_cond=cond).sample, want) < 1e-5
+        assert max_rel_err(again.unet(z, 400, c, w=w), want) < 1e-5
+    assert torch.equal(again.unet.w_proj.weight, pipe.unet.w_proj.weight)
