@@ -263,6 +263,9 @@ class Pipeline:
         if not prompts:
             raise ValueError("no prompts given")
         self.warn_out_of_domain([*prompts, negative_prompt], height, width)
+        if negative_prompt and self.unet.spec.guidance_embed:
+            warnings.warn("a w-conditioned UNet makes no unconditional pass: the negative prompt is not used",
+                          UserWarning, stacklevel=2)
         z = self.initial_latents(len(prompts), height, width, seed) if latents is None else latents.to(
             self.device, self.dtype)
         context = self.encode_prompts(prompts)

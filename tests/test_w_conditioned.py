@@ -69,6 +69,8 @@ def test_sampling_is_one_conditional_pass_per_step():
     z = torch.randn(2, 4, 8, 8)
     images = wpipe(["a red circle", "a blue square"], steps=4, guidance=3.0, latents=z, output_type="pt")
     assert counting.calls == [(2, 3.0)] * 4
+    with pytest.warns(UserWarning, match="the negative prompt is not used"):
+        wpipe(["a red circle"], steps=1, guidance=3.0, negative_prompt="blue", output_type="pt")
     context, grid = pipe.encode_prompts(["a red circle", "a blue square"]), D.timesteps(4, "trailing")
     solver = D.Solver("ddim", grid, pipe.schedule, "v")
     with torch.no_grad():
