@@ -11,6 +11,7 @@ with more dependencies, clean-fid downloads its weights and resizes differently 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -100,10 +101,26 @@ def fid(features1: torch.Tensor, features2: torch.Tensor) -> float:
     return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
+_CLASSIFIERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(captions, weights): features}
+
+
+def classifier_features(judge: Judge, captions: Sequence[str]) -> torch.Tensor:
+    """``judge.text_features(captions)`` of a fixed caption set (the zero-shot classifier's 900 captions), kept per
+    model while its weights are unchanged (a checksum of them is part of the key): every evaluation asks for them."""
+    with torch.no_grad():
+        weights = float(sum(p.detach().sum().item() for p in judge.model.parameters()))
+    cache = _CLASSIFIERS.setdefault(judge.model, {})
+    key = (tuple(captions), weights)
+    if key not in cache:
+        cache.clear()
+        cache[key] = judge.text_features(captions)
+    return cache[key]
+
+
 def attribute_probabilities(judge: Judge, images: torch.Tensor, combos: Sequence[Combo] = ALL_COMBOS,
                             temperature: float = 100.0) -> dict[str, torch.Tensor]:
     """Zero-shot: softmax over the captions of all combinations, marginalised per attribute -> {attr: [B, values]}."""
-    logits = temperature * judge.image_features(images) @ judge.text_features([c.caption for c in combos]).T
+    logits = temperature * judge.image_features(images) @ classifier_features(judge, [c.caption for c in combos]).T
     probs = logits.softmax(-1)
     out = {}
     for attr, values in ATTRIBUTES.items():

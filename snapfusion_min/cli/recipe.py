@@ -5,8 +5,8 @@
     python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # a smoke run of every stage (the tests)
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
-Measured on an idle 2-core CPU: --bundled 63 min wall (54.6 min of stages, then the report, 8.5 min); from scratch
-that plus the bundled models' 27 min (models/toy/README.md), about 90 min; --quick 3 min 30 s wall, 5.6 min CPU.
+Measured on an idle 2-core CPU: --bundled 62 min wall (54.6 min of stages, then the report, 7.4 min); from scratch
+that plus the bundled models' 27 min (models/toy/README.md), 89 min; --quick 3 min 4 s wall, 4.9 min CPU.
 The report lists each stage's wall and CPU time; a busy machine takes longer. A --quick report says its numbers are
 not results.
 
