@@ -82,7 +82,7 @@ def check_folder(folder: Path, settings: dict) -> None:
     """Refuse a folder whose images were made with other settings (resuming there would mix two experiments)."""
     record = folder / "generation.json"
     if record.is_file():
-        old = json.loads(record.read_text())
+        old = {"sampler": "ddim", **json.loads(record.read_text())}  # folders made before the sampler was recorded
         differ = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in settings.items() if old.get(k) != v]
         if differ:
             raise ValueError(f"{folder} holds images made with other settings ({'; '.join(differ[:3])}); "

@@ -1,6 +1,7 @@
 """§5's protocol at SD scale (sd_eval): MS-COCO caption choice, resumable and sharded generation into a folder,
 scoring a folder, evaluate.py --prompts-file end to end, and Alg. 1 with an open_clip scorer."""
 
+import dataclasses
 import json
 import os
 import random
@@ -90,6 +91,12 @@ def test_generation_shards_and_resumes_without_duplicates_or_losses(tmp_path, ti
         generate_folder(pipe, PROMPTS, tmp_path / "two", guidance=3.0, progress=False)
     with pytest.raises(ValueError, match="prompts_sha256"):
         generate_folder(pipe, PROMPTS[::-1], tmp_path / "two", progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(sampler 'ddim' vs 'dpm\+\+'\)"):
+        generate_folder(pipe.with_parts(sampler=dataclasses.replace(pipe.sampler, solver="dpm++")), PROMPTS,
+                        tmp_path / "two", progress=False)
+    record = tmp_path / "two" / "generation.json"  # a folder made before the sampler was recorded: DDIM's
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "sampler"}))
+    assert generate_folder(pipe, PROMPTS, tmp_path / "two", batch=2, progress=False) == 0
 
 
 def test_generation_resumes_after_a_kill(tmp_path, tiny_checkpoint):
