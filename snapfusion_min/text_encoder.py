@@ -6,6 +6,7 @@ SD-v1.5 conditions on the *last hidden state* of CLIP ViT-L/14's text transforme
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ class TextConfig:
     quick_gelu: bool = True  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 
 
+@functools.lru_cache
+def bpe(context_length: int) -> SimpleTokenizer:
+    """open_clip's BPE tokenizer (its vocabulary ships inside open_clip), built once: reading the vocabulary takes a
+    tenth of a second, and every pipeline and judge needs one."""
+    return SimpleTokenizer(context_length=context_length)
+
+
 class Tokenizer:
     """Prompts -> [B, 77] token ids exactly as SD-v1.5's CLIPTokenizer: SOT, BPE, EOT, truncated, padded with EOT.
 
@@ -38,7 +46,7 @@ class Tokenizer:
 
     def __init__(self, context_length: int = 77):
         self.context_length = context_length
-        self.bpe = SimpleTokenizer(context_length=context_length)  # its BPE vocabulary ships inside open_clip
+        self.bpe = bpe(context_length)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
