@@ -1,6 +1,7 @@
 """Figures: image grids with captions (PIL), and plots drawn with matplotlib (the ``plots`` extra): FID-vs-CLIP curves
-over guidance (Fig. 4, 6), per-block latency and parameters (Fig. 2), training loss. Each plot is written as PNG and
-SVG side by side, in the Okabe-Ito colours (told apart with colour-blindness, and by marker shape too).
+over guidance (Fig. 4, 6), CLIP and FID over steps (Fig. 4, right), per-block latency and parameters (Fig. 2),
+training loss. Each plot is written as PNG and SVG side by side, in the Okabe-Ito colours (told apart with
+colour-blindness, and by marker shape too).
 """
 
 from __future__ import annotations
@@ -96,6 +97,30 @@ def fid_clip_plot(curves: dict[str, list[tuple[float, float, float]]], path: str
                for i in range(len(curves))]
     fig.legend(handles, list(curves), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=min(3, len(curves)),
                frameon=False)
+    save(fig, path)
+
+
+def steps_plot(curves: dict[str, list[tuple[int, float, float]]], path: str | Path, title: str = "") -> None:
+    """Fig. 4 (right) over steps: CLIP score and FID (log scale) against sampling steps (log scale), one line per
+    series; ``curves``: label -> [(steps, clip score, fid), ...]. Ticks at the measured step counts."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps = sorted({p[0] for ps in curves.values() for p in ps})
+    for i, (label, ps) in enumerate(curves.items()):
+        ps = sorted(ps)
+        style = {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)], "label": label}
+        axes[0].plot([p[0] for p in ps], [p[1] for p in ps], **style)
+        axes[1].plot([p[0] for p in ps], [p[2] for p in ps], **style)
+    for ax, ylabel in zip(axes, ("CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is "
+                                                                            "better)")):
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(ylabel)
+        ax.legend(frameon=False)
+    axes[1].set_yscale("log")
+    fig.suptitle(title)
     save(fig, path)
 
 

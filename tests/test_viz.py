@@ -10,7 +10,7 @@ from helpers import run_main, tiny_pipeline
 from snapfusion_min.evaluation import sweep
 from snapfusion_min.latency import LatencyTable, fig2
 from snapfusion_min.training import write_figures
-from snapfusion_min.viz import loss_plot
+from snapfusion_min.viz import loss_plot, steps_plot
 
 
 def texts(svg_path) -> list[str]:
@@ -55,6 +55,19 @@ def test_loss_plot_has_named_axes(tmp_path):
     words = texts(tmp_path / "loss.svg")
     assert {"optimizer step", "loss (mean of 10 steps)", "training loss (Eq. 6)"} <= set(words)
     assert (tmp_path / "loss.png").stat().st_size > 5_000
+
+
+def test_steps_plot_names_both_panels_and_ticks_the_measured_steps(tmp_path):
+    steps = [1, 2, 4, 8, 50]
+    curves = {"leading grid": [(n, 0.9 - 0.5 / n, 6 + 30 / n) for n in steps],
+              "trailing grid": [(n, 0.93 - 0.2 / n, 6 + 20 / n) for n in steps]}
+    steps_plot(curves, tmp_path / "steps.png", "DDIM over steps")
+    words = texts(tmp_path / "steps.svg")
+    assert {"sampling steps", "CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is better)",
+            "DDIM over steps"} <= set(words)
+    assert words.count("leading grid") == 2 and words.count("trailing grid") == 2  # a legend in each panel
+    assert [w for w in words if w in {str(n) for n in steps}][:5] == [str(n) for n in steps]  # x ticks: the steps
+    assert (tmp_path / "steps.png").stat().st_size > 10_000
 
 
 def test_without_matplotlib(tmp_path, monkeypatch, capsys):
