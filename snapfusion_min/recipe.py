@@ -2,11 +2,12 @@
 
 toy CLIP -> autoencoder -> v-prediction teacher, the baseline (Eq. 6) -> robust training (Eq. 5) and its plain
 control -> evolving to 50% of the latency (Alg. 1) -> 32->16 distillation of the teacher and of the evolved UNet ->
-16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D), with its vanilla, CFG-only
-and paper-range ablations (Fig. 6c-d) and Meng et al.'s w-conditioned student (Table 2, Fig. 6b) -> 50% pruned
-decoder by data distillation (§3.2) -> the final pipeline -> Core ML -> report (``report.py``). Each stage is skipped
-once done, as recorded in <work>/recipe.json; the training stages resume exactly after a crash, the others start
-over.
+16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D) and Meng et al.'s w-conditioned
+student (Table 2, Fig. 6b) -> the 8-step student distilled directly to the few-step count where DDIM breaks (1 step in
+the toy world), by the mixed loss and its ablations: vanilla, p = 0.5, CFG only, the paper's w range (Fig. 6c-d) ->
+50% pruned decoder by data distillation (§3.2) -> the final pipeline -> Core ML -> report (``report.py``). Each stage
+is skipped once done, as recorded in <work>/recipe.json; the training stages resume exactly after a crash, the others
+start over.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from .training import Dist, TrainConfig
 
 TOY = Path(__file__).resolve().parent.parent / "models" / "toy"  # the bundled toy models
 NAMES = ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16", "student8",
-         "vanilla8", "cfg8", "paper_range8", "wcond8", "pruned0", "pruned", "final"]  # the checkpoints, in stage order
+         "wcond8", "few_mixed", "few_vanilla", "few_half", "few_cfg", "few_paper_range", "pruned0", "pruned",
+         "final"]  # the checkpoints, in stage order
 STAGES = (*NAMES, "coreml")
+FEW_STUDENTS = [("few_mixed", 0.1, None), ("few_vanilla", 0.0, None), ("few_half", 0.5, None),
+                ("few_cfg", 1.0, None), ("few_paper_range", 0.1, (2.0, 14.0))]  # (name, p, w range or the budget's)
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,12 @@ class Budget:
     evolve_n: int = 64
     distill: int = 600
     cfg_range: tuple[float, float] = (1.5, 4.0)  # Eq. 10's w range, around the toy world's best guidance (2)
+    few_steps: int = 1  # where the toy teacher's DDIM breaks (FID 39 at 1 step vs 7 at 2, trailing grid)
+    few_distill: int = 300  # steps of each 8 -> few_steps distillation
+    few_guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
+    ddim_steps: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16, 50)  # the teacher's DDIM over steps (Fig. 4, right)
     decoder_latents: int = 1024
-    decoder_steps: int = 5000
+    decoder_steps: int = 2500
     eval_n: int = 200
     guidance: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
     repeat: int = 7
@@ -56,7 +64,7 @@ class Budget:
 
 QUICK = Budget(clip=20, autoencoder=20, unet=40, robust=8, evolve_iterations=1, evolve_actions=3, evolve_train=4,
                evolve_finetune=4, evolve_n=8, distill=6, decoder_latents=16, decoder_steps=4, eval_n=16,
-               guidance=(2.0,), repeat=1)
+               guidance=(2.0,), repeat=1, few_distill=2, few_guidance=(2.0,), ddim_steps=(1, 2))
 
 
 def paths(work: Path, bundled: bool) -> dict[str, Path]:
@@ -83,11 +91,12 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool) -> list[tup
                                                                          train=t), str(p[name]), d)
 
     def distil(name: str, teacher: str, init: str, chain: tuple[int, int], cfg_prob: float = 0.1,
-               cfg_range: tuple[float, float] = b.cfg_range, w_conditioned: bool = False) -> Callable:
+               cfg_range: tuple[float, float] = b.cfg_range, w_conditioned: bool = False,
+               steps: int = b.distill) -> Callable:
         loss = distill.DistillConfig(w_min=cfg_range[0], w_max=cfg_range[1], cfg_prob=cfg_prob,
                                      w_conditioned=w_conditioned)
         run = distill.DistillRun(chain=chain, loss=loss, guidance=2.0, train=replace(
-            distill.TRAIN, train_steps=b.distill, save_every=200, resume=resumable(name)))
+            distill.TRAIN, train_steps=steps, save_every=200, resume=resumable(name)))
         return lambda: distill.distill(str(p[teacher]), str(p[init]), run, str(p[name]), d)
 
     def decoder(name: str, steps: int) -> Callable:
@@ -109,10 +118,10 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool) -> list[tup
             ("teacher16", distil("teacher16", "teacher", "teacher", (32, 16))),
             ("evolved16", distil("evolved16", "evolved", "evolved", (32, 16))),
             ("student8", distil("student8", "teacher16", "evolved16", (16, 8))),
-            ("vanilla8", distil("vanilla8", "teacher16", "evolved16", (16, 8), 0.0)),
-            ("cfg8", distil("cfg8", "teacher16", "evolved16", (16, 8), 1.0)),
-            ("paper_range8", distil("paper_range8", "teacher16", "evolved16", (16, 8), 0.1, (2.0, 14.0))),
             ("wcond8", distil("wcond8", "teacher16", "evolved16", (16, 8), 1.0, w_conditioned=True)),
+            *[(name, distil(name, "student8", "student8", (8, b.few_steps), prob, w_range or b.cfg_range,
+                            steps=b.few_distill))
+              for name, prob, w_range in FEW_STUDENTS],
             ("pruned0", decoder("pruned0", 0)), ("pruned", decoder("pruned", b.decoder_steps)),
             ("final", lambda: final_pipeline(p)), ("coreml", lambda: coreml_stage(p["final"], work / "coreml"))]
     return run

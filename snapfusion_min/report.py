@@ -1,5 +1,6 @@
-"""The recipe's report (report/README.md): the paper's Tables 1-2 and Figs. 2, 4, 5, 6b, 6c, 8 at toy scale, judged
-by the bundled toy CLIP on held-out prompts, and the goal the recipe is held to.
+"""The recipe's report (report/README.md): the paper's Tables 1-2 and Figs. 2, 4, 5, 6b-d, 8 at toy scale, judged
+by the bundled toy CLIP on held-out prompts, and the goal the recipe is held to. The few-step regime (Fig. 4 right,
+Table 2 and Fig. 6c-d where DDIM breaks) is ``report_few``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .evaluation import decoder_table, judge_on_heldout, sweep
 from .latency import LatencyTable, fig2
 from .pipeline import Pipeline, load_pipeline
 from .recipe import TOY, Budget
+from .report_few import ddim_steps_section, few_step_section
 from .toyclip import load_toy_clip
 from .viz import caption_grid, fid_clip_plot
 
@@ -31,7 +33,7 @@ PAPER_TABLE2 = {  # method -> (FID, CLIP) of the paper's Table 2 (SD-v1.5 scale,
     "baseline, 8-step DPM-Solver-2": (31.7, 0.32), "baseline, 8-step DPM-Solver++(2M)": (25.6, 0.32),
     MENG: (26.9, 0.30), "ours, 8 steps": (24.2, 0.30)}
 NOISE_SEEDS = (1, 2, 3, 4)  # more held-out prompt sets (besides the default, 1234) to measure the judge's noise
-FEW_STEPS = (3, 4)  # the teacher's samplers below 8 steps (at 2 both multistep solvers are DDIM)
+FEW_STEPS = (3, 4)  # the teacher's multistep solvers below 8 steps (at 2 both are DDIM; DDIM: report_few)
 
 
 def latency_table(base: Pipeline, ours: Pipeline, b: Budget, base_steps: int, our_steps: int) -> tuple[list[str],
@@ -140,6 +142,12 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
     table2, t2, noise = table2_section(teacher, final, load_pipeline(p["wcond8"]), b, clip, report)
     fig6, f6, mixed = fig6_section(p, b, clip, report)
     fig6 += fig6b_section(t2, f6, b, report, noise)
+    known = {("leading", BASE_STEPS): t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, G0],
+             ("trailing", 8): t2["baseline, 8-step DDIM", 8, G0]}
+    steps, _ = ddim_steps_section(teacher, b, clip, report, G0, known)
+    few, _ = few_step_section(p, teacher, b, clip, report, {g: t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, g]
+                                                            for g in b.guidance}, NOISE_SEEDS)
+    fig6 += steps + few
     goal_lines, verdict = goals(t2, f6, totals, f"baseline {BASE_STEPS}-step", BASE_STEPS, G0, mixed)
     lines += [*table1, *table2, *fig5_section(p, b, report), *evolve_section(p, b), *fig6, *goal_lines,
               *fig8_section(p, b, clip), *samples_section(final, report), *times_section(timings, cpu or {})]
@@ -183,7 +191,7 @@ def table2_section(teacher: Pipeline, final: Pipeline, wcond: Pipeline, b: Budge
                           + [("ours, 8 steps", final, 8, g) for g in b.guidance], clip, b.eval_n,
                           report / "fig4_fid_clip.png", "Fig. 4: FID vs CLIP over guidance")
     few, _ = judge_all([(f"baseline, {n}-step {SAMPLER_NAME[s]}", sampled(s), n, G0) for n in FEW_STEPS
-                         for s in SOLVERS], clip, b.eval_n, None, "")
+                         for s in SOLVERS if s != "ddim"], clip, b.eval_n, None, "")
     sets = [t2[MENG, 8, G0]] + [judge_on_heldout(clip, b.eval_n, seed, progress=False)(wcond, 8, G0)
                                 for seed in NOISE_SEEDS]
     noise = {k: (min(r[k] for r in sets), max(r[k] for r in sets)) for k in ("clip_score", "fid")}
@@ -201,7 +209,8 @@ def table2_section(teacher: Pipeline, final: Pipeline, wcond: Pipeline, b: Budge
             f"{noise['fid'][1]:.3f}: differences smaller than that are not clearly resolved (a conservative bound: "
             "the rows here share one prompt set).", "",
             *paper_table2(t2, noise),
-            f"### Fewer steps: the teacher's samplers at guidance {G0:g} (trailing grid)", "", *few, "",
+            f"### Fewer steps: the teacher's multistep solvers at guidance {G0:g} (trailing grid; DDIM over steps: "
+            "Fig. 4, right, below)", "", *few, "",
             "At 3 steps the two multistep solvers draw the same images: their only second-order step follows a "
             "first-order one, and after a first-order step the two corrections are equal (diffusers' schedulers "
             "agree); they part from the third step on.", ""], t2, noise
@@ -230,17 +239,15 @@ def paper_table2(t2: dict, noise: dict) -> list[str]:
 
 
 def fig6b_section(t2: dict, f6: dict, b: Budget, report: Path, noise: dict) -> list[str]:
-    """Fig. 6b like for like: Meng et al.'s student against the students of Fig. 6c with the same teacher, start,
-    decoder and w range (CFG only: also p = 1; mixed: ours), and the 50-step baseline, over guidance. The paper's claim
-    in numbers: best CLIP score over guidance, and at the largest guidance; a difference within the judge's CLIP
-    spread is called a tie."""
+    """Fig. 6b like for like: Meng et al.'s student against ours (the mixed loss) with the same teacher, start,
+    decoder and w range, and the 50-step baseline, over guidance. The paper's claim in numbers: best CLIP score over
+    guidance, and at the largest guidance; a difference within the judge's CLIP spread is called a tie."""
     lo, hi = b.cfg_range
-    cfg_only, mixed = f"CFG only (p = 1, w ~ U[{lo:g}, {hi:g}])", f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
-    rows = {MENG: {g: t2[MENG, 8, g] for g in b.guidance}, cfg_only: {g: f6[cfg_only, 8, g] for g in b.guidance},
-            mixed: {g: f6[mixed, 8, g] for g in b.guidance},
+    mixed = f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
+    rows = {MENG: {g: t2[MENG, 8, g] for g in b.guidance}, mixed: {g: f6[mixed, 8, g] for g in b.guidance},
             f"baseline {BASE_STEPS}-step": {g: t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, g] for g in b.guidance}}
     curves = {label: [(r["clip_score"], r["fid"], g) for g, r in by_g.items()] for label, by_g in rows.items()}
-    fid_clip_plot(curves, report / "fig6b_w_conditioned.png", "Fig. 6b: the w-conditioned student vs CFG-aware ones",
+    fid_clip_plot(curves, report / "fig6b_w_conditioned.png", "Fig. 6b: the w-conditioned student vs ours",
                   "CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is better)")
     spread, top = noise["clip_score"][1] - noise["clip_score"][0], max(b.guidance)
     best = {label: max(r["clip_score"] for r in by_g.values()) for label, by_g in rows.items()}
@@ -251,15 +258,14 @@ def fig6b_section(t2: dict, f6: dict, b: Budget, report: Path, noise: dict) -> l
         return f"{word} {other} ({d:+.4f})"
 
     outside = f", beyond the trained w <= {hi:g}" if top > hi else ""
-    return ["## Fig. 6b: the w-conditioned student vs the CFG-aware students (8 steps, same teacher and start)", "",
+    return ["## Fig. 6b: the w-conditioned student vs ours (8 steps, same teacher and start)", "",
             "![Fig. 6b](fig6b_w_conditioned.png)", "",
             "The paper: the w-conditioned student cannot reach high CLIP scores at large guidance. Here, best CLIP "
-            f"over guidance: w-conditioned {best[MENG]:.4f}, CFG only {best[cfg_only]:.4f}, mixed {best[mixed]:.4f}, "
-            f"the 50-step baseline {best[f'baseline {BASE_STEPS}-step']:.4f}; the w-conditioned student "
-            f"{versus('CFG only', best[MENG], best[cfg_only])} and {versus('mixed', best[MENG], best[mixed])}. At "
-            f"w = {top:g}{outside}: {rows[MENG][top]['clip_score']:.4f}, it "
-            f"{versus('CFG only', rows[MENG][top]['clip_score'], rows[cfg_only][top]['clip_score'])} and "
-            f"{versus('mixed', rows[MENG][top]['clip_score'], rows[mixed][top]['clip_score'])}. Ties: within the "
+            f"over guidance: w-conditioned {best[MENG]:.4f}, ours (mixed) {best[mixed]:.4f}, the 50-step baseline "
+            f"{best[f'baseline {BASE_STEPS}-step']:.4f}; the w-conditioned student "
+            f"{versus('ours', best[MENG], best[mixed])}. At w = {top:g}{outside}: "
+            f"{rows[MENG][top]['clip_score']:.4f}, it "
+            f"{versus('ours', rows[MENG][top]['clip_score'], rows[mixed][top]['clip_score'])}. Ties: within the "
             f"judge's CLIP spread of {spread:.4f} (Table 2).", ""]
 
 
@@ -288,23 +294,22 @@ def evolve_section(p: dict[str, Path], b: Budget) -> list[str]:
 
 
 def fig6_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP, report: Path) -> tuple[list[str], dict, str]:
-    print("report: Fig. 6")
+    """The 8-step student (the mixed loss) against the evolved UNet it came from, undistilled, at 8 steps; the loss
+    ablations are at the few-step count (``report_few``), where there is something to recover."""
+    print("report: Fig. 6 (8 steps)")
     lo, hi = b.cfg_range
     mixed = f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
-    students = {mixed: p["student8"], "vanilla": p["vanilla8"],
-                f"CFG only (p = 1, w ~ U[{lo:g}, {hi:g}])": p["cfg8"],
-                "mixed (p = 0.1), the paper's w ~ U[2, 14]": p["paper_range8"]}
     evolved = load_pipeline(p["evolved"])
     evolved.sampler = dataclasses.replace(evolved.sampler, spacing="trailing")
     table, f6 = judge_all([("evolved, undistilled", evolved, 8, g) for g in b.guidance]
-                          + [(name, load_pipeline(path), 8, g) for name, path in students.items() for g in b.guidance],
-                          clip, b.eval_n, report / "fig6_distillation.png", "Fig. 6: 8-step students, FID vs CLIP")
-    return ["## Fig. 6c: distillation losses, 16 → 8 steps (teacher: the 16-step distilled baseline; student "
-            "initialised from the 16-step evolved UNet, App. D)", "", *table, "",
+                          + [(mixed, load_pipeline(p["student8"]), 8, g) for g in b.guidance],
+                          clip, b.eval_n, report / "fig6_distillation.png", "Fig. 6: the 8-step student, FID vs CLIP")
+    return ["## Fig. 6: 16 → 8 steps (teacher: the 16-step distilled baseline; student initialised from the "
+            "16-step evolved UNet, App. D)", "", *table, "",
             f"Eq. 10's guidance range: the paper draws w from [2, 14] around SD-v1.5's working scale (7.5); the toy "
-            f"world's best guidance is about 2, so every distillation here draws it from [{lo:g}, {hi:g}] (Fig. 6d's "
-            "CFG-range ablation, one point of it: the last rows). Probability sweeps are "
-            "`distill.py --cfg-prob`; not run here.", ""], f6, mixed
+            f"world's best guidance is about 2, so the distillations here draw it from [{lo:g}, {hi:g}] (the "
+            "paper's range is one of Fig. 6d's curves below). The loss ablations (Fig. 6c-d) are at the few-step "
+            "count below: at 8 steps the toy teacher's DDIM has nothing to recover.", ""], f6, mixed
 
 
 def fig8_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP) -> list[str]:

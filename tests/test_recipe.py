@@ -24,8 +24,8 @@ def test_every_stage_produced_its_output(quick_run):
     work, out = quick_run
     done = json.loads((work / "recipe.json").read_text())["done"]
     assert list(done) == ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16",
-                          "student8", "vanilla8", "cfg8", "paper_range8", "wcond8", "pruned0", "pruned", "final",
-                          "coreml"]
+                          "student8", "wcond8", "few_mixed", "few_vanilla", "few_half", "few_cfg", "few_paper_range",
+                          "pruned0", "pruned", "final", "coreml"]
     for name in [n for n in done if n != "coreml"]:
         assert (work / f"{name}.safetensors").is_file(), name
     assert {p.name for p in (work / "coreml").glob("*.mlpackage")} >= {"unet.mlpackage", "decoder.mlpackage"}
@@ -34,6 +34,8 @@ def test_every_stage_produced_its_output(quick_run):
     assert len(final.unet.spec.addresses()) < len(teacher.unet.spec.addresses())
     assert final.sampler.steps == 8 and final.sampler.spacing == "trailing" and final.sampler.distilled
     assert [2 * c for c in final.vae.cfg.decoder_channels] == list(teacher.vae.cfg.decoder_channels)
+    few = load_pipeline(work / "few_mixed.safetensors")  # the few-step students: 1 trailing step, evolved UNet
+    assert few.sampler.steps == 1 and few.sampler.distilled and few.unet.spec == final.unet.spec
 
 
 def test_report_has_every_table_and_figure(quick_run):
@@ -41,10 +43,12 @@ def test_report_has_every_table_and_figure(quick_run):
     report = work / "report"
     text = (report / "README.md").read_text()
     for heading in ["## Table 1", "## Table 2 / Fig. 4", "## Fig. 6b", "### Fewer steps", "## Fig. 5", "## Fig. 2",
-                    "## Fig. 6c", "## Fig. 8", "## The goal", "## Final samples", "## Stage times"]:
+                    "## Fig. 6: 16 → 8", "## Fig. 4 (right)",
+                    "## Table 2 / Fig. 4 and Fig. 6c-d at the few-step count: 1 step", "## Fig. 8", "## The goal",
+                    "## Final samples", "## Stage times"]:
         assert heading in text, heading
     for png in ["fig2_latency.png", "fig4_fid_clip.png", "fig5_blocks_removed.png", "fig6_distillation.png",
-                "fig6b_w_conditioned.png", "samples.png"]:
+                "fig6b_w_conditioned.png", "fig4_ddim_steps.png", "fig6d_few_step.png", "samples.png"]:
         assert (report / png).stat().st_size > 1000, png
         assert f"]({png})" in text, png
     for svg in ["fig2_latency.svg", "fig4_fid_clip.svg", "fig6_distillation.svg"]:
@@ -54,9 +58,13 @@ def test_report_has_every_table_and_figure(quick_run):
     verdict = json.loads((report / "results.json").read_text())
     assert verdict["speedup"] > 1  # 8 evolved steps vs 50 steps of the baseline: faster even untrained
     assert "paper" in text and "End-to-end speed-up, measured" in text
-    for row in ["8-step DPM-Solver-2", "8-step DPM-Solver++(2M)", "Meng et al.: w-conditioned", "4-step DDIM"]:
+    for row in ["8-step DPM-Solver-2", "8-step DPM-Solver++(2M)", "Meng et al.: w-conditioned", "4-step DPM-Solver-2"]:
         assert f"| baseline, {row} |" in text or f"| {row}" in text, row
     assert "| method | paper FID | paper CLIP | toy FID | toy CLIP | UNet passes |" in text
+    assert "| the paper's claim | here | verdict |" in text and "claims hold at 1 step in" in text
+    for label in ["vanilla (p = 0)", "CFG only (p = 1, w ~ U[1.5, 4])", "mixed (p = 0.5, w ~ U[1.5, 4])",
+                  "mixed (p = 0.1, w ~ U[2, 14])", "teacher, 1-step DDIM"]:
+        assert f"| {label} | 1 | 2 |" in text, label  # a row of the few-step table
     assert load_pipeline(work / "wcond8.safetensors").unet.spec.guidance_embed > 0
 
 

@@ -5,15 +5,15 @@
     python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # a smoke run of every stage (the tests)
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
-Measured on an idle 2-core CPU: --bundled 62 min wall (54.6 min of stages, then the report, 7.4 min); from scratch
-that plus the bundled models' 27 min (models/toy/README.md), 89 min; --quick 3 min 4 s wall, 4.9 min CPU.
+Measured on an idle 2-core CPU: --bundled 62 min wall (52.1 min of stages, then the report, 9.9 min); from scratch
+that plus the bundled models' 27.2 min (models/toy/README.md), 89.2 min; --quick 3 min 0 s wall, 4.8 min CPU.
 The report lists each stage's wall and CPU time; a busy machine takes longer. A --quick report says its numbers are
 not results.
 
 Stages (snapfusion_min/recipe.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->
-evolving (Alg. 1) -> 32->16 and 16->8 distillation with the Fig. 6c ablations and the w-conditioned student (Fig. 6b)
--> pruned decoder (§3.2) -> final pipeline -> Core ML -> report. Each stage is skipped once done
-(<work-dir>/recipe.json); training stages resume.
+evolving (Alg. 1) -> 32->16 and 16->8 distillation and the w-conditioned student (Fig. 6b) -> 8->1 distillation,
+where the toy teacher's DDIM breaks, with the Fig. 6c-d ablations (p and the w range) -> pruned decoder (§3.2) ->
+final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training stages resume.
 """
 
 from __future__ import annotations
