@@ -61,7 +61,7 @@ def test_report_has_every_table_and_figure(quick_run):
     for row in ["8-step DPM-Solver-2", "8-step DPM-Solver++(2M)", "Meng et al.: w-conditioned", "4-step DPM-Solver-2"]:
         assert f"| baseline, {row} |" in text or f"| {row}" in text, row
     assert "| method | paper FID | paper CLIP | toy FID | toy CLIP | UNet passes |" in text
-    assert "| the paper's claim | here | verdict |" in text and "claims hold at 1 step in" in text
+    assert "| claim | the paper (8 steps, SD-v1.5) | here | verdict |" in text and "claims hold at 1 step in" in text
     for label in ["vanilla (p = 0)", "CFG only (p = 1, w ~ U[1.5, 4])", "mixed (p = 0.5, w ~ U[1.5, 4])",
                   "mixed (p = 0.1, w ~ U[2, 14])", "teacher, 1-step DDIM"]:
         assert f"| {label} | 1 | 2 |" in text, label  # a row of the few-step table

@@ -47,31 +47,30 @@ def paper_world() -> tuple[dict, dict]:
 def test_the_papers_world_holds_every_claim():
     ext, labels = paper_world()
     out = claims(ext, labels, "DDIM", "base", NOISE)
-    assert len(out) == 17
+    assert len(out) == 17 and all(said.startswith(("Fig. 4: ", "Fig. 6c: ", "Fig. 6d: ")) for _, said, _, _ in out)
     # mixed's CLIP is 0.03 below CFG only's, beyond the noise: "mixed keeps CFG only's best CLIP" does not hold; the
     # FID rises by 0.1 from p = 0 to 0.1, within the noise: a tie; every other claim holds
-    failed = {c: v for c, _, v in out if v != "holds"}
-    assert failed == {"Fig. 6c: mixed keeps CFG only's best CLIP": "does not hold",
-                      "Fig. 6d: higher p (0 -> 0.1), higher lowest FID": "tie"}
+    failed = {c: v for c, _, _, v in out if v != "holds"}
+    assert failed == {"mixed keeps CFG only's best CLIP": "does not hold",
+                      "higher p (0 -> 0.1), higher lowest FID": "tie"}
     ext[labels["few_mixed"]]["clip"] = 0.955  # within the noise of CFG only's 0.96, but now above p = 0.5's 0.945
-    out = dict((c, v) for c, _, v in claims(ext, labels, "DDIM", "base", NOISE))
-    assert out["Fig. 6c: mixed keeps CFG only's best CLIP"] == "holds"
-    assert out["Fig. 6d: higher p (0.1 -> 0.5), higher best CLIP"] == "does not hold"
+    out = {c: v for c, _, _, v in claims(ext, labels, "DDIM", "base", NOISE)}
+    assert out["mixed keeps CFG only's best CLIP"] == "holds"
+    assert out["higher p (0.1 -> 0.5), higher best CLIP"] == "does not hold"
 
 
 def test_each_claim_reads_the_right_way_round():
     ext, labels = paper_world()
     ext["DDIM"]["fid"] = 5.0  # DDIM's FID below vanilla's
     ext[labels["few_paper_range"]]["fid"] = 6.0  # the larger range lowers FID
-    out = {c: (m, v) for c, m, v in claims(ext, labels, "DDIM", "base", NOISE)}
-    assert out["Fig. 4: vanilla distillation beats DDIM at the same steps (lowest FID)"] == (
-        "vanilla 6.60, DDIM 5.00", "does not hold")
-    assert out["Fig. 6d: the larger w range (the paper's [2, 14]), higher lowest FID"] == (
-        "mixed 6.70, w ~ U[2, 14] 6.00", "does not hold")
-    assert out["Fig. 4: vanilla distillation beats DDIM at the same steps (best CLIP)"][1] == "holds"
+    out = {c: (m, v) for c, _, m, v in claims(ext, labels, "DDIM", "base", NOISE)}
+    assert out["vanilla distillation beats DDIM at the same steps (lowest FID)"] == ("vanilla 6.60, DDIM 5.00",
+                                                                                    "does not hold")
+    assert out["the larger w range (the paper's [2, 14]), higher lowest FID"] == ("mixed 6.70, w ~ U[2, 14] 6.00",
+                                                                                 "does not hold")
+    assert out["vanilla distillation beats DDIM at the same steps (best CLIP)"][1] == "holds"
     ext["base"]["fid"] = 6.4  # 0.3 below mixed's 6.7: within the noise, "keeps" holds; 0.6 below: it does not
-    assert dict((c, v) for c, _, v in claims(ext, labels, "DDIM", "base", NOISE))[
-        "Table 2 / Fig. 4: ours (mixed) keeps the 50-step baseline's lowest FID"] == "holds"
+    verdicts = lambda: {c: v for c, _, _, v in claims(ext, labels, "DDIM", "base", NOISE)}  # noqa: E731
+    assert verdicts()["ours (mixed) keeps the 50-step baseline's lowest FID"] == "holds"
     ext["base"]["fid"] = 6.1
-    assert dict((c, v) for c, _, v in claims(ext, labels, "DDIM", "base", NOISE))[
-        "Table 2 / Fig. 4: ours (mixed) keeps the 50-step baseline's lowest FID"] == "does not hold"
+    assert verdicts()["ours (mixed) keeps the 50-step baseline's lowest FID"] == "does not hold"
