@@ -47,11 +47,11 @@ def ddim_steps_section(teacher: Pipeline, b: Budget, clip: CustomTextCLIP, repor
     """The undistilled teacher's DDIM at ``b.ddim_steps`` on both grids, guidance ``g0``: table and CLIP / FID vs
     steps. ``known``: results already measured, by (grid, steps). Returns the lines and results by (grid, steps)."""
     print("report: DDIM over steps")
+    todo = [(grid, n) for grid in GRIDS for n in b.ddim_steps if (grid, n) not in known]
     configs = [(f"DDIM, {grid} grid", teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing=grid)),
-                n, g0) for grid in GRIDS for n in b.ddim_steps if (grid, n) not in known]
+                n, g0) for grid, n in todo]
     _, results = sweep(configs, judge_on_heldout(clip, b.eval_n, progress=False))
-    by = known | {(c[0].split(", ")[1].split()[0], c[2]): r for c, r in zip(configs, results)}
-    by = {(grid, n): by[grid, n] for grid in GRIDS for n in b.ddim_steps}
+    by = known | dict(zip(todo, results))
     steps_plot({f"{grid} grid": [(n, by[grid, n]["clip_score"], by[grid, n]["fid"]) for n in b.ddim_steps]
                 for grid in GRIDS}, report / "fig4_ddim_steps.png",
                f"Fig. 4 (right): the teacher's DDIM over steps, guidance {g0:g}")
