@@ -67,6 +67,11 @@ QUICK = Budget(clip=20, autoencoder=20, unet=40, robust=8, evolve_iterations=1, 
                guidance=(2.0,), repeat=1, few_distill=2, few_guidance=(2.0,), ddim_steps=(1, 2))
 
 
+def few_students(b: Budget) -> list[tuple[str, float, tuple[float, float]]]:
+    """The few-step students as (stage, p of Eq. 11, w range of Eq. 10), the budget's range where none is given."""
+    return [(name, prob, w_range or b.cfg_range) for name, prob, w_range in FEW_STUDENTS]
+
+
 def paths(work: Path, bundled: bool) -> dict[str, Path]:
     p = {n: work / f"{n}.safetensors" for n in NAMES} | {"lut": work / "lut.json"}
     if bundled:
@@ -119,9 +124,8 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool) -> list[tup
             ("evolved16", distil("evolved16", "evolved", "evolved", (32, 16))),
             ("student8", distil("student8", "teacher16", "evolved16", (16, 8))),
             ("wcond8", distil("wcond8", "teacher16", "evolved16", (16, 8), 1.0, w_conditioned=True)),
-            *[(name, distil(name, "student8", "student8", (8, b.few_steps), prob, w_range or b.cfg_range,
-                            steps=b.few_distill))
-              for name, prob, w_range in FEW_STUDENTS],
+            *[(name, distil(name, "student8", "student8", (8, b.few_steps), prob, w_range, steps=b.few_distill))
+              for name, prob, w_range in few_students(b)],
             ("pruned0", decoder("pruned0", 0)), ("pruned", decoder("pruned", b.decoder_steps)),
             ("final", lambda: final_pipeline(p)), ("coreml", lambda: coreml_stage(p["final"], work / "coreml"))]
     return run

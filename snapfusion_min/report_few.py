@@ -16,7 +16,7 @@ from open_clip.model import CustomTextCLIP
 
 from .evaluation import judge_on_heldout, sweep
 from .pipeline import Pipeline, load_pipeline
-from .recipe import FEW_STUDENTS, Budget
+from .recipe import Budget, few_students
 from .viz import fid_clip_plot, steps_plot
 
 GRIDS = ("leading", "trailing")
@@ -25,8 +25,7 @@ GRIDS = ("leading", "trailing")
 def student_labels(b: Budget) -> dict[str, str]:
     """Recipe stage -> label: the loss of Eq. 11 it was distilled with (p, w range)."""
     labels = {}
-    for name, prob, w_range in FEW_STUDENTS:
-        lo, hi = w_range or b.cfg_range
+    for name, prob, (lo, hi) in few_students(b):
         kind = {0.0: "vanilla", 1.0: "CFG only"}.get(prob, "mixed")
         labels[name] = f"{kind} (p = {prob:g}" + ("" if prob == 0 else f", w ~ U[{lo:g}, {hi:g}]") + ")"
     return labels
@@ -88,11 +87,12 @@ SAID = {  # what the paper says for each claim (§5, Fig. 4 right, Fig. 6c-d), q
 }
 
 
-def claims(ext: dict[str, dict], labels: dict[str, str], ddim: str, base: str, noise: dict) -> list[tuple]:
+def claims(ext: dict[str, dict], labels: dict[str, str], ddim: str, base: str, noise: dict,
+           students: list[tuple]) -> list[tuple]:
     """The paper's claims at the few-step count as (claim, what the paper says, measured, verdict). ``ext``: label ->
-    ``extremes``; ``noise``: the judge's spread ('clip', 'fid') at that step count."""
-    mixed, vanilla, half, cfg, paper = (labels[n] for n, _, _ in FEW_STUDENTS)
-    p = {labels[n]: prob for n, prob, _ in FEW_STUDENTS}
+    ``extremes``; ``noise``: the judge's spread ('clip', 'fid') at that step count; ``students``: ``few_students``."""
+    mixed, vanilla, half, cfg, paper = (labels[n] for n, _, _ in students)
+    p = {labels[n]: prob for n, prob, _ in students}
     short = {ddim: "DDIM", base: "50-step baseline", vanilla: "vanilla", mixed: "mixed", half: "p = 0.5",
              cfg: "CFG only", paper: "w ~ U[2, 14]"}
     out = []
@@ -130,10 +130,10 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
     the mixed student on more prompt sets (``seeds``); the paper's claims checked. Returns the lines and the
     extremes by label."""
     print("report: the few-step regime")
-    n, labels = b.few_steps, student_labels(b)
+    n, labels, students = b.few_steps, student_labels(b), few_students(b)
     ddim, base = f"teacher, {n}-step DDIM", "baseline 50-step"
     trailing = teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing="trailing"))
-    pipes = {ddim: trailing} | {labels[name]: load_pipeline(p[name]) for name, _, _ in FEW_STUDENTS}
+    pipes = {ddim: trailing} | {labels[name]: load_pipeline(p[name]) for name, _, _ in students}
     configs = [(label, pipe, n, g) for label, pipe in pipes.items() for g in b.few_guidance]
     table, results = sweep(configs, judge_on_heldout(clip, b.eval_n, progress=False))
     rows = {base: baseline} | {label: {} for label in pipes}  # the baseline first: the plot's first colour
@@ -145,7 +145,7 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
                   f"{n}-step students vs {n}-step DDIM and the 50-step baseline", "CLIP score (toy CLIP; higher is "
                   "better)", "FID on toy-CLIP features (lower is better)")
     ext = {label: extremes(by_g) for label, by_g in rows.items()}
-    mixed = labels[FEW_STUDENTS[0][0]]
+    mixed = labels[students[0][0]]
     g_best = ext[mixed]["clip_w"]
     sets = [rows[mixed][g_best]] + [judge_on_heldout(clip, b.eval_n, s, progress=False)(pipes[mixed], n, g_best)
                                     for s in seeds]
@@ -153,12 +153,12 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
                                                                                    ("fid", "fid"))}
     summary = [f"| {label} | {e['clip']:.4f} (w = {e['clip_w']:g}) | {e['fid']:.2f} (w = {e['fid_w']:g}) |"
                for label, e in ext.items()]
-    checked = claims(ext, labels, ddim, base, noise)
+    checked = claims(ext, labels, ddim, base, noise, students)
     checks = [f"| {c} | {said} | {m} | {v} |" for c, said, m, v in checked]
     held = sum(v == "holds" for *_, v in checked)
-    by_p = sorted((prob, labels[name]) for name, prob, w_range in FEW_STUDENTS if w_range is None)
+    by_p = sorted((prob, labels[name]) for name, prob, w_range in students if w_range == b.cfg_range)
     shift = ", ".join(f"p = {prob:g}: w = {ext[label]['clip_w']:g}" for prob, label in by_p)
-    d, top = ext[ddim], max((labels[name] for name, _, _ in FEW_STUDENTS), key=lambda label: ext[label]["clip"])
+    d, top = ext[ddim], max((labels[name] for name, _, _ in students), key=lambda label: ext[label]["clip"])
     why = []
     if d["clip_w"] == min(b.few_guidance) == 1.0:  # the 1-step DDIM is best unguided: the mean image suffices
         why = [f"Why: one DDIM step from t = 999 returns the teacher's x_hat(z_T), about the mean of the images the "

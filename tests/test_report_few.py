@@ -3,7 +3,7 @@ judge's noise in the direction the paper states, from each curve's best CLIP sco
 
 import pytest
 
-from snapfusion_min.recipe import FEW_STUDENTS, Budget
+from snapfusion_min.recipe import FEW_STUDENTS, Budget, few_students
 from snapfusion_min.report_few import claims, extremes, student_labels, verdict
 
 NOISE = {"clip": 0.01, "fid": 0.5}
@@ -46,7 +46,7 @@ def paper_world() -> tuple[dict, dict]:
 
 def test_the_papers_world_holds_every_claim():
     ext, labels = paper_world()
-    out = claims(ext, labels, "DDIM", "base", NOISE)
+    out = claims(ext, labels, "DDIM", "base", NOISE, few_students(Budget()))
     assert len(out) == 17 and all(said.startswith(("Fig. 4: ", "Fig. 6c: ", "Fig. 6d: ")) for _, said, _, _ in out)
     # mixed's CLIP is 0.03 below CFG only's, beyond the noise: "mixed keeps CFG only's best CLIP" does not hold; the
     # FID rises by 0.1 from p = 0 to 0.1, within the noise: a tie; every other claim holds
@@ -54,7 +54,7 @@ def test_the_papers_world_holds_every_claim():
     assert failed == {"mixed keeps CFG only's best CLIP": "does not hold",
                       "higher p (0 -> 0.1), higher lowest FID": "tie"}
     ext[labels["few_mixed"]]["clip"] = 0.955  # within the noise of CFG only's 0.96, but now above p = 0.5's 0.945
-    out = {c: v for c, _, _, v in claims(ext, labels, "DDIM", "base", NOISE)}
+    out = {c: v for c, _, _, v in claims(ext, labels, "DDIM", "base", NOISE, few_students(Budget()))}
     assert out["mixed keeps CFG only's best CLIP"] == "holds"
     assert out["higher p (0.1 -> 0.5), higher best CLIP"] == "does not hold"
 
@@ -63,14 +63,14 @@ def test_each_claim_reads_the_right_way_round():
     ext, labels = paper_world()
     ext["DDIM"]["fid"] = 5.0  # DDIM's FID below vanilla's
     ext[labels["few_paper_range"]]["fid"] = 6.0  # the larger range lowers FID
-    out = {c: (m, v) for c, _, m, v in claims(ext, labels, "DDIM", "base", NOISE)}
+    out = {c: (m, v) for c, _, m, v in claims(ext, labels, "DDIM", "base", NOISE, few_students(Budget()))}
     assert out["vanilla distillation beats DDIM at the same steps (lowest FID)"] == ("vanilla 6.60, DDIM 5.00",
                                                                                     "does not hold")
     assert out["the larger w range (the paper's [2, 14]), higher lowest FID"] == ("mixed 6.70, w ~ U[2, 14] 6.00",
                                                                                  "does not hold")
     assert out["vanilla distillation beats DDIM at the same steps (best CLIP)"][1] == "holds"
     ext["base"]["fid"] = 6.4  # 0.3 below mixed's 6.7: within the noise, "keeps" holds; 0.6 below: it does not
-    verdicts = lambda: {c: v for c, _, _, v in claims(ext, labels, "DDIM", "base", NOISE)}  # noqa: E731
+    verdicts = lambda: {c: v for c, _, _, v in claims(ext, labels, "DDIM", "base", NOISE, few_students(Budget()))}  # noqa: E731
     assert verdicts()["ours (mixed) keeps the 50-step baseline's lowest FID"] == "holds"
     ext["base"]["fid"] = 6.1
     assert verdicts()["ours (mixed) keeps the 50-step baseline's lowest FID"] == "does not hold"
