@@ -30,6 +30,7 @@ from .unet_training import UNetConfig, train_unet, warmup_for
 
 Scorer = Callable[[Pipeline], float]  # a pipeline -> its quality (the toy CLIP score; a real CLIP at SD scale)
 BASELINES = ("random", "uniform")
+CRITERIA = ("value", "d_clip")  # Alg. 1's dCLIP / dLatency, or dCLIP alone (the latency-free ablation)
 
 PAIRS = {"down1": "up3", "down2": "up2", "down3": "up1", "mid_down": "mid_up"}
 
@@ -137,6 +138,7 @@ class EvolveConfig:
     lr: float = 3e-4  # learning rate of robust training and fine-tuning
     batch_size: int = 32
     baseline: str | None = None  # instead of Alg. 1: 'random' valid removals or 'uniform' (stage by stage)
+    criterion: str = "value"  # the order of actions: Alg. 1's 'value' (dCLIP / dLatency) or 'd_clip' alone
     threads: int = 1  # CPU threads while timing (one gives stable medians)
     data: str = "toy"  # robust training and fine-tuning data: 'toy' or a folder of captioned images
     ema: bool = True  # the trainings keep an EMA copy (checkpoints store it)
@@ -153,6 +155,8 @@ class EvolveConfig:
             raise ValueError("iterations, actions and threads must be >= 1, robust and fine-tuning steps >= 0")
         if self.baseline not in (None, *BASELINES):
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
 
 def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, figures: bool = False) -> Pipeline:
@@ -168,8 +172,9 @@ def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, 
     return load_pipeline(out)
 
 
-def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer) -> list[dict]:
-    """Every removal action's dCLIP (score lost without its blocks), dLatency and value, lowest value first.
+def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer, criterion: str = "value") -> list[dict]:
+    """Every removal action's dCLIP (score lost without its blocks), dLatency and value, lowest ``criterion`` first
+    (Alg. 1: the value; 'd_clip': dCLIP alone, the ablation without the latency term).
 
     Each action is scored on the network it would build, ``evolve_unet(unet, action)``: for a down/up ResNet pair
     that is not Eq. 5's identity of both blocks (which keeps the up block's 1x1 projection over [h; skip] and the
@@ -183,7 +188,7 @@ def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer) -> list[di
         d_clip = base - score(pipe.with_parts(unet=evolve_unet(unet, action)))
         d_lat = sum(ms[a] for a in action.addresses)
         rows.append({"action": action, "d_clip": d_clip, "d_latency_ms": d_lat, "value": d_clip / d_lat})
-    return sorted(rows, key=lambda r: r["value"])
+    return sorted(rows, key=lambda r: r[criterion])
 
 
 def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: float, n: int) -> list[tuple[Action,
@@ -230,7 +235,8 @@ def evolve(checkpoint: str, pipe: Pipeline | None, table: LatencyTable, target_m
         if cfg.robust_steps:
             out = str(work / f"robust{it}.safetensors")
             current, pipe = out, train(current, out, cfg.robust_steps, cfg.keep_prob, cfg)
-        chosen = choose(pipe.unet.spec, score_actions(pipe, table, score), table, target_ms, cfg.actions)
+        rows = score_actions(pipe, table, score, cfg.criterion)
+        chosen = choose(pipe.unet.spec, rows, table, target_ms, cfg.actions)
         if not chosen:
             break
         for action, row in chosen:
@@ -276,14 +282,14 @@ def minimum_latency(spec: ArchSpec, table: LatencyTable) -> float:
     return table.predict(spec)
 
 
-def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipeline], dict], cfg: EvolveConfig,
-        batch: int) -> dict:
+def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipeline], dict] | None,
+        cfg: EvolveConfig, batch: int) -> dict:
     """One line of the result table: measured and predicted latency per step, parameters, quality (``evaluate``
-    gives 'clip_score', and where it has them 'fid' and the toy world's 'accuracy')."""
+    gives 'clip_score', and where it has them 'fid' and the toy world's 'accuracy'; None: no quality)."""
     latent = pipe.sampler.resolution // pipe.vae.cfg.factor
     with threads(cfg.threads):
         measured = measure_unet(pipe.unet, latent, batch, pipe.text_encoder.cfg.context_length)
-    r = evaluate(pipe)
+    r = evaluate(pipe) if evaluate else {"clip_score": None}
     return {"name": name, "measured_ms": measured, "predicted_ms": table.predict(pipe.unet.spec),
             "params": count_params(pipe.unet), "clip": r["clip_score"], "fid": r.get("fid"),
             "color": r.get("accuracy", {}).get("color"), "shape": r.get("accuracy", {}).get("shape"),
@@ -291,9 +297,10 @@ def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipe
 
 
 def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,
-                        evaluate: Callable[[Pipeline], dict], out: str) -> dict:
+                        evaluate: Callable[[Pipeline], dict] | None, out: str) -> dict:
     """Evolve (or a baseline) to ``cfg.target`` of the start's latency, fine-tune, save ``out``; returns the log:
-    every action and a row (latency, parameters, quality) for the start, the evolved UNet and the fine-tuned one.
+    every action and a row (latency, parameters, quality unless ``evaluate`` is None) for the start, the evolved UNet
+    and the fine-tuned one.
 
     A baseline gets the evolved run's whole training budget (its robust steps between evolving steps included).
     """

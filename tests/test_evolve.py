@@ -158,6 +158,24 @@ def test_alg1_scores_every_action_on_the_network_it_builds(unet):
     assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
 
 
+def test_criterion_orders_removals_by_value_or_by_dclip_alone(unet):
+    """Alg. 1 ranks by dCLIP / dLatency; the latency-free ablation (evolve_arms' 'dclip' arm) by dCLIP alone. With
+    a score that is a sum over blocks, dCLIP of an action is the sum of its blocks' parts: the orders are known."""
+    part = {a: (i * 37 % 11) / 10 for i, a in enumerate(unet.spec.addresses())}
+
+    def scorer(pipe):
+        return sum(part[a] for a in pipe.unet.spec.addresses())
+
+    pipe, table = tiny_pipeline().with_parts(unet=unet), unit_table(unet.spec)
+    by_value, by_clip = (score_actions(pipe, table, scorer, c) for c in ("value", "d_clip"))
+    for rows, key in ((by_value, lambda a: sum(part[x] for x in a.addresses) / len(a.addresses)),
+                      (by_clip, lambda a: sum(part[x] for x in a.addresses))):
+        assert [r["action"] for r in rows] == sorted((r["action"] for r in rows), key=key)
+    assert [r["action"] for r in by_value] != [r["action"] for r in by_clip]
+    with pytest.raises(ValueError, match="criterion"):
+        EvolveConfig(criterion="params")
+
+
 def test_copies_are_only_actions_candidate_actions_offers(unet):
     """At or below the target Alg. 1 copies the highest-value blocks, but never a down/up ResNet pair."""
     pair = next(a for a in candidate_actions(unet.spec, "-") if len(a.addresses) == 2)

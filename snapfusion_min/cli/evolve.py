@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import atomic_write
 from ..evaluation import judge_on_heldout
-from ..evolve import BASELINES, EvolveConfig, evolve_and_finetune
+from ..evolve import BASELINES, CRITERIA, EvolveConfig, evolve_and_finetune
 from ..latency import build_table, fig2
 from ..pipeline import Pipeline, load_pipeline
 from ..recipe import TOY
@@ -70,6 +70,8 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--baseline", choices=BASELINES, help="instead of Alg. 1: remove random blocks / blocks spread "
                    "evenly over the stages down to the same latency, then fine-tune for the evolved run's whole "
                    "budget (iterations x robust-steps + finetune-steps)")
+    p.add_argument("--criterion", choices=CRITERIA, default=e.criterion, help="the order of removals: Alg. 1's "
+                   "dCLIP / dLatency ('value') or, as an ablation, dCLIP alone")
     p.add_argument("--lut-batch", type=int, default=2, help="UNet batch of the lookup table (2: one CFG step)")
     p.add_argument("--threads", type=int, default=e.threads, help="CPU threads while timing (1: stable medians)")
     flag(p, "--seed", e.seed)
