@@ -23,6 +23,7 @@ import torch
 
 from . import autoencoder, decoder_distill, distill, unet_training
 from .checkpoint import atomic_write
+from .evolve import EvolveConfig
 from .pipeline import load_pipeline, pick_device
 from .training import Dist, TrainConfig
 
@@ -135,7 +136,7 @@ def evolve_stage(b: Budget, p: dict[str, Path]) -> None:
     """Alg. 1 on the robust-trained UNet, with its lookup table (the report draws it: Fig. 2) and the toy CLIP as
     the scorer."""
     from .evaluation import judge_on_heldout
-    from .evolve import EvolveConfig, evolve_and_finetune
+    from .evolve import evolve_and_finetune
     from .latency import build_table
     from .toyclip import load_toy_clip, toy_clip_scorer
 
@@ -144,12 +145,16 @@ def evolve_stage(b: Budget, p: dict[str, Path]) -> None:
     context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
     table = build_table(pipe.unet, latent, 2, context_len, str(p["lut"]))
     clip = load_toy_clip(TOY / "clip.safetensors")
-    cfg = EvolveConfig(target=b.evolve_target, iterations=b.evolve_iterations, actions=b.evolve_actions,
-                       robust_steps=b.evolve_train, finetune_steps=b.evolve_finetune)
     judge = judge_on_heldout(clip, b.eval_n)
-    log = evolve_and_finetune(str(p["robust"]), table, cfg, toy_clip_scorer(clip, n=b.evolve_n),
+    log = evolve_and_finetune(str(p["robust"]), table, evolve_config(b), toy_clip_scorer(clip, n=b.evolve_n),
                               lambda pipe: judge(pipe, None, None), str(p["evolved"]))
     atomic_write(f"{p['evolved']}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+
+
+def evolve_config(b: Budget) -> EvolveConfig:
+    """Alg. 1's settings in the budget (the recipe's evolving, and the arms of ``evolve_arms`` compared with it)."""
+    return EvolveConfig(target=b.evolve_target, iterations=b.evolve_iterations, actions=b.evolve_actions,
+                        robust_steps=b.evolve_train, finetune_steps=b.evolve_finetune)
 
 
 def final_pipeline(p: dict[str, Path]) -> None:
@@ -166,23 +171,18 @@ def coreml_stage(checkpoint: Path, out: Path) -> None:
     export(pipe, out, list(PARTS), resolution=pipe.sampler.resolution, batch=2)
 
 
-def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo: tuple[str, ...] = (),
-               quick: bool = False) -> dict:
-    """Every stage not yet done, then the report; returns the report's verdict (speed-up, CLIP, FID ratio)."""
-    from .report import write_report
-
-    work.mkdir(parents=True, exist_ok=True)
-    report.mkdir(parents=True, exist_ok=True)
-    p = paths(work, bundled)
-    todo = stages(b, p, work, bundled)
+def run_stages(todo: list[tuple[str, Callable]], record_path: Path, settings: dict,
+               redo: tuple[str, ...] = ()) -> dict:
+    """Run each stage not yet done, as recorded (wall and CPU seconds) in ``record_path``, a JSON file made for
+    ``settings`` (a record of other settings is refused); returns the record."""
     unknown = set(redo) - {name for name, _ in todo}
     if unknown:
         raise ValueError(f"--redo: no such stage {sorted(unknown)}; stages are {[name for name, _ in todo]}")
-    record_path = work / "recipe.json"
-    budget = json.loads(json.dumps(dataclasses.asdict(b)))
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"done": {}, "budget": budget}
-    if record["budget"] != budget:
-        raise ValueError(f"{work} holds a run with another budget (--quick or not); use another --work-dir")
+    settings = json.loads(json.dumps(settings))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"done": {}, "budget": settings}
+    if record["budget"] != settings:
+        raise ValueError(f"{record_path.parent} holds a run with another budget (--quick or not); use another "
+                         "--work-dir")
     for name, run in todo:
         if name in record["done"] and name not in redo:
             print(f"[recipe] {name}: done ({record['done'][name] / 60:.1f} min), skipped")
@@ -193,4 +193,25 @@ def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo:
         record["done"][name] = time.perf_counter() - start
         record.setdefault("cpu", {})[name] = time.process_time() - cpu  # all threads of this process
         atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return record
+
+
+def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo: tuple[str, ...] = (),
+               quick: bool = False, arms: bool = False) -> dict:
+    """Every stage not yet done, then the report; returns the report's verdict (speed-up, CLIP, FID ratio).
+    With ``arms``: the stages up to evolving, then Alg. 1 against its baselines (``evolve_arms``: report/evolving.md,
+    whose lines are returned as 'page')."""
+    work.mkdir(parents=True, exist_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
+    p = paths(work, bundled)
+    todo = stages(b, p, work, bundled)
+    if arms:
+        from .evolve_arms import QUICK_ARMS, ArmsConfig, run_arms
+
+        todo = todo[:[name for name, _ in todo].index("evolved") + 1]
+        run_stages(todo, work / "recipe.json", dataclasses.asdict(b), redo)
+        return {"page": run_arms(b, QUICK_ARMS if quick else ArmsConfig(), p, work / "arms", report)}
+    from .report import write_report
+
+    record = run_stages(todo, work / "recipe.json", dataclasses.asdict(b), redo)
     return write_report(b, p, report, dict(record["done"]), quick, record.get("cpu", {}))

@@ -124,6 +124,27 @@ def steps_plot(curves: dict[str, list[tuple[int, float, float]]], path: str | Pa
     save(fig, path)
 
 
+def arms_plot(arms: dict[str, dict], path: str | Path, title: str = "") -> None:
+    """Quality against measured latency per step: CLIP score and FID, one small marker per seed and the seeds' mean
+    with its 95% interval; ``arms``: label -> {"ms", "clip", "fid": per seed, "clip_ci", "fid_ci": (mean, lo, hi)}."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (label, a) in enumerate(arms.items()):
+        style = {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)]}
+        x = sum(a["ms"]) / len(a["ms"])
+        for ax, key in zip(axes, ("clip", "fid")):
+            ax.scatter(a["ms"], a[key], alpha=0.35, s=18, **style)
+            mean, lo, hi = a[f"{key}_ci"]
+            ax.errorbar([x], [mean], yerr=[[mean - lo], [hi - mean]], capsize=4, markersize=7, label=label, **style)
+    for ax, ylabel in zip(axes, ("CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is "
+                                                                            "better)")):
+        ax.set_xlabel("latency per sampling step, ms (measured, CPU, batch 2)")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.suptitle(title)
+    save(fig, path)
+
+
 def loss_plot(steps: Sequence[float], losses: Sequence[float], path: str | Path, title: str = "training loss",
               ylabel: str = "loss (running mean)") -> None:
     """A training loss curve over optimizer steps."""

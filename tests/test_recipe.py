@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from helpers import one_line_error, run_script
 
 from snapfusion_min import load_pipeline
@@ -75,3 +76,31 @@ def test_a_run_with_another_budget_is_refused(quick_run):
     run = run_script("recipe.py", "--quick", "--work-dir", str(work), "--report-dir", str(work / "report2"),
                      "--redo", "nosuchstage", timeout=60)
     assert one_line_error(run, "no such stage"), run.stderr
+
+
+def test_arms_run_each_baseline_at_the_same_budget(quick_run):
+    """recipe.py --quick --arms: Alg. 1 and its four baselines from the same robust UNet, one seed each, and
+    report/evolving.md with every arm (the statistics themselves: test_evolve_arms.py)."""
+    from snapfusion_min.evolve_arms import ARMS
+    from snapfusion_min.latency import LatencyTable
+
+    work, _ = quick_run
+    run = run_script("recipe.py", "--quick", "--arms", "--work-dir", str(work), "--report-dir", str(work / "report"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    arms = work / "arms"
+    assert list(json.loads((arms / "arms.json").read_text())["done"]) == ["teacher", *[f"{a}0" for a in ARMS]]
+    robust, evolved = load_pipeline(work / "robust.safetensors"), load_pipeline(work / "evolved.safetensors")
+    models = {a: load_pipeline(arms / f"{a}0.safetensors") for a in ARMS if a != "alg1"}
+    for name in ("random", "slim", "scratch"):  # one training of Alg. 1's whole budget: 1 x 4 robust + 4 steps
+        assert models[name].training["train"]["train_steps"] == 8, name
+    assert models["scratch"].unet.spec == evolved.unet.spec
+    assert not torch.allclose(*(next(iter(m.unet.state_dict().values())) for m in (models["scratch"], evolved)))
+    assert all(s < r for s, r in zip(models["slim"].unet.spec.channels, robust.unet.spec.channels))
+    assert models["slim"].unet.spec.stages == robust.unet.spec.stages
+    table = LatencyTable.load(work / "lut.json")
+    assert table.predict(models["random"].unet.spec) <= 0.5 * table.predict(robust.unet.spec)
+    assert json.loads((arms / "dclip0.safetensors.log.json").read_text())["config"]["criterion"] == "d_clip"
+    text = (work / "report" / "evolving.md").read_text()
+    for label in ["teacher (the original UNet)", *ARMS.values()]:
+        assert f"| {label} |" in text, label
+    assert "What the toy world supports." in text and (work / "report" / "fig_evolving.png").is_file()

@@ -3,6 +3,7 @@
     python recipe.py                    # every stage from scratch -> report/
     python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher
     python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # a smoke run of every stage (the tests)
+    python recipe.py --bundled --arms   # Alg. 1 against its baselines, 3 seeds each -> report/evolving.md
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
 Measured on an idle 2-core CPU: --bundled 62 min wall (52.1 min of stages, then the report, 9.9 min); from scratch
@@ -33,6 +34,9 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--report-dir", default="report", help="folder of the report")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run in minutes")
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
+    p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
+                   "equal latency (snapfusion_min/evolve_arms.py), 3 seeds each, -> <report-dir>/evolving.md; about "
+                   "90 min on 2 cores after the recipe")
     p.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report); "
                    f"stages: {', '.join(STAGES)}")
     g = p.add_argument_group("SD-v1.5 at full size (snapfusion_min/smoke.py; docs/sd_scale.md)")
@@ -60,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         check_writable(folder, folder=True)
     pyplot()  # before any work: the report's figures need matplotlib
     verdict = run_recipe(QUICK if args.quick else Budget(), Path(args.work_dir), Path(args.report_dir), args.bundled,
-                         tuple(args.redo), args.quick)
+                         tuple(args.redo), args.quick, args.arms)
+    if args.arms:
+        print(f"[recipe] {Path(args.report_dir) / 'evolving.md'} written")
+        return
     print(f"[recipe] report written to {Path(args.report_dir) / 'README.md'}: speed-up {verdict['speedup']:.1f}x, "
           f"CLIP {verdict['clip_diff']:+.4f}, FID ratio {verdict['fid_ratio']:.2f}")
 

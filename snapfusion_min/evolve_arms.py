@@ -1,0 +1,335 @@
+"""Is Alg. 1 worth it? Architecture evolving (§3.1) against the baselines a practitioner would try first, at the
+evolved UNet's latency, with the same training, and with error bars (``python recipe.py --bundled --arms``).
+
+From the recipe's robust-trained UNet each arm removes work, then trains for Alg. 1's whole budget (its robust
+training between evolving steps and its fine-tuning: ``iterations x robust_steps + finetune_steps`` steps):
+
+    alg1     Alg. 1: remove the blocks of lowest dCLIP / dLatency, robust training (Eq. 5) between steps
+    dclip    the same loop ordered by dCLIP alone: the criterion without its latency term
+    random   random valid removals down to the same predicted latency
+    slim     every layer keeps the same fraction of its channels by L1 norm (``slim.py``): the "conventional pruning"
+             §3.1 argues against; the largest fraction that meets Alg. 1's measured latency, or where none does,
+             the one of Alg. 1's parameter count
+    scratch  Alg. 1's architecture (of the same seed) from random weights
+
+Seed s of an arm draws everything random in it from s (training batches, Eq. 5's drops, random removals, initial
+weights); Alg. 1's seed 0 is the recipe's own evolved UNet. Every UNet, and the teacher it came from, is judged on
+the same held-out prompts with the same noise, at 50 steps and guidance 2. A number's interval is the 95% bootstrap
+over prompts (the same draws for every model) of the mean over seeds; a difference between arms is "beyond the
+noise" when its paired bootstrap interval excludes 0 and every seed of one arm beats every seed of the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write
+from .evolve import EvolveConfig, Scorer, evolve_and_finetune, train
+from .latency import LatencyTable
+from .metrics import fid
+from .pipeline import Pipeline, load_pipeline
+from .recipe import Budget
+
+ARMS = {"alg1": "Alg. 1 (dCLIP / dLatency)", "dclip": "dCLIP alone (no latency term)",
+        "random": "random removals", "slim": "uniform channel slimming (L1)",
+        "scratch": "Alg. 1's architecture from scratch"}
+
+
+@dataclass(frozen=True)
+class ArmsConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n: int = 300  # held-out prompts per model
+    steps: int = 50
+    guidance: float = 2.0
+    draws: int = 1000  # bootstrap resamples of the prompts
+
+
+QUICK_ARMS = ArmsConfig(seeds=(0,), n=16, steps=4, draws=50)  # a smoke run (the tests): one seed per arm
+
+
+def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,
+            out: str) -> dict:
+    """Train arm ``arm`` of seed ``seed`` from the robust-trained ``start`` into ``out``; returns its log.
+    ``alg1``: Alg. 1's UNet of the same seed (the architecture of 'scratch', the latency and size 'slim' aims at)."""
+    from .cost import count_params, threads
+    from .latency import measure_unet
+    from .slim import choose_ratio, slim_sweep, slim_unet
+    from .unet import UNet
+
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(cfg, seed=seed, criterion="d_clip" if arm == "dclip" else "value",
+                              baseline="random" if arm == "random" else None)
+    if arm in ("alg1", "dclip", "random"):
+        return evolve_and_finetune(start, table, cfg, score, None, out)
+    pipe, log = load_pipeline(alg1 if arm == "scratch" else start), {"config": dataclasses.asdict(cfg)}
+    if arm == "scratch":
+        pipe.unet = UNet(pipe.unet.spec).to(next(pipe.unet.parameters()).device)
+    else:
+        target, latent = load_pipeline(alg1).unet, pipe.sampler.resolution // pipe.vae.cfg.factor
+        context_len = pipe.text_encoder.cfg.context_length
+        with threads(cfg.threads):
+            target_ms = measure_unet(target, latent, table.batch, context_len)
+        sweep = slim_sweep(pipe.unet, latent, table.batch, context_len, n_threads=cfg.threads)
+        chosen = choose_ratio(sweep, target_ms, count_params(target))
+        pipe.unet = slim_unet(pipe.unet, chosen["ratio"])
+        log |= {"target_ms": target_ms, "target_params": count_params(target), "sweep": sweep, "chosen": chosen}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.save(f"{tmp}/start.safetensors")
+        del pipe
+        train(f"{tmp}/start.safetensors", out, cfg.iterations * cfg.robust_steps + cfg.finetune_steps, 1.0, cfg,
+              figures=True)
+    return log
+
+
+@torch.no_grad()
+def judge(pipe: Pipeline, clip: torch.nn.Module, cfg: ArmsConfig) -> dict[str, torch.Tensor]:
+    """Per held-out prompt: the generated image's CLIP cosine with its caption, and its image features (for FID)."""
+    from .toyclip import evaluate_generation, real_heldout, toy_judge
+
+    images = evaluate_generation(pipe, clip, n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, reference=False,
+                                 progress=True)["images"]
+    j, prompts = toy_judge(clip), [c.caption for c in real_heldout(cfg.n)[1]]
+    return {"cos": (j.image_features(images) * j.text_features(prompts)).sum(-1).cpu(),
+            "features": j.image_features(images, normalize=False).cpu()}
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+def draws(n: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` bootstrap resamples of n prompts, [count, n] indices; row 0 is every prompt once (the estimate)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.arange(n)[None], torch.randint(n, (count, n), generator=g)])
+
+
+def metric(seeds: list[dict[str, torch.Tensor]], real: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:
+    """CLIP score and FID, the mean over seeds, on every resample of ``index`` (prompts drawn with their real image:
+    FID compares the drawn generated images with the same draw of real ones)."""
+    clip = np.mean([s["cos"][index].mean(1).numpy() for s in seeds], axis=0)
+    fids = np.mean([[fid(s["features"][i], real[i]) for i in index] for s in seeds], axis=0)
+    return {"clip": clip, "fid": fids}
+
+
+def interval(values: np.ndarray) -> tuple[float, float, float]:
+    """(estimate, 2.5th, 97.5th percentile) of ``values`` = [estimate, resample 1, ...]."""
+    lo, hi = np.percentile(values[1:], [2.5, 97.5])
+    return float(values[0]), float(lo), float(hi)
+
+
+def apart(mine: list[float], theirs: list[float]) -> bool:
+    """Every seed of one side beats every seed of the other."""
+    return min(mine) > max(theirs) or max(mine) < min(theirs)
+
+
+# ---- the stages -------------------------------------------------------------------------------------------------
+def model_path(p: dict[str, Path], work: Path, arm: str, seed: int) -> Path:
+    return p["evolved"] if (arm, seed) == ("alg1", 0) else work / f"{arm}{seed}.safetensors"
+
+
+def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: torch.nn.Module) -> list[tuple[str,
+                                                                                                           Callable]]:
+    """(name, run): the teacher judged, then every arm and seed trained (Alg. 1's seed 0 is the recipe's evolved
+    UNet) and judged into ``<work>/<arm><seed>.judged.pt``."""
+    from .latency import build_table
+    from .recipe import evolve_config
+    from .toyclip import toy_clip_scorer
+
+    def judged(name: str, checkpoint: Path) -> None:
+        out = judge(load_pipeline(checkpoint), clip, cfg)
+        atomic_write(work / f"{name}.judged.pt", lambda tmp: torch.save(out, tmp))
+
+    def arm(name: str, seed: int) -> Callable:
+        def run() -> None:
+            out = model_path(p, work, name, seed)
+            if out != p["evolved"]:
+                start = load_pipeline(p["robust"])
+                latent = start.sampler.resolution // start.vae.cfg.factor
+                table = build_table(start.unet, latent, 2, start.text_encoder.cfg.context_length, str(p["lut"]))
+                del start
+                log = run_arm(name, seed, str(p["robust"]), str(model_path(p, work, "alg1", seed)), table,
+                              evolve_config(b), toy_clip_scorer(clip, n=b.evolve_n), str(out))
+                atomic_write(f"{out}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+            judged(f"{name}{seed}", out)
+        return run
+
+    return [("teacher", lambda: judged("teacher", p["teacher"])),
+            *[(f"{name}{seed}", arm(name, seed)) for name in ARMS for seed in cfg.seeds]]
+
+
+def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report: Path) -> list[str]:
+    """Every arm and seed not yet done (recorded in <work>/arms.json), then the page report/evolving.md."""
+    from .recipe import TOY, run_stages
+    from .slim import slim_sweep
+    from .toyclip import load_toy_clip
+
+    work.mkdir(parents=True, exist_ok=True)
+    clip = load_toy_clip(TOY / "clip.safetensors")
+    settings = {"budget": dataclasses.asdict(b), "arms": dataclasses.asdict(cfg)}
+    record = run_stages(stages(b, cfg, p, work, clip), work / "arms.json", settings)
+    start = time.perf_counter()
+    models = {"teacher": [p["teacher"]]} | {arm: [model_path(p, work, arm, s) for s in cfg.seeds] for arm in ARMS}
+    judged = {"teacher": [work / "teacher.judged.pt"]} | {
+        arm: [work / f"{arm}{s}.judged.pt" for s in cfg.seeds] for arm in ARMS}
+    facts = measure(cfg, models, judged, clip)
+    robust = load_pipeline(p["robust"])
+    block_ms = LatencyTable.load(p["lut"]).block_ms(robust.unet.spec).values()
+    sweep = slim_sweep(robust.unet, robust.sampler.resolution // robust.vae.cfg.factor, 2,
+                       robust.text_encoder.cfg.context_length)  # side by side with the models' latencies
+    return write_page(cfg, facts, record["done"], time.perf_counter() - start, work, report,
+                      (min(block_ms), max(block_ms)), sweep)
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
+def measure(cfg: ArmsConfig, models: dict[str, list[Path]], judged: dict[str, list[Path]],
+            clip: torch.nn.Module) -> dict:
+    """Per model (label -> seeds): bootstrap draws of the seed-mean CLIP score and FID, each seed's own values, and
+    each seed's measured latency per step (one thread, batch 2, side by side) and parameters."""
+    from .cost import count_params, threads
+    from .latency import measure_unet
+    from .toyclip import real_heldout, toy_judge
+
+    real = toy_judge(clip).image_features(real_heldout(cfg.n)[0], normalize=False).cpu()
+    index = draws(cfg.n, cfg.draws)
+    facts = {}
+    for name, paths in judged.items():
+        seeds = [torch.load(path) for path in paths]
+        facts[name] = {"draws": metric(seeds, real, index), "seeds": [metric([s], real, index[:1]) for s in seeds],
+                       "ms": [], "params": [], "specs": [], "copies": []}
+        for path in models[name]:
+            log = Path(f"{path}.log.json")
+            actions = json.loads(log.read_text()).get("actions", []) if log.is_file() else []
+            facts[name]["copies"].append([a["action"] for a in actions if a["action"].startswith("+")])
+            pipe = load_pipeline(path)
+            facts[name]["specs"].append(pipe.unet.spec)
+            with threads(1):
+                facts[name]["ms"].append(measure_unet(pipe.unet, pipe.sampler.resolution // pipe.vae.cfg.factor, 2,
+                                                      pipe.text_encoder.cfg.context_length))
+            facts[name]["params"].append(count_params(pipe.unet))
+    return facts
+
+
+def difference(facts: dict, mine: str, theirs: str, key: str) -> dict:
+    """``mine - theirs`` in ``key``: its bootstrap interval (paired: the same prompt draws), whether every seed lies
+    on one side, and the verdict: 'better' / 'worse' for ``mine`` beyond the noise (CLIP: higher, FID: lower is
+    better), else 'tie'."""
+    d = interval(facts[mine]["draws"][key] - facts[theirs]["draws"][key])
+    seeds = [[s[key][0] for s in facts[name]["seeds"]] for name in (mine, theirs)]
+    beyond = (d[1] > 0 or d[2] < 0) and apart(*seeds)
+    better = (d[0] > 0) == (key == "clip")
+    return {"d": d, "apart": apart(*seeds), "verdict": ("better" if better else "worse") if beyond else "tie"}
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """'12.0' or '11.1-12.3' (seeds whose values differ)."""
+    lo, hi = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, work: Path, report: Path,
+               block_ms: tuple[float, float], sweep: list[dict]) -> list[str]:
+    """report/evolving.md and its figure: the arms with their intervals, each arm and the teacher against Alg. 1,
+    how often dCLIP alone chose Alg. 1's blocks (``block_ms``: the range of the start's block latencies), the
+    slimming ``sweep`` (``slim.slim_sweep`` of the start), what the toy world supports and what this cost; returns
+    the page's lines."""
+    from .viz import arms_plot
+
+    label = {"teacher": "teacher (the original UNet)"} | ARMS
+    k, ci = len(cfg.seeds), {name: {key: interval(f["draws"][key]) for key in ("clip", "fid")}
+                             for name, f in facts.items()}
+    lines = ["# Is Alg. 1 worth it? Evolving against baselines at equal latency", "",
+             f"From the recipe's robust-trained UNet (`robust.safetensors`), each arm reaches Alg. 1's latency and "
+             f"trains for Alg. 1's whole budget; {k} seeds each (`snapfusion_min/evolve_arms.py` says what each arm "
+             f"does). Every model draws {cfg.n} held-out prompts with the same noise, {cfg.steps} DDIM steps, "
+             f"guidance {cfg.guidance:g}. Intervals: 95% bootstrap over the prompts ({cfg.draws} draws, the same for "
+             "every model) of the mean over seeds (FID's draws repeat images, which raises FID: its intervals lie "
+             "mostly above its estimate); latency: one UNet step with CFG (batch 2), measured side by side on one "
+             "CPU thread.", "",
+             "| model | latency / step (ms) | parameters | CLIP score (95%) | per seed | FID (95%) | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, f in facts.items():
+        c, d = ci[name]["clip"], ci[name]["fid"]
+        each = {key: ", ".join(f"{s[key][0]:{fmt}}" for s in f["seeds"]) for key, fmt in (("clip", ".4f"),
+                                                                                         ("fid", ".2f"))}
+        lines.append(f"| {label[name]} | {spread(f['ms'], '.1f')} | {spread([n / 1e6 for n in f['params']], '.2f')}"
+                     f"M | {c[0]:.4f} ({c[1]:.4f} to {c[2]:.4f}) | {each['clip']} | "
+                     f"{d[0]:.2f} ({d[1]:.2f} to {d[2]:.2f}) | {each['fid']} |")
+    versus = {name: {key: difference(facts, "alg1", name, key) for key in ("clip", "fid")}
+              for name in facts if name != "alg1"}
+    lines += ["", "Alg. 1 against each: the difference Alg. 1 minus the other (CLIP: higher is better, FID: lower), "
+              "its paired 95% interval, and the verdict for Alg. 1 — better or worse beyond the noise (the interval "
+              f"excludes 0 and all {k} seeds of Alg. 1 beat all seeds of the other, or lose to them), else a tie.", "",
+              "| Alg. 1 minus | CLIP score (95%) | seeds apart | verdict | FID (95%) | seeds apart | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for name, v in versus.items():
+        cells = [f"{v[key]['d'][0]:+.4f} ({v[key]['d'][1]:+.4f} to {v[key]['d'][2]:+.4f}) | "
+                 f"{'yes' if v[key]['apart'] else 'no'} | {v[key]['verdict']}" for key in ("clip", "fid")]
+        lines.append(f"| {label[name]} | {' | '.join(cells)} |")
+    same = sum(a == b for a, b in zip(facts["dclip"]["specs"], facts["alg1"]["specs"]))
+    lines += ["", f"dCLIP alone removed the same blocks as Alg. 1 of the same seed in {same} of {k} seeds; the "
+              f"start's blocks take {block_ms[0]:.2f} to {block_ms[1]:.2f} ms each (lookup table)" + (
+                  ", too alike for the latency term to change which blocks go." if same == k else "."),
+              "Copies (Alg. 1's A+, made by an evolving step that starts at or below the target): " + (", ".join(
+                  f"{label[name]}, seed {s}: {' '.join(c)}" for name, f in facts.items()
+                  for s, c in zip(cfg.seeds, f["copies"]) if c) or "none") + ".", "",
+              *slim_lines(work, cfg.seeds, sweep, facts["alg1"]), *supported(versus, facts, label), "",
+              "![quality against latency](fig_evolving.png)", "",
+              f"Cost: `python recipe.py --bundled --arms` after the recipe: {sum(done.values()) / 60:.1f} min for "
+              f"{len(done)} runs (each arm and seed trained and judged, the teacher judged; "
+              f"{', '.join(f'{n} {t / 60:.1f}' for n, t in done.items())} min) and {page_s / 60:.1f} min for this "
+              "page, on this 2-core CPU (wall time; a busy machine takes longer); it is not part of the 90-minute "
+              "recipe."]
+    arms_plot({label[name]: {"ms": f["ms"], "clip": [s["clip"][0] for s in f["seeds"]],
+                             "fid": [s["fid"][0] for s in f["seeds"]], "clip_ci": ci[name]["clip"],
+                             "fid_ci": ci[name]["fid"]} for name, f in facts.items()},
+              report / "fig_evolving.png", f"Alg. 1 and its baselines, {k} seeds each (mean, 95% interval)")
+    atomic_write(report / "evolving.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return lines
+
+
+def slim_lines(work: Path, seeds: tuple[int, ...], sweep: list[dict], alg1: dict) -> list[str]:
+    """The slimming sweep (widths, parameters, latency measured beside the table's), and the fraction each seed's
+    run chose, and why."""
+    ms, params = sum(alg1["ms"]) / len(alg1["ms"]), sum(alg1["params"]) / len(alg1["params"])
+    out = [f"Uniform slimming of the robust-trained UNet, timed with the table above (Alg. 1: {ms:.1f} ms, "
+           f"{params / 1e6:.2f}M parameters):", "",
+           "| kept fraction | widths | parameters | latency / step (ms) |", "|---|---|---|---|"]
+    out += [f"| {r['ratio']:g} | {tuple(r['channels'])} | {r['params'] / 1e6:.2f}M | {r['measured_ms']:.1f} |"
+            for r in sweep]
+    logs = [json.loads((work / f"slim{s}.safetensors.log.json").read_text()) for s in seeds]
+    chosen = sorted({f"{log['chosen']['ratio']:g} {tuple(log['chosen']['channels'])}" for log in logs})
+    met = [log["chosen"]["measured_ms"] <= log["target_ms"] for log in logs]
+    reason = ("the largest fraction that meets Alg. 1's latency" if all(met) else
+              "the fraction of Alg. 1's parameter count: no fraction meets Alg. 1's latency — at this size a step's "
+              "latency is mostly per-layer overhead, which narrower layers do not remove, while removing blocks "
+              "does" if not any(met) else "by latency in some seeds and by parameter count in others")
+    return out + ["", f"Chosen in the runs ({len(seeds)} seeds, each against its own Alg. 1): {', '.join(chosen)}, "
+                  f"{reason}.", ""]
+
+
+def supported(versus: dict, facts: dict, label: dict) -> list[str]:
+    """The plain sentence: what the toy world supports about Alg. 1, from the verdicts."""
+    def names(key: str, verdict: str) -> str:
+        found = [label[n] for n, v in versus.items() if n != "teacher" and v[key]["verdict"] == verdict]
+        return ", ".join(found) or "none"
+
+    teacher, word = versus["teacher"], {"better": "better", "worse": "worse", "tie": "tied (within the noise)"}
+    speed = sum(facts["teacher"]["ms"]) / len(facts["teacher"]["ms"]) / (sum(facts["alg1"]["ms"]) /
+                                                                        len(facts["alg1"]["ms"]))
+    as_good = all(teacher[key]["verdict"] != "worse" for key in ("clip", "fid"))
+    return [f"What the toy world supports. Beyond the noise, Alg. 1 beats in CLIP score: {names('clip', 'better')}; "
+            f"in FID: {names('fid', 'better')}. It ties in CLIP score: {names('clip', 'tie')}; in FID: "
+            f"{names('fid', 'tie')}. It loses in CLIP score to: {names('clip', 'worse')}; in FID to: "
+            f"{names('fid', 'worse')}. Against the teacher it came from, at {speed:.1f}x lower latency, Alg. 1 is "
+            f"{word[teacher['clip']['verdict']]} in CLIP score and {word[teacher['fid']['verdict']]} in FID: the "
+            "paper's \"as good as the original\" " + ("holds here" if as_good else
+                                                                        "does not hold here") +
+            f". What it does not support: anything about SD-v1.5's size, its latency (an iPhone's, for a UNet of "
+            f"860M parameters, not a CPU's for {facts['teacher']['params'][0] / 1e6:.1f}M) or its data; and "
+            "differences smaller than the intervals above."]
