@@ -172,7 +172,8 @@ def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report:
     work.mkdir(parents=True, exist_ok=True)
     clip = load_toy_clip(TOY / "clip.safetensors")
     settings = {"budget": dataclasses.asdict(b), "arms": dataclasses.asdict(cfg)}
-    record = run_stages(stages(b, cfg, p, work, clip), work / "arms.json", settings)
+    todo = stages(b, cfg, p, work, clip)
+    record = run_stages(todo, work / "arms.json", settings)
     start = time.perf_counter()
     models = {"teacher": [p["teacher"]]} | {arm: [model_path(p, work, arm, s) for s in cfg.seeds] for arm in ARMS}
     judged = {"teacher": [work / "teacher.judged.pt"]} | {
@@ -182,7 +183,8 @@ def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report:
     block_ms = LatencyTable.load(p["lut"]).block_ms(robust.unet.spec).values()
     sweep = slim_sweep(robust.unet, robust.sampler.resolution // robust.vae.cfg.factor, 2,
                        robust.text_encoder.cfg.context_length)  # side by side with the models' latencies
-    return write_page(cfg, facts, record["done"], time.perf_counter() - start, work, report,
+    done = {name: record["done"][name] for name, _ in todo}  # in stage order
+    return write_page(cfg, facts, done, time.perf_counter() - start, work, report,
                       (min(block_ms), max(block_ms)), sweep)
 
 

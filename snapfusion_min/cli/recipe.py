@@ -35,8 +35,8 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run in minutes")
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
     p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
-                   "equal latency (snapfusion_min/evolve_arms.py), 3 seeds each, -> <report-dir>/evolving.md; about "
-                   "90 min on 2 cores after the recipe")
+                   "equal latency (snapfusion_min/evolve_arms.py), 3 seeds each, -> <report-dir>/evolving.md; 66 "
+                   "min on 2 cores after the recipe")
     p.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report); "
                    f"stages: {', '.join(STAGES)}")
     g = p.add_argument_group("SD-v1.5 at full size (snapfusion_min/smoke.py; docs/sd_scale.md)")
