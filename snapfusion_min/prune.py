@@ -122,6 +122,21 @@ def kept_channels(vae: VAE, ratio: float) -> tuple[dict[str, torch.Tensor], dict
     return out_index, in_index
 
 
+def select_channels(state: dict[str, torch.Tensor], out_index: dict[str, torch.Tensor],
+                    in_index: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor of ``state`` at its layer's kept output channels (dim 0: weights, biases, norms) and kept input
+    channels (dim 1 of weights); layers in neither index are copied whole."""
+    out = {}
+    for key, value in state.items():
+        module = key.rsplit(".", 1)[0]
+        if module in out_index:
+            value = value.index_select(0, out_index[module])
+        if module in in_index and value.dim() > 1:
+            value = value.index_select(1, in_index[module])
+        out[key] = value.clone()
+    return out
+
+
 def prune_decoder(vae: VAE, ratio: float = 0.5) -> VAE:
     """A new VAE: the same encoder, a decoder keeping ``ratio`` of every layer's channels by L1 norm (§3.2).
 
@@ -129,16 +144,7 @@ def prune_decoder(vae: VAE, ratio: float = 0.5) -> VAE:
     that follows absorbs the difference).
     """
     cfg = pruned_config(vae.cfg, ratio)
-    out_index, in_index = kept_channels(vae, ratio)
-    new_state = {}
-    for key, value in vae.decoder.state_dict().items():
-        module = key.rsplit(".", 1)[0]
-        if module in out_index:
-            value = value.index_select(0, out_index[module])
-        if module in in_index and value.dim() > 1:
-            value = value.index_select(1, in_index[module])
-        new_state[key] = value.clone()
     small = VAE(cfg)
     small.encoder.load_state_dict(vae.encoder.state_dict())
-    small.decoder.load_state_dict(new_state)
+    small.decoder.load_state_dict(select_channels(vae.decoder.state_dict(), *kept_channels(vae, ratio)))
     return small.to(next(vae.parameters()).device)

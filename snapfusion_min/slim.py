@@ -23,7 +23,7 @@ import torch
 from .arch import DOWN_STAGES, UP_STAGES, ArchSpec, walk
 from .cost import count_params, threads
 from .latency import measure_unet
-from .prune import Axis, kept_width, l1_keep
+from .prune import Axis, kept_width, l1_keep, select_channels
 from .unet import UNet
 
 
@@ -136,17 +136,9 @@ def kept_channels(unet: UNet, ratio: float) -> tuple[dict[str, torch.Tensor], di
 @torch.no_grad()
 def slim_unet(unet: UNet, ratio: float) -> UNet:
     """A new UNet keeping ``ratio`` of every layer's channels by L1 norm (``ratio=1``: an exact copy)."""
-    out_index, in_index = kept_channels(unet, ratio)
-    state = {}
-    for key, value in unet.state_dict().items():
-        module, value = key.rsplit(".", 1)[0], value.detach().cpu()
-        if module in out_index:
-            value = value.index_select(0, out_index[module])
-        if module in in_index and value.dim() > 1:
-            value = value.index_select(1, in_index[module])
-        state[key] = value.clone()
+    state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
     new = UNet(slimmed_spec(unet.spec, ratio))
-    new.load_state_dict(state)
+    new.load_state_dict(select_channels(state, *kept_channels(unet, ratio)))
     new.keep_prob = unet.keep_prob
     p = next(unet.parameters())
     return new.to(p.device, p.dtype).to(memory_format=unet.memory_format()).train(unet.training)
