@@ -27,8 +27,9 @@ $(VENV)/.dev: $(VENV)/.runtime
 sample: $(VENV)/.runtime  ## install, then sample an image with the bundled model
 	$(PY) sample.py --prompt "$(PROMPT)" --out-dir samples $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev  ## ruff, and the house's import layers (pyproject.toml: [tool.importlinter])
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: $(VENV)/.dev lint  ## install, lint, run the test suite
 	$(PY) -m pytest -q

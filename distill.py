@@ -4,7 +4,7 @@ The flags and the steps are in snapfusion_min/cli/distill.py; installed, this is
 ``python -m snapfusion_min distill``. ``python distill.py --help`` shows every flag with its default.
 """
 
-from snapfusion_min.cli import distill
+from snapfusion_min.cli import distill_command as distill
 
 if __name__ == "__main__":
     distill.entry()

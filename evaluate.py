@@ -4,7 +4,7 @@ The flags and the steps are in snapfusion_min/cli/evaluate.py; installed, this i
 ``python -m snapfusion_min evaluate``. ``python evaluate.py --help`` shows every flag with its default.
 """
 
-from snapfusion_min.cli import evaluate
+from snapfusion_min.cli import evaluate_command as evaluate
 
 if __name__ == "__main__":
     evaluate.entry()

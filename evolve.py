@@ -4,7 +4,7 @@ The flags and the steps are in snapfusion_min/cli/evolve.py; installed, this is 
 ``python -m snapfusion_min evolve``. ``python evolve.py --help`` shows every flag with its default.
 """
 
-from snapfusion_min.cli import evolve
+from snapfusion_min.cli import evolve_command as evolve
 
 if __name__ == "__main__":
     evolve.entry()

@@ -4,7 +4,7 @@ The flags and the steps are in snapfusion_min/cli/recipe.py; installed, this is 
 ``python -m snapfusion_min recipe``. ``python recipe.py --help`` shows every flag with its default.
 """
 
-from snapfusion_min.cli import recipe
+from snapfusion_min.cli import recipe_command as recipe
 
 if __name__ == "__main__":
     recipe.entry()

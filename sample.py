@@ -4,7 +4,7 @@ The flags and the steps are in snapfusion_min/cli/sample.py; installed, this is 
 ``python -m snapfusion_min sample``. ``python sample.py --help`` shows every flag with its default.
 """
 
-from snapfusion_min.cli import sample
+from snapfusion_min.cli import sample_command as sample
 
 if __name__ == "__main__":
     sample.entry()

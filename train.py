@@ -4,7 +4,7 @@ The flags and the steps are in snapfusion_min/cli/train.py; installed, this is a
 ``python -m snapfusion_min train``. ``python train.py --help`` shows every flag with its default.
 """
 
-from snapfusion_min.cli import train
+from snapfusion_min.cli import train_command as train
 
 if __name__ == "__main__":
     train.entry()

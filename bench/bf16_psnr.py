@@ -19,7 +19,7 @@ import torch
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import tiny
-from snapfusion_min.metrics import psnr
+from snapfusion_min.eval.metrics import psnr
 from snapfusion_min.pipeline import SamplerConfig, native_bf16, random_pipeline
 from snapfusion_min.text_encoder import TextConfig, TextEncoder, Tokenizer
 from snapfusion_min.vae import VAE, VAEConfig

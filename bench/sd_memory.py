@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from snapfusion_min.smoke import SmokeConfig, prepare
+from snapfusion_min.cli.sd15_smoke import SmokeConfig, prepare
 
 PROBE = """
 import json, sys, time
-from snapfusion_min.smoke import peak_gib, run_command
+from snapfusion_min.cli.sd15_smoke import peak_gib, run_command
 start = time.perf_counter()
 run_command(sys.argv[1], sys.argv[2:])
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_gib": peak_gib()}))

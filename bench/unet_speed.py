@@ -19,11 +19,11 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from snapfusion_min.arch import preset  # noqa: E402
-from snapfusion_min.cost import median_time, median_times  # noqa: E402
-from snapfusion_min.pipeline import native_bf16, pick_device, pick_dtype  # noqa: E402
-from snapfusion_min.unet import UNet  # noqa: E402
-from snapfusion_min.weights import apply_map, unet_source_key  # noqa: E402
+from snapfusion_min.arch import preset
+from snapfusion_min.cost import median_time, median_times
+from snapfusion_min.formats.weights import apply_map, unet_source_key
+from snapfusion_min.pipeline import native_bf16, pick_device, pick_dtype
+from snapfusion_min.unet import UNet
 
 
 def matmul_gflops(device, dtype, n=4096):

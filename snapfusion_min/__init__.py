@@ -1,10 +1,10 @@
 """snapfusion-min: a minimal, from-scratch reimplementation of SnapFusion (arXiv 2306.00980)."""
 
 from .arch import ArchSpec, preset
+from .formats.weights import CheckpointError
 from .pipeline import Pipeline, SamplerConfig, load_pipeline, pick_device
 from .unet import UNet
 from .vae import VAE, VAE_SCALE
-from .weights import CheckpointError
 
 __all__ = ["ArchSpec", "CheckpointError", "Pipeline", "SamplerConfig", "UNet", "VAE", "VAE_SCALE", "load_pipeline",
            "pick_device", "preset"]

@@ -16,7 +16,7 @@ def main() -> None:
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     command = sys.argv[1]
     sys.argv = [f"python -m snapfusion_min {command}", *sys.argv[2:]]
-    importlib.import_module(f"snapfusion_min.cli.{command}").entry()
+    importlib.import_module(f"snapfusion_min.cli.{command}_command").entry()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from .formats.figures import caption_grid
+from .formats.images import IMAGE_SUFFIXES, center_crop, to_rgb, to_tensor, unreadable
 
 COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 215, 45),
           "purple": (145, 55, 185), "orange": (245, 135, 30)}
@@ -92,11 +96,6 @@ def render(combo: Combo, rng: np.random.Generator, resolution: int = 64) -> Imag
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> [3, H, W] float in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-
-
 class ToyWorld(torch.utils.data.Dataset):
     """``len`` samples of a split; item i is (image [3, H, W] in [-1, 1], caption), a pure function of (seed, i)."""
 
@@ -118,19 +117,6 @@ class ToyWorld(torch.utils.data.Dataset):
 
 
 # ---- real data: a folder of images with captions ----------------------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to ``resolution`` (bicubic), then crop the center square."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.Resampling.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def _read_captions(root: Path) -> dict[str, str]:
     """Captions from ``captions.jsonl`` ({"file", "caption"}) or ``metadata.jsonl`` ({"file_name", "text"})."""
     for name, file_key, text_key in (("captions.jsonl", "file", "caption"), ("metadata.jsonl", "file_name", "text")):
@@ -168,7 +154,7 @@ class CaptionedFolder(torch.utils.data.Dataset):
             caption = table.get(rel)
             if caption is None and path.with_suffix(".txt").is_file():
                 caption = path.with_suffix(".txt").read_text().strip()
-            problem = "no caption" if not caption else _unreadable(path)
+            problem = "no caption" if not caption else unreadable(path)
             if problem:
                 if not skip_bad:
                     raise ValueError(f"{path}: {problem} (pass skip_bad=True / --skip-bad to leave such files out)")
@@ -196,40 +182,8 @@ class CaptionedFolder(torch.utils.data.Dataset):
         raise ValueError(f"{self.root}: no image of the folder can be read any more")
 
 
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16/32-bit greyscale scaled (not clipped), alpha and palette transparency
-    composited on ``BACKGROUND``."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        full = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        full = 1.0 if image.mode == "F" and a.max() <= 1 else full
-        return Image.fromarray(np.clip(a / full * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _unreadable(path: Path) -> str:
-    """'' if the image decodes fully (a truncated file passes PIL's verify() but not load()), else the problem."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        return f"unreadable image ({type(e).__name__})"
-    return ""
-
-
 def main() -> None:
     """python -m snapfusion_min.data docs/toy_world.png: a grid of toy samples with their captions."""
-    import sys
-
-    from .viz import caption_grid
-
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/toy_world.png")
     data = ToyWorld("train", seed=0)
     samples = [data.sample(i) for i in range(16)]

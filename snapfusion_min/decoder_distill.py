@@ -1,7 +1,7 @@
 """Data distillation of the pruned image decoder (§3.2, App. B.2): the 50%-pruned decoder (``prune.py``) learns the
 original decoder's images of synthetic latents -- the teacher UNet's DDIM outputs for text prompts, so no images are
 needed. The paper's loss is the MSE between the two images; on toy data the autoencoder's object-weighted loss is
-used instead (``autoencoder.reconstruction_loss``: a toy object covers 4-15% of the image).
+used instead (``reconstruction_loss``, the toy autoencoder's too: a toy object covers 4-15% of the image).
 """
 
 from __future__ import annotations
@@ -13,14 +13,42 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .autoencoder import default_object_weight, object_weights, reconstruction_loss
-from .checkpoint import atomic_write, config_dict
+from .formats.checkpoint import atomic_write, config_dict
 from .pipeline import Pipeline, load_pipeline
 from .prune import prune_decoder
 from .training import LOCAL, Dist, TrainConfig, captions, fit, make_dataset, seed_step
 
 TRAIN = TrainConfig(train_steps=1000, batch_size=16, lr=1e-3, warmup=50, ema_decay=None)
 IMAGE_CACHE_BYTES = 2**30  # the teacher's images are made once when they fit in 1 GiB, else at each step
+
+
+# ---- the loss: the paper's MSE, or on toy data the object-weighted loss of the toy autoencoder --------------------
+def default_object_weight(weight: float | None, data: str) -> float:
+    """8 on the toy world, 0 (no weighting: a plain mean) on a folder of real images."""
+    return weight if weight is not None else 8.0 * (data == "toy")
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W]: True where a pixel differs from its image's border colour (the median of the border)."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [B, C, 4W]
+    background = border.median(dim=-1).values[..., None, None]
+    return (x - background).abs().amax(dim=1, keepdim=True) > 0.1
+
+
+def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1 + boost where a pixel differs from its image's border colour."""
+    if boost == 0:
+        return torch.ones_like(x[:, :1])
+    return 1 + boost * object_mask(x).float()
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Object-weighted MSE + L1 on pixels, plus L1 on the error's image gradients (keeps edges sharp)."""
+    err = rec - x
+    edges = ((weight[..., 1:] * (err[..., 1:] - err[..., :-1]).abs()).mean()
+             + (weight[..., 1:, :] * (err[..., 1:, :] - err[..., :-1, :]).abs()).mean())
+    return (weight * (err**2 + err.abs())).mean() + edge_weight * edges
+
 
 
 @dataclass(frozen=True)

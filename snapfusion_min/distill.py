@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import diffusion as D
-from .checkpoint import config_dict
+from .formats.checkpoint import config_dict
 from .pipeline import Pipeline, load_pipeline
 from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures
 from .unet import with_guidance_input
@@ -221,9 +221,10 @@ class Frozen(nn.Module):
         return self.unet(z.to(self.dtype), t, context.to(self.dtype)).float()
 
 
-def distill_stage(teacher: Pipeline, student: Pipeline, cfg: DistillConfig, run: DistillRun, out: str,
-                  d: Dist) -> Pipeline:
-    """One teacher -> student distillation (Eq. 11) with ``training.fit``; returns the student with its EMA UNet."""
+def distill_stage(teacher: Pipeline, student: Pipeline, run: DistillRun, out: str, d: Dist) -> Pipeline:
+    """One teacher -> student distillation (Eq. 11) with ``training.fit``: ``run.loss`` is this stage's (one of
+    ``run.stages()``); returns the student with its EMA UNet."""
+    cfg = run.loss
     unet = student.unet.train()
     teacher.unet.eval().requires_grad_(False)
     frozen = Frozen(teacher.unet, getattr(torch, run.teacher_dtype))
@@ -262,7 +263,7 @@ def distill(teacher_path: str, student_path: str, run: DistillRun, out: str, d: 
                                               guidance=guidance, distilled=True)
         student.training = config_dict(run)
         stage_out = out if i == len(stages) - 1 else f"{out}.stage{cfg.student_steps}.safetensors"
-        result = distill_stage(teacher, student, cfg, run, stage_out, d)
+        result = distill_stage(teacher, student, dataclasses.replace(run, loss=cfg), stage_out, d)
         if run.train.stop_after is not None:
             return result
         teacher, student = result, load_pipeline(stage_out).to(d.device)  # progressive: the student teaches next

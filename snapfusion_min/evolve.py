@@ -15,13 +15,16 @@ import dataclasses
 import random
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, walk
-from .checkpoint import atomic_write, read_meta
 from .cost import count_params, threads
+from .formats.checkpoint import atomic_write, read_meta
 from .latency import LatencyTable, measure_unet
 from .pipeline import Pipeline, load_pipeline
 from .training import TrainConfig
@@ -127,6 +130,10 @@ def evolve_unet(unet: UNet, action: Action) -> UNet:
 
 
 # ---- Algorithm 1 ------------------------------------------------------------------------------------------------
+TRAIN = TrainConfig(batch_size=32, lr=3e-4, save_every=10**9, ema_decay=0.999,
+                    save_state=False)  # no resume inside Alg. 1: no state to keep; one checkpoint, at the end
+
+
 @dataclass(frozen=True)
 class EvolveConfig:
     target: float = 0.6  # latency target, a fraction of the start's predicted latency per step
@@ -135,16 +142,11 @@ class EvolveConfig:
     robust_steps: int = 150  # robust training (Eq. 5) steps before each evolving step
     finetune_steps: int = 300  # plain fine-tuning of the final architecture
     keep_prob: float = 0.9  # p of Eq. 5 in the robust training
-    lr: float = 3e-4  # learning rate of robust training and fine-tuning
-    batch_size: int = 32
     baseline: str | None = None  # instead of Alg. 1: 'random' valid removals or 'uniform' (stage by stage)
     criterion: str = "value"  # the order of actions: Alg. 1's 'value' (dCLIP / dLatency) or 'd_clip' alone
     threads: int = 1  # CPU threads while timing (one gives stable medians)
     data: str = "toy"  # robust training and fine-tuning data: 'toy' or a folder of captioned images
-    ema: bool = True  # the trainings keep an EMA copy (checkpoints store it)
-    optimizer: str = "adamw"  # or 'adafactor' (training.OPTIMIZERS)
-    checkpointing: bool = False  # gradient checkpointing in the trainings
-    seed: int = 0
+    train: TrainConfig = TRAIN  # the loop of robust training and fine-tuning (its steps and warm-up are set per run)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
@@ -163,11 +165,7 @@ def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, 
     """Robust training (keep_prob < 1) or fine-tuning of the checkpoint ``path``, in its own prediction type."""
     prediction = (read_meta(path) or {}).get("prediction", "v")  # from the metadata: no second load of the weights
     unet_cfg = UNetConfig(init=path, prediction=prediction, keep_prob=keep_prob, data=cfg.data,
-                          train=TrainConfig(train_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                            warmup=warmup_for(steps), save_every=10**9, seed=cfg.seed,
-                                            ema_decay=0.999 if cfg.ema else None, optimizer=cfg.optimizer,
-                                            checkpointing=cfg.checkpointing,
-                                            save_state=False))  # no resume inside Alg. 1: no state to keep
+                          train=dataclasses.replace(cfg.train, train_steps=steps, warmup=warmup_for(steps)))
     train_unet(unet_cfg, out, figures=figures)
     return load_pipeline(out)
 
@@ -180,8 +178,6 @@ def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer, criterion:
     that is not Eq. 5's identity of both blocks (which keeps the up block's 1x1 projection over [h; skip] and the
     skip itself) but the U without the pair and without the skip between them.
     """
-    from tqdm.auto import tqdm
-
     unet, base = pipe.unet, score(pipe)
     ms, rows = table.block_ms(unet.spec), []
     for action in tqdm(candidate_actions(unet.spec, "-"), desc="scoring actions", leave=False):
@@ -304,8 +300,6 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
 
     A baseline gets the evolved run's whole training budget (its robust steps between evolving steps included).
     """
-    import tempfile
-
     pipe = load_pipeline(checkpoint)
     target_ms = cfg.target * table.predict(pipe.unet.spec)
     floor = minimum_latency(pipe.unet.spec, table)
@@ -316,7 +310,7 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if cfg.baseline:
-            pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.seed, log)
+            pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.train.seed, log)
         else:
             loaded = None if cfg.robust_steps else pipe  # robust training comes first: no copy kept meanwhile
             pipe = None

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .arch import LEVEL, STAGES, ArchSpec, walk
-from .cost import count_macs, count_params, median_time, median_times
+from .cost import count_macs, count_params, median_time, median_times, threads
+from .formats.figures import block_bars
 from .unet import UNet
 
 
@@ -153,8 +154,6 @@ def build_table(unet: UNet, latent: int, batch: int, context_len: int, path: str
                 n_threads: int = 1) -> LatencyTable:
     """Read the table at ``path`` if there is one (it must be of this batch and latent size), time the block
     configurations it lacks on ``n_threads`` CPU threads, and write it back."""
-    from .cost import threads
-
     table = LatencyTable.load(path) if path and Path(path).is_file() else None
     if table is not None and (table.batch, table.latent) != (batch, latent):
         raise ValueError(f"{path} was measured at batch {table.batch}, latent {table.latent}; need {batch}, {latent}")
@@ -167,8 +166,6 @@ def build_table(unet: UNet, latent: int, batch: int, context_len: int, path: str
 
 def fig2(unet: UNet, table: LatencyTable, context_len: int, path: str | Path) -> None:
     """The paper's Fig. 2: latency (ms, from the table) and parameters (M) of every block."""
-    from .viz import block_bars
-
     costs = block_costs(unet, table.latent, table.batch, context_len)
     ms = table.block_ms(unet.spec)
     block_bars(list(costs), [ms[a] for a in costs], [c["params"] / 1e6 for c in costs.values()], path,

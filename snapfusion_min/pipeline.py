@@ -21,15 +21,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import diffusers_folder
 from . import diffusion as D
 from .arch import ArchSpec, sd15
-from .checkpoint import read_meta, read_state_dict, save_checkpoint
 from .data import unknown_words
+from .formats.checkpoint import read_meta, read_state_dict, save_checkpoint
+from .formats.weights import CheckpointError, apply_map, load_diffusers, load_ldm
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .unet import UNet
 from .vae import VAE, VAE_SCALE, VAEConfig
-from .weights import CheckpointError, apply_map, load_diffusers, load_ldm
 
 PREDICTIONS = ("eps", "v")
 
@@ -172,9 +171,6 @@ class Pipeline:
         save_checkpoint(path, {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
                         self.config())
 
-    def save_diffusers(self, folder: str | Path) -> Path:
-        """Write a diffusers folder (``StableDiffusionPipeline.from_pretrained(folder)``); see ``diffusers_folder``."""
-        return diffusers_folder.save_diffusers(self, folder)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -236,21 +232,27 @@ class Pipeline:
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
         return z.to(self.device, self.dtype)
 
-    def __call__(self, prompts: str | list[str], *, steps: int | None = None, guidance: float | None = None,
-                 seed: int = 0, height: int | None = None, width: int | None = None,
-                 latents: torch.Tensor | None = None, spacing: str | None = None, solver: str | None = None,
-                 negative_prompt: str = "",
-                 num_images_per_prompt: int = 1, progress: bool = False,
-                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+    def sampler_with(self, sampler: SamplerConfig | None = None, **overrides: object) -> SamplerConfig:
+        """``sampler`` (default: ``self.sampler``, what the checkpoint was trained for) with the fields given by name
+        and not None replaced: ``sampler_with(steps=4, guidance=7.5)``."""
+        fields = [f.name for f in dataclasses.fields(SamplerConfig)]
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}: a sampler override is one of {fields}")
+        return dataclasses.replace(sampler or self.sampler, **{k: v for k, v in overrides.items() if v is not None})
+
+    def __call__(self, prompts: str | list[str], sampler: SamplerConfig | None = None, *, seed: int = 0,
+                 height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
+                 negative_prompt: str = "", num_images_per_prompt: int = 1, progress: bool = False,
+                 output_type: str = "pil", **overrides: object) -> list[Image.Image] | torch.Tensor:
         """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1]).
 
-        Steps, guidance, spacing, solver and size default to ``self.sampler``: what the checkpoint was trained for. With
-        ``num_images_per_prompt`` n, each prompt is repeated n times in place (p0, p0, p1, p1, ...); image i of that
-        list starts from seed + i.
+        How: ``sampler`` (default ``self.sampler``: what the checkpoint was trained for), with any of its fields
+        overridden by name -- ``pipe(prompts, steps=20, guidance=7.5, spacing="leading", solver="dpm++")`` (see
+        ``sampler_with``); height and width default to its resolution. With ``num_images_per_prompt`` n, each prompt
+        is repeated n times in place (p0, p0, p1, p1, ...); image i of that list starts from seed + i.
         """
-        s = dataclasses.replace(self.sampler, **{k: v for k, v in (("steps", steps), ("guidance", guidance),
-                                                                   ("spacing", spacing), ("solver", solver))
-                                                    if v is not None})
+        s = self.sampler_with(sampler, **overrides)
         steps, guidance, spacing = s.steps, s.guidance, s.spacing
         height, width = (s.resolution if v is None else v for v in (height, width))
         if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):

@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, remove_stale_temps
-from .shards import Shards, is_shards
+from .data import CaptionedFolder, ToyWorld
+from .formats.checkpoint import atomic_write, remove_stale_temps
+from .formats.figures import caption_grid, loss_plot
+from .formats.shards import Shards, is_shards
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -167,8 +169,6 @@ def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = Fal
     """'toy' -> the endless toy world (train split); WebDataset shards (a folder of .tar, a glob, a brace range) ->
     a stream of them (bad samples always skipped and counted; ``workers`` data-loader processes decode); else a
     folder of captioned images."""
-    from .data import CaptionedFolder, ToyWorld
-
     if data == "toy":
         return ToyWorld("train", length=10**9, seed=seed, resolution=resolution)
     if is_shards(data):
@@ -235,9 +235,6 @@ def check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
 def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "training loss") -> None:
     """<out>.loss.png and .svg (running mean of the loss; skipped, with a note, without matplotlib) and
     <out>.samples.png (held-out toy prompts, the pipeline's sampler; toy-world models only)."""
-    from .data import ToyWorld
-    from .viz import caption_grid, loss_plot
-
     k = max(1, len(losses) // 200)
     smooth = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
     try:

@@ -7,24 +7,22 @@ training (``keep_prob`` < 1) and the fine-tuning of an evolved UNet (Alg. 1). Th
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import diffusion as D
-from .arch import ArchSpec, preset
-from .checkpoint import config_dict, read_meta, read_state_dict
+from .formats.checkpoint import config_dict
 from .pipeline import PREDICTIONS, Pipeline, SamplerConfig, load_pipeline
 from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures, seed_step
-from .unet import UNet
-from .vae import VAE, VAEConfig
-from .weights import CheckpointError, apply_map
 
 TRAIN = TrainConfig(train_steps=3500, batch_size=32, lr=1e-3, warmup=200)
 TOY_SAMPLER = SamplerConfig(steps=20, guidance=2.0, resolution=64)  # guidance 2: the toy world's best CLIP and FID
+
+
+Fresh = Callable[["UNetConfig", str], Pipeline]  # (config, out) -> a new pipeline to train
 
 
 def warmup_for(train_steps: int) -> int:
@@ -61,35 +59,17 @@ class UNetConfig:
             raise ValueError("a fresh UNet needs --clip and --autoencoder (or start from --init)")
 
 
-def load_autoencoder(path: str) -> tuple[VAE, float]:
-    """The frozen autoencoder of a ``train.py autoencoder`` checkpoint, and its latent scale."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such autoencoder checkpoint: {path}")
-    meta = read_meta(path) or {}
-    if "vae" not in meta or "latent_scale" not in meta:
-        raise CheckpointError(f"{path}: not an autoencoder checkpoint (train.py autoencoder writes one)")
-    vae = VAE(VAEConfig(**meta["vae"]))
-    state = {k[4:]: v for k, v in read_state_dict(path).items() if k.startswith("vae.")}
-    apply_map(vae, state, lambda k: [k], f"{path}: vae")
-    return vae.eval().requires_grad_(False), meta["latent_scale"]
-
-
-def build_pipeline(cfg: UNetConfig, out: str) -> Pipeline:
-    """The model to train: ``cfg.init``, or a fresh UNet of ``cfg.arch`` with the toy CLIP's text tower and the
-    autoencoder (built in this order: the random initialisations draw from the seeded RNG)."""
+def build_pipeline(cfg: UNetConfig, out: str, fresh: Fresh | None = None) -> Pipeline:
+    """The model to train: ``cfg.init``, or ``fresh(cfg, out)``, a new UNet with its text encoder and autoencoder (the
+    toy world's: ``toy.teacher.fresh_pipeline``)."""
     if cfg.init:
         pipe = load_pipeline(cfg.init)
         return pipe.with_parts(sampler=dataclasses.replace(pipe.sampler, resolution=cfg.resolution)) \
             if cfg.resolution else pipe
-    from .toyclip import load_toy_clip, text_encoder_from_clip
-
-    text_encoder = text_encoder_from_clip(load_toy_clip(cfg.clip))
-    ae, scale = load_autoencoder(cfg.autoencoder)
-    spec = ArchSpec.from_json(Path(cfg.arch).read_text()) if cfg.arch.endswith(".json") else preset(cfg.arch)
-    if spec.context_dim != text_encoder.cfg.width:
-        spec = ArchSpec.from_json({**json.loads(spec.to_json()), "context_dim": text_encoder.cfg.width})
-    return Pipeline(UNet(spec), ae, text_encoder, prediction=cfg.prediction, latent_scale=scale, source=out,
-                    sampler=cfg.sampler)
+    if fresh is None:
+        raise ValueError("a fresh UNet needs a builder of its text encoder and autoencoder (toy.teacher.fresh_pipeline)"
+                         " or an --init checkpoint")
+    return fresh(cfg, out)
 
 
 def v_loss(pipe: Pipeline, x0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -102,10 +82,12 @@ def v_loss(pipe: Pipeline, x0: torch.Tensor, context: torch.Tensor) -> torch.Ten
     return F.mse_loss(pipe.unet(z, t, context).float(), target.float())
 
 
-def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True) -> Pipeline:
-    """Train, writing ``out`` (EMA weights; with ``figures`` also its loss and sample PNGs) and <out>.state.pt."""
+def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True,
+               fresh: Fresh | None = None) -> Pipeline:
+    """Train, writing ``out`` (EMA weights; with ``figures`` also its loss and sample PNGs) and <out>.state.pt. A
+    fresh UNet (no ``cfg.init``) is made by ``fresh`` after the seed is set (``build_pipeline``)."""
     seed_step(cfg.train.seed, -1)
-    pipe = build_pipeline(cfg, out)
+    pipe = build_pipeline(cfg, out, fresh)
     pipe.prediction = cfg.prediction
     pipe.training = config_dict(cfg)
     pipe.to(d.device)

@@ -23,7 +23,7 @@ def random_inception(tmp_path_factory):
     """torch-fidelity's Inception-v3 with random weights of a sane scale, as a local weights file (95 MB, deleted)."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
-    from snapfusion_min.metrics import inception
+    from snapfusion_min.eval.metrics import inception
 
     skeleton = fe.FeatureExtractorInceptionV3.__new__(fe.FeatureExtractorInceptionV3)
     with pytest.MonkeyPatch.context() as m:  # build the network without its download or a file

@@ -114,7 +114,7 @@ def files(tmp_path_factory):
     tiny_pipeline(prediction="eps").save(root / "eps.safetensors")
     import dataclasses
 
-    from snapfusion_min.checkpoint import save_checkpoint
+    from snapfusion_min.formats.checkpoint import save_checkpoint
     from snapfusion_min.vae import VAE
 
     save_checkpoint(root / "ae.safetensors", {"vae": VAE(TOY_VAE)}, {"vae": dataclasses.asdict(TOY_VAE),

@@ -17,8 +17,8 @@ import torch
 from helpers import tiny_pipeline
 
 from snapfusion_min import diffusion as D
-from snapfusion_min.coreml import ExportOptions, export, output_psnr
-from snapfusion_min.coreml_parts import (
+from snapfusion_min.export.coreml import ExportOptions, export, output_psnr
+from snapfusion_min.export.coreml_parts import (
     APPLE_LATENT_SCALE,
     DecoderPart,
     TextEncoderPart,
@@ -126,7 +126,7 @@ def spec_io(path):
 def test_verify_judges_each_package_by_psnr(monkeypatch, capsys, noise, passes):
     """--verify's wiring, with Core ML's prediction (macOS only) stood in for by torch plus noise of a known size:
     every package is run on its own example inputs, each output compared, 35 dB decides."""
-    from snapfusion_min.coreml import verify
+    from snapfusion_min.export.coreml import verify
 
     pipe = tiny_pipeline(seed=3, sampler=SAMPLER)
     options = ExportOptions(layout="apple", chunk=True)
@@ -208,7 +208,7 @@ def test_compression_sizes_and_weight_errors(tmp_path):
     sqrt(sqrt(3) pi / 2) 2^-n, within 15%), int8's that of rounding to each channel's step (within 10%); the error
     equals one recomputed from the stored lookup tables and indices (not coremltools' decompression); the metadata
     names the scheme."""
-    from snapfusion_min.coreml_compress import weights
+    from snapfusion_min.export.compress import weights
 
     pipe = tiny_pipeline(seed=3, sampler=SAMPLER)
     sizes, errors = {}, {}
@@ -254,7 +254,7 @@ def test_causal_mask_is_stored_right_and_never_compressed(tmp_path):
     below the diagonal, -inf above; it was once all NaN, which makes every output NaN on device) and is left alone
     by compression, which would turn -inf into NaN."""
     from snapfusion_min.arch import tiny
-    from snapfusion_min.coreml_compress import weights
+    from snapfusion_min.export.compress import weights
     from snapfusion_min.pipeline import random_pipeline
     from snapfusion_min.text_encoder import TextConfig
 
@@ -277,11 +277,11 @@ def test_causal_mask_is_stored_right_and_never_compressed(tmp_path):
 def test_bundled_toy_model_compresses_within_the_uniform_grid_bound(tmp_path):
     """The bundled (trained) toy model's decoder at 8 bits: k-means1d's palette is the optimal one, so no tensor's
     error exceeds that of 256 evenly spaced levels over its range (|error| <= half a step); the package shrinks."""
-    from snapfusion_min.coreml_compress import weights
+    from snapfusion_min.export.compress import weights
     from snapfusion_min.pipeline import load_pipeline
-    from snapfusion_min.recipe import TOY
+    from snapfusion_min.toy import BUNDLED
 
-    pipe = load_pipeline(TOY / "model.safetensors", device="cpu", dtype="float32")
+    pipe = load_pipeline(BUNDLED / "model.safetensors", device="cpu", dtype="float32")
     sizes = {}
     for scheme in (None, "pal8"):
         export(pipe, tmp_path / str(scheme), ["decoder"], options=ExportOptions(compress=scheme), log=False)

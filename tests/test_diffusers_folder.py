@@ -1,4 +1,4 @@
-"""Back to diffusers: ``Pipeline.save_diffusers`` inverts the key tables exactly, and diffusers' own
+"""Back to diffusers: ``export.diffusers_folder.save_diffusers`` inverts the key tables exactly, and diffusers' own
 ``StableDiffusionPipeline.from_pretrained`` draws our images from the folder it writes."""
 
 import dataclasses
@@ -13,11 +13,11 @@ from test_pipeline import reference
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.arch import ArchSpec
-from snapfusion_min.diffusers_folder import NotExpressible
+from snapfusion_min.export.diffusers_folder import NotExpressible, save_diffusers
+from snapfusion_min.formats.weights import clip_state
 from snapfusion_min.pipeline import SamplerConfig
 from snapfusion_min.prune import prune_decoder
 from snapfusion_min.unet import UNet
-from snapfusion_min.weights import clip_state
 
 FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
          "text_encoder/model.safetensors"]
@@ -28,7 +28,7 @@ def test_diffusers_folder_round_trip_is_bitwise(tmp_path):
     configs that matter unchanged. (The text encoder is written with SD-v1.5's 'text_model.' prefix, which
     transformers 4 needs and 5 reads; transformers 5 itself saves without it.)"""
     reference("v_prediction", "trailing", tmp_path / "ref")
-    load_pipeline(tmp_path / "ref").save_diffusers(tmp_path / "out")
+    save_diffusers(load_pipeline(tmp_path / "ref"), tmp_path / "out")
     for name in FILES:
         want, got = (clip_state(load_file(tmp_path / f / name)) for f in ("ref", "out"))
         assert sorted(got) == sorted(want), name
@@ -54,7 +54,7 @@ def test_diffusers_draws_our_images(tmp_path, sampler):
     images from the same initial latents, with the guidance scale and steps the folder's user is told to pass."""
     pipe = load_pipeline(ROOT / "models" / "toy" / "model.safetensors")
     pipe = pipe.with_parts(sampler=sampler) if sampler else pipe
-    pipe.save_diffusers(tmp_path / "toy")
+    save_diffusers(pipe, tmp_path / "toy")
     theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "toy")
     theirs.set_progress_bar_config(disable=True)
     s = pipe.sampler
@@ -80,12 +80,12 @@ def test_what_diffusers_cannot_express_is_refused_before_writing(tmp_path):
     cases.append((removed, r"blocks \['down2.A1'\] are switched off"))
     for bad, message in cases:
         with pytest.raises(NotExpressible, match=message):
-            bad.save_diffusers(tmp_path / "out")
+            save_diffusers(bad, tmp_path / "out")
         assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # nothing written, no temp left
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an empty folder"):
-        pipe.save_diffusers(tmp_path / "used")
+        save_diffusers(pipe, tmp_path / "used")
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
 
 

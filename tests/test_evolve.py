@@ -159,7 +159,7 @@ def test_alg1_scores_every_action_on_the_network_it_builds(unet):
 
 
 def test_criterion_orders_removals_by_value_or_by_dclip_alone(unet):
-    """Alg. 1 ranks by dCLIP / dLatency; the latency-free ablation (evolve_arms' 'dclip' arm) by dCLIP alone. With
+    """Alg. 1 ranks by dCLIP / dLatency; the latency-free ablation (alg1_baselines' 'dclip' arm) by dCLIP alone. With
     a score that is a sum over blocks, dCLIP of an action is the sum of its blocks' parts: the orders are known."""
     part = {a: (i * 37 % 11) / 10 for i, a in enumerate(unet.spec.addresses())}
 

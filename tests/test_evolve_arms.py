@@ -1,5 +1,6 @@
-"""Alg. 1 against its baselines (evolve_arms.py): the bootstrap over prompts and its verdicts, against brute force
-and hand-made cases; the page says each verdict. The arms' runs themselves: test_recipe.py (--quick --arms)."""
+"""Alg. 1 against its baselines (experiments/alg1_baselines.py): the bootstrap over prompts and its verdicts, against
+brute force and hand-made cases; the page says each verdict. The arms' runs themselves: test_recipe.py (--quick
+--arms)."""
 
 import json
 
@@ -7,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from snapfusion_min.evolve_arms import ARMS, ArmsConfig, apart, difference, draws, interval, metric, write_page
-from snapfusion_min.metrics import fid
+from snapfusion_min.eval.metrics import fid
+from snapfusion_min.experiments.alg1_baselines import (
+    ARMS,
+    ArmsConfig,
+    apart,
+    difference,
+    draws,
+    interval,
+    metric,
+    write_page,
+)
 
 
 def judged(seed: int, n: int = 40, shift: float = 0.0) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from helpers import randomize, run_main, tiny_pipeline
 
 from snapfusion_min.arch import tiny
-from snapfusion_min.coreml import export
+from snapfusion_min.export.coreml import export
 from snapfusion_min.pipeline import SamplerConfig
 from snapfusion_min.unet import Attention, UNet, split_einsum_attention, with_guidance_input
 from snapfusion_min.vae import VAEConfig
@@ -134,7 +134,7 @@ def test_known_coremltools_noise_is_not_shown(tmp_path, capfd, caplog):
     import logging
     import warnings
 
-    from snapfusion_min.coreml import load_coremltools
+    from snapfusion_min.export.coreml import load_coremltools
 
     load_coremltools()
     caplog.set_level(logging.INFO)

@@ -11,7 +11,7 @@ from helpers import CLIP, randomize
 from torchvision.transforms.functional import to_pil_image
 
 from snapfusion_min.data import to_tensor
-from snapfusion_min.metrics import (
+from snapfusion_min.eval.metrics import (
     clip_score,
     fid,
     fid_from_statistics,
@@ -24,7 +24,7 @@ from snapfusion_min.metrics import (
     read_images,
     save_statistics,
 )
-from snapfusion_min.toyclip import load_toy_clip, real_heldout, toy_judge
+from snapfusion_min.toy.clip import load_toy_clip, real_heldout, toy_judge
 
 
 def random_rotation(d, rng):
@@ -147,7 +147,7 @@ def test_fid_on_inception_features_of_folders_and_statistics(random_inception, t
 def test_zero_shot_classifier_features_are_cached_per_model_and_weights():
     """The 900 captions of the zero-shot classifier are encoded once per model, and again once its weights change."""
     from snapfusion_min.data import ALL_COMBOS
-    from snapfusion_min.metrics import classifier_features
+    from snapfusion_min.eval.metrics import classifier_features
 
     clip = load_toy_clip(CLIP)
     judge, captions = toy_judge(clip), [c.caption for c in ALL_COMBOS]

@@ -19,7 +19,7 @@ from snapfusion_min import load_pipeline
 from snapfusion_min.arch import sd15
 from snapfusion_min.data import unknown_words
 from snapfusion_min.diffusion import timesteps
-from snapfusion_min.metrics import psnr
+from snapfusion_min.eval.metrics import psnr
 from snapfusion_min.pipeline import OutOfDomainWarning, SamplerConfig
 
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=4,

@@ -81,7 +81,7 @@ def test_a_run_with_another_budget_is_refused(quick_run):
 def test_arms_run_each_baseline_at_the_same_budget(quick_run):
     """recipe.py --quick --arms: Alg. 1 and its four baselines from the same robust UNet, one seed each, and
     report/evolving.md with every arm (the statistics themselves: test_evolve_arms.py)."""
-    from snapfusion_min.evolve_arms import ARMS
+    from snapfusion_min.experiments.alg1_baselines import ARMS
     from snapfusion_min.latency import LatencyTable
 
     work, _ = quick_run

@@ -3,8 +3,8 @@ judge's noise in the direction the paper states, from each curve's best CLIP sco
 
 import pytest
 
-from snapfusion_min.recipe import FEW_STUDENTS, Budget, few_students
-from snapfusion_min.report_few import claims, extremes, student_labels, verdict
+from snapfusion_min.experiments.budget import FEW_STUDENTS, Budget, few_students
+from snapfusion_min.experiments.few_step_report import claims, extremes, student_labels, verdict
 
 NOISE = {"clip": 0.01, "fid": 0.5}
 

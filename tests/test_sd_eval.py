@@ -17,7 +17,8 @@ from helpers import CLIP, ROOT, run_main, tiny_pipeline
 from test_metrics import TOY_CLIP_CONFIG, folder_of, register
 
 from snapfusion_min import load_pipeline
-from snapfusion_min.metrics import (
+from snapfusion_min.eval.coco import clip_scorer, generate_folder, read_prompt_file, score_folder
+from snapfusion_min.eval.metrics import (
     clip_score,
     fid_from_statistics,
     fid_statistics,
@@ -29,8 +30,7 @@ from snapfusion_min.metrics import (
     save_statistics,
 )
 from snapfusion_min.pipeline import SamplerConfig
-from snapfusion_min.sd_eval import clip_scorer, generate_folder, read_prompt_file, score_folder
-from snapfusion_min.toyclip import load_toy_clip, real_heldout, toy_judge
+from snapfusion_min.toy.clip import load_toy_clip, real_heldout, toy_judge
 
 COCO = {i: [f"image {i} caption {k}" for k in range(1 + i % 5)] for i in range(40, 60)}  # 1 to 5 captions each
 PROMPTS = [f"a {c} {s} in the center on a gray background" for c in ("red", "blue", "green") for s in

@@ -12,7 +12,7 @@ import webdataset as wds
 from helpers import CLIP, run_script
 
 from snapfusion_min.data import ToyWorld
-from snapfusion_min.shards import Shards, is_shards, shard_paths
+from snapfusion_min.formats.shards import Shards, is_shards, shard_paths
 from snapfusion_min.training import Dist, batch_at, captions, make_dataset
 from snapfusion_min.vae import TOY_VAE
 
@@ -115,7 +115,7 @@ def test_training_helpers_read_shards(shards):
 def test_training_on_two_ranks_from_shards_resumes_exactly(shards, tmp_path):
     """torchrun, two gloo ranks, the tiny UNet trained on the shards: stopped after 1 of 3 steps and resumed, it ends
     bitwise where an uninterrupted run ends."""
-    from snapfusion_min.checkpoint import save_checkpoint
+    from snapfusion_min.formats.checkpoint import save_checkpoint
     from snapfusion_min.training import load_state
     from snapfusion_min.vae import VAE
 

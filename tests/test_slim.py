@@ -9,7 +9,13 @@ import torch
 from helpers import randomize
 
 from snapfusion_min.arch import tiny, walk
-from snapfusion_min.slim import choose_ratio, frequency_map, kept_channels, slim_unet, slimmed_spec
+from snapfusion_min.experiments.channel_slimming import (
+    choose_ratio,
+    frequency_map,
+    kept_channels,
+    slim_unet,
+    slimmed_spec,
+)
 from snapfusion_min.unet import UNet, timestep_embedding
 
 

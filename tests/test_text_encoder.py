@@ -5,8 +5,8 @@ import torch
 from helpers import max_rel_err, randomize, sd_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from snapfusion_min.formats.weights import apply_map, clip_source_keys, clip_state
 from snapfusion_min.text_encoder import EOT, TextEncoder, Tokenizer
-from snapfusion_min.weights import apply_map, clip_source_keys, clip_state
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "A pikachu fine dining with a view to the Eiffel "
            "Tower!!  ", "word " * 100, "naïve café, 3.14 — isn't it?"]

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from snapfusion_min.data import ToyWorld, to_tensor
-from snapfusion_min.metrics import clip_score, zero_shot_accuracy
+from snapfusion_min.eval.metrics import clip_score, zero_shot_accuracy
 from snapfusion_min.text_encoder import Tokenizer
-from snapfusion_min.toyclip import build_toy_clip, text_encoder_from_clip, toy_judge
+from snapfusion_min.toy.clip import build_toy_clip, text_encoder_from_clip, toy_judge
 
 CLIP = Path(__file__).resolve().parents[1] / "models" / "toy" / "clip.safetensors"
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import CLIP, run_script
 
-from snapfusion_min.autoencoder import crop_objects, object_mask
-from snapfusion_min.checkpoint import save_checkpoint
 from snapfusion_min.data import ToyWorld
+from snapfusion_min.formats.checkpoint import save_checkpoint
 from snapfusion_min.pipeline import load_pipeline
+from snapfusion_min.toy.autoencoder import crop_objects, object_mask
 from snapfusion_min.training import load_state
 from snapfusion_min.vae import TOY_VAE, VAE
 

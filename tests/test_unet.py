@@ -8,8 +8,8 @@ from diffusers import UNet2DConditionModel
 from helpers import max_rel_err, randomize
 
 from snapfusion_min.arch import ArchSpec, preset, sd15, snapfusion, tiny, walk
+from snapfusion_min.formats.weights import apply_map, unet_source_key
 from snapfusion_min.unet import UNet
-from snapfusion_min.weights import apply_map, unet_source_key
 
 
 def diffusers_unet(spec: ArchSpec) -> UNet2DConditionModel:

@@ -4,8 +4,8 @@ import torch
 from diffusers import AutoencoderKL
 from helpers import max_rel_err, randomize
 
+from snapfusion_min.formats.weights import apply_map, vae_source_key
 from snapfusion_min.vae import VAE, VAEConfig
-from snapfusion_min.weights import apply_map, vae_source_key
 
 
 def test_sd15_vae_equals_diffusers():

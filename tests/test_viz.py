@@ -7,10 +7,10 @@ import sys
 
 from helpers import run_main, tiny_pipeline
 
-from snapfusion_min.evaluation import sweep
+from snapfusion_min.formats.figures import loss_plot, steps_plot
 from snapfusion_min.latency import LatencyTable, fig2
+from snapfusion_min.toy.tables import sweep
 from snapfusion_min.training import write_figures
-from snapfusion_min.viz import loss_plot, steps_plot
 
 
 def texts(svg_path) -> list[str]:

@@ -12,9 +12,10 @@ from helpers import max_rel_err, randomize, tiny_pipeline
 from snapfusion_min import diffusion as D
 from snapfusion_min.arch import ArchSpec, tiny
 from snapfusion_min.distill import TRAIN, DistillConfig, DistillRun, check_pair, distill
+from snapfusion_min.export.diffusers_folder import save_diffusers
+from snapfusion_min.formats.weights import apply_map, unet_source_key
 from snapfusion_min.pipeline import load_pipeline
 from snapfusion_min.unet import UNet, with_guidance_input
-from snapfusion_min.weights import apply_map, unet_source_key
 
 FAST = dataclasses.replace(TRAIN, train_steps=3, batch_size=2, lr=1e-3, warmup=0, ema_decay=None, save_every=10**6)
 
@@ -105,7 +106,7 @@ def test_diffusers_folder_round_trip_keeps_the_w_input(tmp_path):
     pipe = tiny_pipeline()
     pipe = pipe.with_parts(unet=with_guidance_input(pipe.unet, 32))
     pipe.unet.w_proj.weight.data.normal_(std=0.1)
-    pipe.save_diffusers(tmp_path / "w")
+    save_diffusers(pipe, tmp_path / "w")
     theirs = UNet2DConditionModel.from_pretrained(tmp_path / "w" / "unet").eval()
     again = load_pipeline(tmp_path / "w")
     assert theirs.config.time_cond_proj_dim == 32 and again.unet.spec.guidance_embed == 32

@@ -17,11 +17,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min import CheckpointError, load_pipeline
 from snapfusion_min.arch import sd15
-from snapfusion_min.checkpoint import read_state_dict
+from snapfusion_min.formats.checkpoint import read_state_dict
+from snapfusion_min.formats.weights import to_ldm
 from snapfusion_min.text_encoder import TextEncoder, Tokenizer
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import VAE
-from snapfusion_min.weights import to_ldm
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,

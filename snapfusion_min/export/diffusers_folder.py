@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 
-from .arch import STAGES, sd15
-from .checkpoint import umask
-from .text_encoder import EOT, SOT, write_bpe_files
-from .weights import to_diffusers
+from ..arch import STAGES, sd15
+from ..formats.checkpoint import umask
+from ..formats.weights import to_diffusers
+from ..text_encoder import EOT, SOT, write_bpe_files
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose folder layout this writes (and the tests load it with)
 

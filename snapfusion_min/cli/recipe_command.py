@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..recipe import QUICK, STAGES, Budget, run_recipe
-from ..smoke import SmokeConfig, run_smoke
+from ..experiments.budget import QUICK, Budget
+from ..experiments.recipe import run_recipe
+from ..experiments.stages import STAGES
+from ..formats.figures import pyplot
+from ..latency import LatencyTable
 from ..training import OPTIMIZERS
-from ..viz import pyplot
 from . import check_writable, flag, parser, run
+from .sd15_smoke import SmokeConfig, run_smoke
 
 
 def build_parser():  # noqa: ANN201
@@ -37,6 +40,8 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
                    "equal latency (snapfusion_min/evolve_arms.py), 3 seeds each, -> <report-dir>/evolving.md; 66 "
                    "min on 2 cores after the recipe")
+    p.add_argument("--latency-table", help="evolve with this measured lookup table (a run's <work-dir>/lut.json) as it "
+                   "is, not timed again: two runs then evolve alike, bit for bit")
     p.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report); "
                    f"stages: {', '.join(STAGES)}")
     g = p.add_argument_group("SD-v1.5 at full size (snapfusion_min/smoke.py; docs/sd_scale.md)")
@@ -63,8 +68,14 @@ def main(argv: list[str] | None = None) -> None:
     for folder in (args.work_dir, args.report_dir):
         check_writable(folder, folder=True)
     pyplot()  # before any work: the report's figures need matplotlib
+    table = Path(args.latency_table) if args.latency_table else None
+    if table is not None:
+        try:
+            LatencyTable.load(table)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--latency-table {table}: not a latency table (lut.json) ({e})") from None
     verdict = run_recipe(QUICK if args.quick else Budget(), Path(args.work_dir), Path(args.report_dir), args.bundled,
-                         tuple(args.redo), args.quick, args.arms)
+                         tuple(args.redo), args.quick, args.arms, table)
     if args.arms:
         print(f"[recipe] {Path(args.report_dir) / 'evolving.md'} written")
         return

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGE_SUFFIXES, center_crop, to_rgb, to_tensor
+from .images import IMAGE_SUFFIXES, center_crop, to_rgb, to_tensor
 
 Member = tuple[int, int]  # (offset of the data in the tar, size)
 Sample = tuple[str, Member | None, Member | None, str]  # key, image, caption, caption kind ('txt' / 'json')

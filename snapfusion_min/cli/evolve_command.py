@@ -21,19 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write
-from ..evaluation import judge_on_heldout
-from ..evolve import BASELINES, CRITERIA, EvolveConfig, evolve_and_finetune
+from ..eval.coco import clip_scorer, read_prompt_file
+from ..eval.metrics import open_clip_judge
+from ..evolve import BASELINES, CRITERIA, TRAIN, EvolveConfig, evolve_and_finetune
+from ..formats.checkpoint import atomic_write
+from ..formats.figures import pyplot
 from ..latency import build_table, fig2
 from ..pipeline import Pipeline, load_pipeline
-from ..recipe import TOY
-from ..toyclip import load_toy_clip, toy_clip_scorer
+from ..toy import BUNDLED
+from ..toy.clip import load_toy_clip, toy_clip_scorer
+from ..toy.tables import judge_on_heldout
 from ..training import OPTIMIZERS
-from ..viz import pyplot
 from . import check_writable, defaults, flag, from_args, parser, run
 
 
@@ -52,14 +55,14 @@ def build_parser():  # noqa: ANN201
                    "before each evolving step")
     p.add_argument("--finetune-steps", type=int, default=e.finetune_steps, help="fine-tuning of the final UNet")
     flag(p, "--keep-prob", e.keep_prob, "in the robust training")
-    flag(p, "--lr", e.lr, "of robust training and fine-tuning")
-    flag(p, "--batch-size", e.batch_size, "of robust training and fine-tuning")
+    flag(p, "--lr", e.train.lr, "of robust training and fine-tuning")
+    flag(p, "--batch-size", e.train.batch_size, "of robust training and fine-tuning")
     p.add_argument("--score-prompts", type=int, default=64, help="validation prompts of dCLIP")
     flag(p, "--data", "toy", "of robust training and fine-tuning")
-    flag(p, "--optimizer", e.optimizer, "of robust training and fine-tuning", choices=OPTIMIZERS)
+    flag(p, "--optimizer", e.train.optimizer, "of robust training and fine-tuning", choices=OPTIMIZERS)
     flag(p, "--checkpointing", more="in robust training and fine-tuning")
     flag(p, "--no-ema", more="in robust training and fine-tuning")
-    p.add_argument("--clip", default=str(TOY / "clip.safetensors"),
+    p.add_argument("--clip", default=str(BUNDLED / "clip.safetensors"),
                    help="the judge: a toy CLIP file, or with --clip-weights an open_clip model name")
     flag(p, "--clip-weights")
     flag(p, "--prompts-file", more="with --clip-weights: dCLIP on its first --score-prompts, the report on the "
@@ -74,7 +77,7 @@ def build_parser():  # noqa: ANN201
                    "dCLIP / dLatency ('value') or, as an ablation, dCLIP alone")
     p.add_argument("--lut-batch", type=int, default=2, help="UNet batch of the lookup table (2: one CFG step)")
     p.add_argument("--threads", type=int, default=e.threads, help="CPU threads while timing (1: stable medians)")
-    flag(p, "--seed", e.seed)
+    flag(p, "--seed", e.train.seed)
     return p
 
 
@@ -83,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.table_only and not args.out:
         p.error("--out is required unless --table-only")
-    cfg = from_args(EvolveConfig, args, ema=not args.no_ema)
+    train = replace(TRAIN, lr=args.lr, batch_size=args.batch_size, seed=args.seed, optimizer=args.optimizer,
+                    checkpointing=args.checkpointing, ema_decay=None if args.no_ema else TRAIN.ema_decay)
+    cfg = from_args(EvolveConfig, args, train=train)
     for path in (args.out, args.table, args.figure):
         if path:
             check_writable(path)
@@ -123,8 +128,6 @@ def judges(args: argparse.Namespace) -> tuple[Callable[[Pipeline], float], Calla
         judge = judge_on_heldout(clip, args.num_prompts)
         return (toy_clip_scorer(clip, args.score_prompts, args.num_inference_steps, args.guidance),
                 lambda pipe: judge(pipe, None, None))
-    from ..metrics import open_clip_judge
-    from ..sd_eval import clip_scorer, read_prompt_file
 
     if not args.prompts_file:
         raise ValueError("--clip-weights needs --prompts-file (the prompts dCLIP is measured on)")

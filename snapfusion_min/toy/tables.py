@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from open_clip.model import CustomTextCLIP
 
-from .metrics import clip_score, fid, psnr, zero_shot_accuracy
-from .pipeline import Pipeline, load_pipeline
-from .toyclip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
+from ..eval.metrics import clip_score, fid, psnr, zero_shot_accuracy
+from ..formats.figures import fid_clip_plot
+from ..pipeline import Pipeline, load_pipeline
+from .clip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
 
 Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
 
@@ -56,8 +57,6 @@ def sweep(configs: list[tuple[str, Pipeline, int, float]], judge: Judge, curve: 
                      f"{r['accuracy']['color']:.0%} | {r['accuracy']['shape']:.0%} |")
         print(lines[-1], flush=True)
     if curve:
-        from .viz import fid_clip_plot
-
         fid_clip_plot(curves, curve, title, "CLIP score (toy CLIP; higher is better)",
                       "FID on toy-CLIP features (lower is better)")
     return lines, results

@@ -36,11 +36,14 @@ from torchvision.transforms.functional import to_pil_image
 from .. import load_pipeline
 from ..data import ToyWorld
 from ..diffusion import SOLVERS, SPACINGS
-from ..evaluation import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
+from ..eval.coco import generate_folder, read_prompt_file, reference_statistics, score_folder, subfolder
+from ..eval.metrics import inception, open_clip_judge, save_statistics
+from ..formats.figures import caption_grid, fid_clip_plot, pyplot
 from ..pipeline import pick_device
-from ..recipe import TOY
-from ..toyclip import load_toy_clip, toy_judge
-from ..viz import caption_grid, pyplot
+from ..toy import BUNDLED
+from ..toy.clip import load_toy_clip, toy_judge
+from ..toy.tables import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
+from ..training import setup_distributed
 from . import check_writable, flag, parser, run
 
 
@@ -49,7 +52,7 @@ def build_parser():  # noqa: ANN201
     flag(p, "--checkpoint", more="repeat for several (default: the bundled toy model)", action="append")
     p.add_argument("--ablate", action="append", default=[],
                    help="table mode: one row per value, blocks (comma-separated) removed, or 'none'")
-    p.add_argument("--clip", default=str(TOY / "clip.safetensors"),
+    p.add_argument("--clip", default=str(BUNDLED / "clip.safetensors"),
                    help="the judge: a toy CLIP file, or with --clip-weights an open_clip model name")
     flag(p, "--num-prompts", 500)
     flag(p, "--num-inference-steps", more="default: the checkpoint's; repeat for a table over steps",
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             check_writable(path)
     if args.curve:
         pyplot()  # before any work: the curve needs matplotlib
-    names = args.checkpoint or [str(TOY / "model.safetensors")]
+    names = args.checkpoint or [str(BUNDLED / "model.safetensors")]
     pipes, clip = {name: load_pipeline(name) for name in names}, load_toy_clip(args.clip)
     for pipe in pipes.values():
         own_sampler(pipe, args)
@@ -153,9 +156,6 @@ def check_sd_scale(args: argparse.Namespace) -> None:
 
 def sd_scale(args: argparse.Namespace) -> dict:
     """--prompts-file / --save-reference: §5's protocol on any checkpoint (sd_eval)."""
-    from ..metrics import inception, open_clip_judge, save_statistics
-    from ..sd_eval import generate_folder, read_prompt_file, reference_statistics, score_folder, subfolder
-    from ..training import setup_distributed
 
     check_sd_scale(args)
     size = args.fid_size or None
@@ -170,7 +170,7 @@ def sd_scale(args: argparse.Namespace) -> dict:
     prompts = read_prompt_file(args.prompts_file, args.num_prompts, args.seed)
     judge = (open_clip_judge(args.clip, args.clip_weights, d.device) if args.clip_weights
              else toy_judge(load_toy_clip(args.clip).to(d.device)))
-    names = args.checkpoint or [str(TOY / "model.safetensors")]
+    names = args.checkpoint or [str(BUNDLED / "model.safetensors")]
     results, curves = {}, {}
     if d.main:
         print("| checkpoint | steps | guidance | CLIP | FID | images |\n|---|---|---|---|---|---|")
@@ -193,7 +193,6 @@ def sd_scale(args: argparse.Namespace) -> dict:
                     print(f"| {Path(name).stem} | {steps} | {g:g} | {r['clip_score']:.4f} | {fid} | {folder} |",
                           flush=True)
     if d.main and args.curve:
-        from ..viz import fid_clip_plot
 
         fid_clip_plot(curves, args.curve, "FID vs CLIP score over guidance", f"CLIP score ({args.clip.split('/')[-1]})",
                       "FID (Inception, lower is better)")

@@ -16,10 +16,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .data import ALL_COMBOS, ATTRIBUTES, Combo
+from ..data import ALL_COMBOS, ATTRIBUTES, Combo
+from ..formats.checkpoint import atomic_write, read_state_dict
+from ..formats.images import IMAGE_SUFFIXES, center_crop, to_rgb
 
 
 class Judge:
@@ -59,8 +63,6 @@ def open_clip_judge(name: str, weights: str | Path, device: str | torch.device =
     .list_models()`` lists them) with its weights from a local file -- never a hub download -- and its input size;
     mean and std are open_clip's defaults (OpenAI's, which the LAION ViT-g/14 uses too) unless ``preprocess`` says
     otherwise. Images must be square (generated ones are); they are resized like open_clip's preprocessing."""
-    import open_clip
-
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r} (e.g. ViT-g-14, ViT-L-14, ViT-B-32)")
     if not Path(weights).is_file():
@@ -145,8 +147,6 @@ def inception(weights: str | Path, device: str | torch.device = "cpu") -> torch.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
         raise ImportError("FID at SD scale needs torch-fidelity: pip install 'snapfusion-min[metrics]'") from None
-    from .checkpoint import read_state_dict
-
     read_state_dict(weights)  # FileNotFoundError / CheckpointError for a missing, corrupt or code-carrying file
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
     return net.to(device)
@@ -161,8 +161,6 @@ def inception_features(net: torch.nn.Module, batches: Iterable[torch.Tensor]) ->
 
 def image_files(folder: str | Path) -> list[Path]:
     """The images of a folder (not its subfolders), sorted by name."""
-    from .data import IMAGE_SUFFIXES
-
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"no such image folder: {folder}")
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -171,10 +169,6 @@ def image_files(folder: str | Path) -> list[Path]:
 def read_images(paths: Sequence[str | Path], size: int | None = None, batch: int = 50) -> Iterable[torch.Tensor]:
     """uint8 batches [B, 3, size, size] of image files: RGB, shorter side resized to ``size`` (bicubic, e.g. the 256
     of the SD papers' FID protocol) and centre-cropped; None keeps square images as they are."""
-    from PIL import Image
-
-    from .data import center_crop, to_rgb
-
     for i in range(0, len(paths), batch):
         images = []
         for path in paths[i:i + batch]:
@@ -205,8 +199,6 @@ def fid_from_statistics(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> f
 
 def save_statistics(path: str | Path, stats: dict[str, np.ndarray]) -> None:
     """Reference statistics as .npz ('mu', 'sigma'), written atomically."""
-    from .checkpoint import atomic_write
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, mu=stats["mu"], sigma=stats["sigma"])

@@ -14,19 +14,25 @@ import ctypes
 import dataclasses
 import gc
 import json
+import resource
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
 import torch
 from safetensors.torch import save_file
 
-from .arch import sd15
-from .checkpoint import atomic_write
-from .data import ToyWorld
-from .pipeline import random_pipeline
-from .weights import to_ldm
+from ..arch import sd15
+from ..data import ToyWorld
+from ..formats.checkpoint import atomic_write
+from ..formats.weights import to_ldm
+from ..pipeline import random_pipeline
+from . import distill_command, evolve_command, export_command, sample_command, train_command
+
+COMMANDS = {"train": train_command, "distill": distill_command, "evolve": evolve_command, "export": export_command,
+            "sample": sample_command}  # what the smoke run calls, in this process
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,6 @@ def peak_gib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -112,8 +117,6 @@ def commands(c: SmokeConfig, work: Path) -> list[tuple[str, str, list[str]]]:
 def prepare(c: SmokeConfig, work: Path) -> str:
     """Random SD-v1.5 weights in the single-file layout, a captioned image folder, a random open_clip ViT-B-32 (the
     scorer's shape; ViT-g-14 in earnest) and a prompt file."""
-    import open_clip
-
     write_data(work / "data", 8, c.resolution)
     (work / "prompts.txt").write_text("\n".join(ToyWorld("heldout", seed=1).sample(i)[1].caption for i in range(4)))
     torch.save(open_clip.create_model("ViT-B-32").state_dict(), work / "clip.pt")
@@ -127,9 +130,7 @@ def prepare(c: SmokeConfig, work: Path) -> str:
 def run_command(command: str, argv: list[str]) -> str:
     """``python <command>.py <argv>`` in this process (its memory is this process's); returns its name, e.g.
     `train.py unet`."""
-    import importlib
-
-    importlib.import_module(f"snapfusion_min.cli.{command}").main(argv)
+    COMMANDS[command].main(argv)
     return f"`{command}.py {argv[0] if not argv[0].startswith('-') else ''}`".replace(" `", "`")
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .. import autoencoder, decoder_distill, unet_training
+from .. import decoder_distill, unet_training
 from ..pipeline import pick_device
-from ..toyclip import ClipConfig, train_clip_stage
+from ..toy import autoencoder
+from ..toy.clip import ClipConfig, train_clip_stage
+from ..toy.teacher import fresh_pipeline
 from ..training import OPTIMIZERS, TrainConfig, setup_distributed
 from . import HelpFormatter, check_writable, defaults, flag, from_args, parser, run
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sampler = replace(unet_training.TOY_SAMPLER, steps=args.num_inference_steps, guidance=args.guidance)
         cfg = from_args(unet_training.UNetConfig, args, sampler=sampler, train=train_config(args, unet_training.TRAIN))
-        unet_training.train_unet(cfg, args.out, d)
+        unet_training.train_unet(cfg, args.out, d, fresh=fresh_pipeline)
 
 
 def entry() -> None:

@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING
 import torch
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, config_dict, read_state_dict
-from .data import ToyWorld, to_tensor
-from .metrics import Judge, clip_score, fid, zero_shot_accuracy
-from .text_encoder import TextConfig, TextEncoder, Tokenizer
-from .weights import CheckpointError, apply_map
+from ..data import ToyWorld, to_tensor
+from ..eval.metrics import Judge, clip_score, fid, zero_shot_accuracy
+from ..formats.checkpoint import atomic_write, config_dict, read_state_dict
+from ..formats.weights import CheckpointError, apply_map
+from ..text_encoder import TextConfig, TextEncoder, Tokenizer
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
 TOY_TEXT = TextConfig(width=64, layers=3, heads=4, context_length=32)  # toy captions are < 20 tokens
 TOY_IMAGE = 64
@@ -112,8 +113,6 @@ def evaluate_toy_clip(model: CustomTextCLIP, n: int = 1000, seed: int = 1234) ->
 
 def save_toy_clip(model: CustomTextCLIP, path: str | Path, info: dict) -> None:
     """Plain open_clip weights (loadable by open_clip) with ``info`` (accuracy, training config) as metadata."""
-    from safetensors.torch import save_file
-
     meta = {"snapfusion_min_toy_clip": json.dumps(info)}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))

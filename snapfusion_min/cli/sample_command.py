@@ -16,26 +16,25 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .. import load_pipeline
-from ..checkpoint import atomic_create
 from ..diffusion import SOLVERS, SPACINGS
+from ..eval.coco import read_prompt_file
+from ..formats.checkpoint import atomic_create
 from ..pipeline import auto_dtype
-from ..recipe import TOY
-from ..sd_eval import read_prompt_file
+from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
-BUNDLED = TOY / "model.safetensors"
+MODEL = BUNDLED / "model.safetensors"
 
 
 def build_parser():  # noqa: ANN201
     p = parser(__doc__)
-    flag(p, "--checkpoint", str(BUNDLED), "default: the bundled toy model, models/toy/model.safetensors")
+    flag(p, "--checkpoint", str(MODEL), "default: the bundled toy model, models/toy/model.safetensors")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     flag(p, "--prompts-file")
     p.add_argument("--num-images-per-prompt", "--num_images_per_prompt", type=int, default=1,
@@ -80,17 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_images_per_prompt <= 0:
         raise ValueError(f"--num-images-per-prompt must be positive, got {args.num_images_per_prompt}")
     prompts = [prompt for prompt in prompts for _ in range(args.num_images_per_prompt)]  # as pipe(...) repeats them
-    if args.checkpoint == str(BUNDLED) and not BUNDLED.is_file():
-        raise FileNotFoundError(f"the bundled toy model is not in this checkout ({BUNDLED}); pass --checkpoint")
+    if args.checkpoint == str(MODEL) and not MODEL.is_file():
+        raise FileNotFoundError(f"the bundled toy model is not in this checkout ({MODEL}); pass --checkpoint")
     check_writable(args.out_dir, folder=True)
     pipe = load_pipeline(args.checkpoint, ema=args.ema, prediction=args.prediction, device=args.device,
                          dtype=args.dtype)
     if args.decoder:
         other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
         pipe.set_decoder(other.vae, other.latent_scale)
-    s = replace(pipe.sampler, **{k: v for k, v in (("steps", args.num_inference_steps), ("guidance", args.guidance),
-                                                    ("spacing", args.spacing), ("solver", args.sampler))
-                                 if v is not None})
+    s = pipe.sampler_with(steps=args.num_inference_steps, guidance=args.guidance, spacing=args.spacing,
+                          solver=args.sampler)
     height, width = (s.resolution if v is None else v for v in (args.height, args.width))
     f = pipe.vae.cfg.factor
     if height % f or width % f or height <= 0 or width <= 0:
@@ -102,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        images = pipe(batch, steps=s.steps, guidance=s.guidance, seed=args.seed + start, height=height, width=width,
-                      spacing=s.spacing, solver=s.solver, negative_prompt=args.negative_prompt, progress=True)
+        images = pipe(batch, s, seed=args.seed + start, height=height, width=width,
+                      negative_prompt=args.negative_prompt, progress=True)
         for i, (prompt, image) in enumerate(zip(batch, images)):
             meta = PngInfo()
             for key, value in (("prompt", prompt), ("negative_prompt", args.negative_prompt),

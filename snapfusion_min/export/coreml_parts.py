@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import diffusion as D
-from .pipeline import Pipeline
-from .unet import UNet
+from .. import diffusion as D
+from ..pipeline import Pipeline
+from ..unet import UNet
 
 PARTS = ("text_encoder", "unet", "decoder")
 APPLE_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "decoder": "VAEDecoder"}

@@ -23,7 +23,8 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
+from ..formats.checkpoint import atomic_write
+from ..pipeline import Pipeline
 from .metrics import (
     Judge,
     clip_score,
@@ -34,7 +35,6 @@ from .metrics import (
     load_statistics,
     read_images,
 )
-from .pipeline import Pipeline
 
 
 def read_prompt_file(path: str | Path, n: int | None = None, seed: int = 0) -> list[str]:

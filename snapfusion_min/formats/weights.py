@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .arch import DOWN_STAGES, LEVEL, STAGES, UP_STAGES, ArchSpec
+from ..arch import DOWN_STAGES, LEVEL, STAGES, UP_STAGES, ArchSpec, sd15
 
 
 class CheckpointError(ValueError):
@@ -252,6 +252,4 @@ def load_diffusers(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, une
 
 def sd15_layout(spec: ArchSpec) -> bool:
     """Published SD weights only fit the SD-v1.5 block layout (any widths)."""
-    from .arch import sd15
-
     return all(spec.stages[s] == sd15().stages[s] for s in STAGES)

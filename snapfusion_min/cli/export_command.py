@@ -21,7 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..coreml import (
+from ..arch import preset
+from ..export.compress import COMPRESSIONS
+from ..export.coreml import (
     ATTENTIONS,
     LAYOUTS,
     PARTS,
@@ -32,15 +34,15 @@ from ..coreml import (
     load_coremltools,
     verify,
 )
-from ..coreml_compress import COMPRESSIONS
+from ..export.diffusers_folder import save_diffusers
 from ..pipeline import SamplerConfig, load_pipeline, random_pipeline
-from ..recipe import TOY
+from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
 
 def build_parser():  # noqa: ANN201
     p = parser(__doc__)
-    flag(p, "--checkpoint", str(TOY / "model.safetensors"), "default: the bundled toy model")
+    flag(p, "--checkpoint", str(BUNDLED / "model.safetensors"), "default: the bundled toy model")
     p.add_argument("--arch", help="instead of a checkpoint: a randomly initialised preset (sd15, snapfusion) at SD's "
                                   "widths, to measure conversion time and package size")
     flag(p, "--out-dir", "exports")
@@ -81,8 +83,6 @@ def main(argv: list[str] | None = None) -> None:
                             compress=args.compress)
     options.check(args.unet_batch)
     if args.arch:
-        from ..arch import preset
-
         pipe = random_pipeline(preset(args.arch), source=f"random-{args.arch}", sampler=SamplerConfig())
     else:
         pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")
@@ -105,7 +105,7 @@ def to_diffusers(args: argparse.Namespace) -> None:
     if ignored:
         raise ValueError(f"{', '.join(ignored)}: Core ML options, not used with --to diffusers")
     pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")  # save_diffusers refuses before writing
-    print(f"wrote {pipe.save_diffusers(out)} (diffusers' StableDiffusionPipeline; sample with "
+    print(f"wrote {save_diffusers(pipe, out)} (diffusers' StableDiffusionPipeline; sample with "
           f"num_inference_steps={pipe.sampler.steps}, guidance_scale={pipe.sampler.guidance:g})")
 
 

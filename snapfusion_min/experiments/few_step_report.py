@@ -14,10 +14,10 @@ from pathlib import Path
 
 from open_clip.model import CustomTextCLIP
 
-from .evaluation import judge_on_heldout, sweep
-from .pipeline import Pipeline, load_pipeline
-from .recipe import Budget, few_students
-from .viz import fid_clip_plot, steps_plot
+from ..formats.figures import fid_clip_plot, steps_plot
+from ..pipeline import Pipeline, load_pipeline
+from ..toy.tables import judge_on_heldout, sweep
+from .budget import Budget, few_students
 
 GRIDS = ("leading", "trailing")
 
@@ -43,28 +43,29 @@ def verdict(d: float, noise: float) -> str:
 
 def ddim_steps_section(teacher: Pipeline, b: Budget, clip: CustomTextCLIP, report: Path, g0: float,
                        known: dict[tuple[str, int], dict]) -> tuple[list[str], dict]:
-    """The undistilled teacher's DDIM at ``b.ddim_steps`` on both grids, guidance ``g0``: table and CLIP / FID vs
+    """The undistilled teacher's DDIM at ``b.few.ddim_steps`` on both grids, guidance ``g0``: table and CLIP / FID vs
     steps. ``known``: results already measured, by (grid, steps). Returns the lines and results by (grid, steps)."""
     print("report: DDIM over steps")
-    todo = [(grid, n) for grid in GRIDS for n in b.ddim_steps if (grid, n) not in known]
+    todo = [(grid, n) for grid in GRIDS for n in b.few.ddim_steps if (grid, n) not in known]
     configs = [(f"DDIM, {grid} grid", teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing=grid)),
                 n, g0) for grid, n in todo]
-    _, results = sweep(configs, judge_on_heldout(clip, b.eval_n, progress=False))
+    _, results = sweep(configs, judge_on_heldout(clip, b.judge.prompts, progress=False))
     by = known | dict(zip(todo, results))
-    steps_plot({f"{grid} grid": [(n, by[grid, n]["clip_score"], by[grid, n]["fid"]) for n in b.ddim_steps]
+    steps_plot({f"{grid} grid": [(n, by[grid, n]["clip_score"], by[grid, n]["fid"]) for n in b.few.ddim_steps]
                 for grid in GRIDS}, report / "fig4_ddim_steps.png",
                f"Fig. 4 (right): the teacher's DDIM over steps, guidance {g0:g}")
     rows = [f"| {n} | " + " | ".join(f"{by[g, n]['clip_score']:.4f} | {by[g, n]['fid']:.3f}" for g in GRIDS) + " |"
-            for n in b.ddim_steps]
+            for n in b.few.ddim_steps]
+    few, most = b.few.steps, max(b.few.ddim_steps)
     return ["## Fig. 4 (right): where the teacher's DDIM breaks", "",
             f"The undistilled teacher (the 50-step baseline's UNet) by DDIM at guidance {g0:g}, on SD-v1.5's "
             "'leading' grid (first t = (N - 1) * (1000 // N) + 1: 1 at one step, 501 at two, so its first step "
             "takes pure noise for nearly clean data) and the students' 'trailing' grid (t = 999 first).", "",
             "| steps | CLIP, leading | FID, leading | CLIP, trailing | FID, trailing |", "|---|---|---|---|---|",
             *rows, "", "![DDIM over steps](fig4_ddim_steps.png)", "",
-            f"The toy world's few-step count is {b.few_steps}: there DDIM at guidance {g0:g} breaks on both grids (FID "
-            f"{by['trailing', b.few_steps]['fid']:.1f} trailing vs {by['leading', max(b.ddim_steps)]['fid']:.2f} at "
-            f"{max(b.ddim_steps)} steps). The paper's undistilled UNet drops at 8 steps already (its Fig. 4, right); "
+            f"The toy world's few-step count is {few}: there DDIM at guidance {g0:g} breaks on both grids (FID "
+            f"{by['trailing', few]['fid']:.1f} trailing vs {by['leading', most]['fid']:.2f} at "
+            f"{most} steps). The paper's undistilled UNet drops at 8 steps already (its Fig. 4, right); "
             "the toy teacher is far easier to integrate.", ""], by
 
 
@@ -125,17 +126,17 @@ def claims(ext: dict[str, dict], labels: dict[str, str], ddim: str, base: str, n
 
 def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: CustomTextCLIP, report: Path,
                      baseline: dict[float, dict], seeds: tuple[int, ...]) -> tuple[list[str], dict]:
-    """Table 2 / Fig. 4 and Fig. 6c-d at ``b.few_steps``: plain DDIM (trailing) and the five students of the recipe
-    over ``b.few_guidance``, the 50-step baseline (``baseline``: guidance -> result) beside; the judge's noise from
+    """Table 2 / Fig. 4 and Fig. 6c-d at ``b.few.steps``: plain DDIM (trailing) and the five students of the recipe
+    over ``b.few.guidance``, the 50-step baseline (``baseline``: guidance -> result) beside; the judge's noise from
     the mixed student on more prompt sets (``seeds``); the paper's claims checked. Returns the lines and the
     extremes by label."""
     print("report: the few-step regime")
-    n, labels, students = b.few_steps, student_labels(b), few_students(b)
+    n, labels, students = b.few.steps, student_labels(b), few_students(b)
     ddim, base = f"teacher, {n}-step DDIM", "baseline 50-step"
     trailing = teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing="trailing"))
     pipes = {ddim: trailing} | {labels[name]: load_pipeline(p[name]) for name, _, _ in students}
-    configs = [(label, pipe, n, g) for label, pipe in pipes.items() for g in b.few_guidance]
-    table, results = sweep(configs, judge_on_heldout(clip, b.eval_n, progress=False))
+    configs = [(label, pipe, n, g) for label, pipe in pipes.items() for g in b.few.guidance]
+    table, results = sweep(configs, judge_on_heldout(clip, b.judge.prompts, progress=False))
     rows = {base: baseline} | {label: {} for label in pipes}  # the baseline first: the plot's first colour
     for (label, _, _, g), r in zip(configs, results):
         rows[label][g] = r
@@ -147,7 +148,7 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
     ext = {label: extremes(by_g) for label, by_g in rows.items()}
     mixed = labels[students[0][0]]
     g_best = ext[mixed]["clip_w"]
-    sets = [rows[mixed][g_best]] + [judge_on_heldout(clip, b.eval_n, s, progress=False)(pipes[mixed], n, g_best)
+    sets = [rows[mixed][g_best]] + [judge_on_heldout(clip, b.judge.prompts, s, progress=False)(pipes[mixed], n, g_best)
                                     for s in seeds]
     noise = {k: max(r[key] for r in sets) - min(r[key] for r in sets) for k, key in (("clip", "clip_score"),
                                                                                    ("fid", "fid"))}
@@ -156,11 +157,11 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
     checked = claims(ext, labels, ddim, base, noise, students)
     checks = [f"| {c} | {said} | {m} | {v} |" for c, said, m, v in checked]
     held = sum(v == "holds" for *_, v in checked)
-    by_p = sorted((prob, labels[name]) for name, prob, w_range in students if w_range == b.cfg_range)
+    by_p = sorted((prob, labels[name]) for name, prob, w_range in students if w_range == b.distill.cfg_range)
     shift = ", ".join(f"p = {prob:g}: w = {ext[label]['clip_w']:g}" for prob, label in by_p)
     d, top = ext[ddim], max((labels[name] for name, _, _ in students), key=lambda label: ext[label]["clip"])
     why = []
-    if d["clip_w"] == min(b.few_guidance) == 1.0:  # the 1-step DDIM is best unguided: the mean image suffices
+    if d["clip_w"] == min(b.few.guidance) == 1.0:  # the 1-step DDIM is best unguided: the mean image suffices
         why = [f"Why: one DDIM step from t = 999 returns the teacher's x_hat(z_T), about the mean of the images the "
                "caption allows. A toy-world caption names the shape, its colour, size and place and the background, "
                f"so that mean is nearly a clean image: unguided, the {n}-step DDIM scores CLIP {d['clip']:.4f} / FID "
@@ -170,14 +171,14 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
                "need a world whose captions leave more to chance than this one's.", ""]
     return [f"## Table 2 / Fig. 4 and Fig. 6c-d at the few-step count: {count(n)}", "",
             f"Each student is the 8-step student (ours, before the pruned decoder) distilled directly to {count(n)} "
-            f"with itself as the 8-step teacher ({b.few_distill} steps; App. D's self-distillation), with Eq. 11's p "
+            f"with itself as the 8-step teacher ({b.few.distill} steps; App. D's self-distillation), with Eq. 11's p "
             f"and w range as its label says; the {n}-step DDIM is the undistilled teacher on the trailing grid.", "",
             *table, "", "![few-step students](fig6d_few_step.png)", "",
             "Each curve's extremes over guidance (the paper reads its Fig. 6 this way: the best CLIP score a model "
             "reaches, and its lowest FID):", "", "| model | best CLIP | lowest FID |", "|---|---|---|", *summary, "",
             f"The judge's noise here: the mixed student at w = {g_best:g} on {len(sets)} held-out prompt sets of "
-            f"{b.eval_n} spans {noise['clip']:.4f} CLIP and {noise['fid']:.2f} FID; a difference within that is a "
-            "tie.", "", "| claim | the paper (8 steps, SD-v1.5) | here | verdict |", "|---|---|---|---|", *checks, "",
+            f"{b.judge.prompts} spans {noise['clip']:.4f} CLIP and {noise['fid']:.2f} FID; a difference within that is "
+            "a tie.", "", "| claim | the paper (8 steps, SD-v1.5) | here | verdict |", "|---|---|---|---|", *checks, "",
             f"{held} of {len(checks)} claims hold at {count(n)} in the toy world. The guidance at which each student "
             f"of the p sweep reaches its best CLIP: {shift} (the paper's §4.2: the CFG loss moves the quality-"
             "diversity trade-off into training).", "", *why], ext

@@ -20,11 +20,11 @@ import dataclasses
 
 import torch
 
-from .arch import DOWN_STAGES, UP_STAGES, ArchSpec, walk
-from .cost import count_params, threads
-from .latency import measure_unet
-from .prune import Axis, kept_width, l1_keep, select_channels
-from .unet import UNet
+from ..arch import DOWN_STAGES, UP_STAGES, ArchSpec, walk
+from ..cost import count_params, threads
+from ..latency import measure_unet
+from ..prune import Axis, kept_width, l1_keep, select_channels
+from ..unet import UNet
 
 
 def unet_axes(unet: UNet) -> tuple[list[Axis], dict[str, list[tuple[Axis, int]]], list[str]]:

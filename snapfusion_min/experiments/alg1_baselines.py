@@ -32,12 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
-from .evolve import EvolveConfig, Scorer, evolve_and_finetune, train
-from .latency import LatencyTable
-from .metrics import fid
-from .pipeline import Pipeline, load_pipeline
-from .recipe import Budget
+from ..cost import count_params, threads
+from ..eval.metrics import fid
+from ..evolve import EvolveConfig, Scorer, evolve_and_finetune, train
+from ..formats.checkpoint import atomic_write
+from ..formats.figures import arms_plot
+from ..latency import LatencyTable, build_table, measure_unet
+from ..pipeline import Pipeline, load_pipeline
+from ..toy import BUNDLED
+from ..toy.clip import evaluate_generation, load_toy_clip, real_heldout, toy_clip_scorer, toy_judge
+from ..unet import UNet
+from .budget import Budget
+from .channel_slimming import choose_ratio, slim_sweep, slim_unet
+from .stages import evolve_config, run_stages
 
 ARMS = {"alg1": "Alg. 1 (dCLIP / dLatency)", "dclip": "dCLIP alone (no latency term)",
         "random": "random removals", "slim": "uniform channel slimming (L1)",
@@ -60,13 +67,10 @@ def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg
             out: str) -> dict:
     """Train arm ``arm`` of seed ``seed`` from the robust-trained ``start`` into ``out``; returns its log.
     ``alg1``: Alg. 1's UNet of the same seed (the architecture of 'scratch', the latency and size 'slim' aims at)."""
-    from .cost import count_params, threads
-    from .latency import measure_unet
-    from .slim import choose_ratio, slim_sweep, slim_unet
-    from .unet import UNet
 
     torch.manual_seed(seed)
-    cfg = dataclasses.replace(cfg, seed=seed, criterion="d_clip" if arm == "dclip" else "value",
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed),
+                              criterion="d_clip" if arm == "dclip" else "value",
                               baseline="random" if arm == "random" else None)
     if arm in ("alg1", "dclip", "random"):
         return evolve_and_finetune(start, table, cfg, score, None, out)
@@ -93,7 +97,6 @@ def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg
 @torch.no_grad()
 def judge(pipe: Pipeline, clip: torch.nn.Module, cfg: ArmsConfig) -> dict[str, torch.Tensor]:
     """Per held-out prompt: the generated image's CLIP cosine with its caption, and its image features (for FID)."""
-    from .toyclip import evaluate_generation, real_heldout, toy_judge
 
     images = evaluate_generation(pipe, clip, n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, reference=False,
                                  progress=True)["images"]
@@ -137,9 +140,6 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: tor
                                                                                                            Callable]]:
     """(name, run): the teacher judged, then every arm and seed trained (Alg. 1's seed 0 is the recipe's evolved
     UNet) and judged into ``<work>/<arm><seed>.judged.pt``."""
-    from .latency import build_table
-    from .recipe import evolve_config
-    from .toyclip import toy_clip_scorer
 
     def judged(name: str, checkpoint: Path) -> None:
         out = judge(load_pipeline(checkpoint), clip, cfg)
@@ -154,7 +154,7 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: tor
                 table = build_table(start.unet, latent, 2, start.text_encoder.cfg.context_length, str(p["lut"]))
                 del start
                 log = run_arm(name, seed, str(p["robust"]), str(model_path(p, work, "alg1", seed)), table,
-                              evolve_config(b), toy_clip_scorer(clip, n=b.evolve_n), str(out))
+                              evolve_config(b), toy_clip_scorer(clip, n=b.evolve.prompts), str(out))
                 atomic_write(f"{out}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
             judged(f"{name}{seed}", out)
         return run
@@ -165,12 +165,9 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: tor
 
 def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report: Path) -> list[str]:
     """Every arm and seed not yet done (recorded in <work>/arms.json), then the page report/evolving.md."""
-    from .recipe import TOY, run_stages
-    from .slim import slim_sweep
-    from .toyclip import load_toy_clip
 
     work.mkdir(parents=True, exist_ok=True)
-    clip = load_toy_clip(TOY / "clip.safetensors")
+    clip = load_toy_clip(BUNDLED / "clip.safetensors")
     settings = {"budget": dataclasses.asdict(b), "arms": dataclasses.asdict(cfg)}
     todo = stages(b, cfg, p, work, clip)
     record = run_stages(todo, work / "arms.json", settings)
@@ -193,9 +190,6 @@ def measure(cfg: ArmsConfig, models: dict[str, list[Path]], judged: dict[str, li
             clip: torch.nn.Module) -> dict:
     """Per model (label -> seeds): bootstrap draws of the seed-mean CLIP score and FID, each seed's own values, and
     each seed's measured latency per step (one thread, batch 2, side by side) and parameters."""
-    from .cost import count_params, threads
-    from .latency import measure_unet
-    from .toyclip import real_heldout, toy_judge
 
     real = toy_judge(clip).image_features(real_heldout(cfg.n)[0], normalize=False).cpu()
     index = draws(cfg.n, cfg.draws)
@@ -240,7 +234,6 @@ def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, work: Pa
     how often dCLIP alone chose Alg. 1's blocks (``block_ms``: the range of the start's block latencies), the
     slimming ``sweep`` (``slim.slim_sweep`` of the start), what the toy world supports and what this cost; returns
     the page's lines."""
-    from .viz import arms_plot
 
     label = {"teacher": "teacher (the original UNet)"} | ARMS
     k, ci = len(cfg.seeds), {name: {key: interval(f["draws"][key]) for key in ("clip", "fid")}

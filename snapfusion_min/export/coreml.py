@@ -18,15 +18,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
-from .coreml_compress import check_compression, compress, package_bytes
+from ..formats.checkpoint import atomic_write
+from ..pipeline import Pipeline
+from ..text_encoder import write_bpe_files
+from ..unet import Attention
+from .compress import check_compression, compress, package_bytes
 from .coreml_parts import PARTS, Package, balanced_cut, packages
-from .pipeline import Pipeline
-from .text_encoder import write_bpe_files
-from .unet import Attention
 
 LAYOUTS = ("snapfusion", "apple")  # apple: the names and conventions Apple's Swift StableDiffusionPipeline loads
 PSNR_PASS = 35.0  # dB: ml-stable-diffusion's bound for a converted model's outputs vs torch
@@ -68,8 +69,6 @@ def metadata(pipe: Pipeline, resolution: int, batch: int, options: ExportOptions
 
 def convert(module: nn.Module, inputs: dict, outputs: list[str], precision: str, meta: dict) -> object:
     """torch.export -> coremltools ML Program with the given input / output names and metadata."""
-    import numpy as np
-
     ct = load_coremltools()
 
     module = module.eval()

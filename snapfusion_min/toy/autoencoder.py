@@ -3,19 +3,22 @@ download. SD-v1.5 ships its VAE; only the toy world trains one.
 
 Its reconstruction loss is our stand-in for LDM's perceptual loss: a toy object covers 4-15% of the image, so a plain
 mean lets an autoencoder trade the object's colour and corners for a cleaner background. The decoder's data
-distillation (``decoder_distill``) reuses the same loss on toy data.
+distillation uses the same loss on toy data; it lives there (``decoder_distill.reconstruction_loss``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .checkpoint import config_dict, save_checkpoint
-from .training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, seed_step
-from .vae import TOY_VAE, VAE
+from ..decoder_distill import default_object_weight, object_mask, object_weights, reconstruction_loss
+from ..formats.checkpoint import config_dict, read_meta, read_state_dict, save_checkpoint
+from ..formats.weights import CheckpointError, apply_map
+from ..training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, seed_step
+from ..vae import TOY_VAE, VAE, VAEConfig
 
 TRAIN = TrainConfig(train_steps=3000, batch_size=32, lr=2e-3, warmup=100, ema_decay=None)
 
@@ -40,33 +43,6 @@ class AutoencoderConfig:
             raise ValueError(f"train-steps must be >= 1, got {self.train.train_steps}")
         if self.kl < 0 or self.edge_weight < 0 or self.object_weight < 0:
             raise ValueError("kl, edge-weight and object-weight must be >= 0")
-
-
-def default_object_weight(weight: float | None, data: str) -> float:
-    """8 on the toy world, 0 (no weighting: a plain mean) on a folder of real images."""
-    return weight if weight is not None else 8.0 * (data == "toy")
-
-
-def object_mask(x: torch.Tensor) -> torch.Tensor:
-    """[B, 1, H, W]: True where a pixel differs from its image's border colour (the median of the border)."""
-    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [B, C, 4W]
-    background = border.median(dim=-1).values[..., None, None]
-    return (x - background).abs().amax(dim=1, keepdim=True) > 0.1
-
-
-def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
-    """Per-pixel loss weights [B, 1, H, W]: 1 + boost where a pixel differs from its image's border colour."""
-    if boost == 0:
-        return torch.ones_like(x[:, :1])
-    return 1 + boost * object_mask(x).float()
-
-
-def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    """Object-weighted MSE + L1 on pixels, plus L1 on the error's image gradients (keeps edges sharp)."""
-    err = rec - x
-    edges = ((weight[..., 1:] * (err[..., 1:] - err[..., :-1]).abs()).mean()
-             + (weight[..., 1:, :] * (err[..., 1:, :] - err[..., :-1, :]).abs()).mean())
-    return (weight * (err**2 + err.abs())).mean() + edge_weight * edges
 
 
 def crop_objects(x: torch.Tensor, size: int, factor: int) -> torch.Tensor:
@@ -124,3 +100,15 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str, d: Dist = LOCAL) -> VAE:
     fit(vae, loss_at, cfg.train, d, out=out, save=save, desc="autoencoder")
     return vae
 
+
+def load_autoencoder(path: str) -> tuple[VAE, float]:
+    """The frozen autoencoder of a ``train.py autoencoder`` checkpoint, and its latent scale."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such autoencoder checkpoint: {path}")
+    meta = read_meta(path) or {}
+    if "vae" not in meta or "latent_scale" not in meta:
+        raise CheckpointError(f"{path}: not an autoencoder checkpoint (train.py autoencoder writes one)")
+    vae = VAE(VAEConfig(**meta["vae"]))
+    state = {k[4:]: v for k, v in read_state_dict(path).items() if k.startswith("vae.")}
+    apply_map(vae, state, lambda k: [k], f"{path}: vae")
+    return vae.eval().requires_grad_(False), meta["latent_scale"]

@@ -1,6 +1,6 @@
 """The recipe's report (report/README.md): the paper's Tables 1-2 and Figs. 2, 4, 5, 6b-d, 8 at toy scale, judged
 by the bundled toy CLIP on held-out prompts, and the goal the recipe is held to. The few-step regime (Fig. 4 right,
-Table 2 and Fig. 6c-d where DDIM breaks) is ``report_few``.
+Table 2 and Fig. 6c-d where DDIM breaks) is ``few_step_report``.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ import torch
 from open_clip.model import CustomTextCLIP
 from torchvision.transforms.functional import to_pil_image
 
-from .cost import count_params, table1_times, threads
-from .data import ToyWorld
-from .diffusion import SOLVERS
-from .evaluation import decoder_table, judge_on_heldout, sweep
-from .latency import LatencyTable, fig2
-from .pipeline import Pipeline, load_pipeline
-from .recipe import TOY, Budget
-from .report_few import ddim_steps_section, few_step_section
-from .toyclip import load_toy_clip
-from .viz import caption_grid, fid_clip_plot
+from ..cost import count_params, table1_times, threads
+from ..data import ToyWorld
+from ..diffusion import SOLVERS
+from ..formats.figures import caption_grid, fid_clip_plot
+from ..latency import LatencyTable, fig2
+from ..pipeline import Pipeline, load_pipeline
+from ..toy import BUNDLED
+from ..toy.clip import load_toy_clip
+from ..toy.tables import decoder_table, judge_on_heldout, sweep
+from .budget import Budget
+from .few_step_report import ddim_steps_section, few_step_section
 
 ABLATE = ["none", "down1.A0", "up2.A2", "up3.A1", "up1.A0,up1.A1,up1.A2"]  # Fig. 5: blocks removed at inference
 BASE_STEPS, G0 = 50, 2.0  # the baseline's steps; the guidance the goal is judged at (the toy world's best)
@@ -48,7 +49,7 @@ def latency_table(base: Pipeline, ours: Pipeline, b: Budget, base_steps: int, ou
                     "decoder": (pipe.vae.decoder, 1)}
              for name, pipe, steps in (("baseline", base, base_steps), ("ours", ours, our_steps))}
     with threads(1):
-        seconds = table1_times({"baseline": (base, base_steps), "ours": (ours, our_steps)}, 64, G0, b.repeat)
+        seconds = table1_times({"baseline": (base, base_steps), "ours": (ours, our_steps)}, 64, G0, b.judge.repeat)
     ms = {key: 1e3 * s for key, s in seconds.items()}
     rows, totals = [], {}
     for name, calls in parts.items():
@@ -128,16 +129,16 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
     """Every section in order; writes <report>/README.md and results.json (the goal's verdict), returns the verdict.
 
     ``timings`` / ``cpu``: wall / CPU seconds of each stage."""
-    clip = load_toy_clip(TOY / "clip.safetensors")  # one judge for every table, as in the README
+    clip = load_toy_clip(BUNDLED / "clip.safetensors")  # one judge for every table, as in the README
     teacher, final = load_pipeline(p["teacher"]), load_pipeline(p["final"])
-    flags = (" --quick" if quick else "") + (" --bundled" if p["teacher"] == TOY / "model.safetensors" else "")
+    flags = (" --quick" if quick else "") + (" --bundled" if p["teacher"] == BUNDLED / "model.safetensors" else "")
     if quick:
         print("[recipe] " + SMOKE.replace("**", ""))
     lines = ["# SnapFusion at toy scale: the report", "", *([SMOKE, ""] if quick else []),
              f"Made by `python recipe.py{flags}` on {platform.machine()}, "
              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. The judge is the bundled toy CLIP "
              "(scores in its own scale: real images score about 0.97, unrelated captions about 0.5). "
-             f"{b.eval_n} held-out prompts per point. Budget: `{b}`.", ""]
+             f"{b.judge.prompts} held-out prompts per point. Budget: `{b}`.", ""]
     table1, totals = table1_section(teacher, final, b)
     table2, t2, noise = table2_section(teacher, final, load_pipeline(p["wcond8"]), b, clip, report)
     fig6, f6, mixed = fig6_section(p, b, clip, report)
@@ -146,7 +147,7 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
              ("trailing", 8): t2["baseline, 8-step DDIM", 8, G0]}
     steps, _ = ddim_steps_section(teacher, b, clip, report, G0, known)
     few, _ = few_step_section(p, teacher, b, clip, report, {g: t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, g]
-                                                            for g in b.guidance}, NOISE_SEEDS)
+                                                            for g in b.judge.guidance}, NOISE_SEEDS)
     fig6 += steps + few
     goal_lines, verdict = goals(t2, f6, totals, f"baseline {BASE_STEPS}-step", BASE_STEPS, G0, mixed)
     lines += [*table1, *table2, *fig5_section(p, b, report), *evolve_section(p, b), *fig6, *goal_lines,
@@ -184,27 +185,28 @@ def table2_section(teacher: Pipeline, final: Pipeline, wcond: Pipeline, b: Budge
     def sampled(solver: str) -> Pipeline:
         return teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing="trailing", solver=solver))
 
-    table, t2 = judge_all([(f"baseline {BASE_STEPS}-step", teacher, BASE_STEPS, g) for g in b.guidance]
+    table, t2 = judge_all([(f"baseline {BASE_STEPS}-step", teacher, BASE_STEPS, g) for g in b.judge.guidance]
                           + [(f"baseline, 8-step {SAMPLER_NAME[s]}", sampled(s), 8, g) for s in SOLVERS
-                             for g in b.guidance]
-                          + [(MENG, wcond, 8, g) for g in b.guidance]
-                          + [("ours, 8 steps", final, 8, g) for g in b.guidance], clip, b.eval_n,
+                             for g in b.judge.guidance]
+                          + [(MENG, wcond, 8, g) for g in b.judge.guidance]
+                          + [("ours, 8 steps", final, 8, g) for g in b.judge.guidance], clip, b.judge.prompts,
                           report / "fig4_fid_clip.png", "Fig. 4: FID vs CLIP over guidance")
     few, _ = judge_all([(f"baseline, {n}-step {SAMPLER_NAME[s]}", sampled(s), n, G0) for n in FEW_STEPS
-                         for s in SOLVERS if s != "ddim"], clip, b.eval_n, None, "")
-    sets = [t2[MENG, 8, G0]] + [judge_on_heldout(clip, b.eval_n, seed, progress=False)(wcond, 8, G0)
+                         for s in SOLVERS if s != "ddim"], clip, b.judge.prompts, None, "")
+    sets = [t2[MENG, 8, G0]] + [judge_on_heldout(clip, b.judge.prompts, seed, progress=False)(wcond, 8, G0)
                                 for seed in NOISE_SEEDS]
     noise = {k: (min(r[k] for r in sets), max(r[k] for r in sets)) for k in ("clip_score", "fid")}
+    lo, hi = b.distill.cfg_range
     return ["## Table 2 / Fig. 4: FID and CLIP score, final 8-step model vs the baseline and the comparators", "",
             *table, "", f"The 8-step baselines are the undistilled teacher on the trailing grid (the students' grid; "
             "t = 999 first). DPM-Solver-2 is multistep DPM-Solver on eps (Lu et al. 2022), DPM-Solver++(2M) its "
             "data-prediction form (`--sampler dpm`, `dpm++`). Meng et al.'s student takes w as an input and makes "
             "one UNet pass per step (`distill.py --w-conditioned`: the CFG-aware targets of Eq. 10, w ~ U"
-            f"[{b.cfg_range[0]:g}, {b.cfg_range[1]:g}], p = 1, learned in one pass) where ours makes CFG's two. "
+            f"[{lo:g}, {hi:g}], p = 1, learned in one pass) where ours makes CFG's two. "
             "'Ours' is the final pipeline (evolved, distilled UNet and the pruned decoder); the w-conditioned student "
             "decodes with the original decoder: Fig. 6b compares the students like for like.", "",
             f"The judge's noise: the w-conditioned student at guidance {G0:g} on {len(sets)} held-out prompt sets of "
-            f"{b.eval_n} (seeds 1234, {', '.join(map(str, NOISE_SEEDS))}) scores CLIP "
+            f"{b.judge.prompts} (seeds 1234, {', '.join(map(str, NOISE_SEEDS))}) scores CLIP "
             f"{noise['clip_score'][0]:.4f} to {noise['clip_score'][1]:.4f} and FID {noise['fid'][0]:.3f} to "
             f"{noise['fid'][1]:.3f}: differences smaller than that are not clearly resolved (a conservative bound: "
             "the rows here share one prompt set).", "",
@@ -242,14 +244,15 @@ def fig6b_section(t2: dict, f6: dict, b: Budget, report: Path, noise: dict) -> l
     """Fig. 6b like for like: Meng et al.'s student against ours (the mixed loss) with the same teacher, start,
     decoder and w range, and the 50-step baseline, over guidance. The paper's claim in numbers: best CLIP score over
     guidance, and at the largest guidance; a difference within the judge's CLIP spread is called a tie."""
-    lo, hi = b.cfg_range
+    lo, hi = b.distill.cfg_range
     mixed = f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
-    rows = {MENG: {g: t2[MENG, 8, g] for g in b.guidance}, mixed: {g: f6[mixed, 8, g] for g in b.guidance},
-            f"baseline {BASE_STEPS}-step": {g: t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, g] for g in b.guidance}}
+    ws, base = b.judge.guidance, f"baseline {BASE_STEPS}-step"
+    rows = {MENG: {g: t2[MENG, 8, g] for g in ws}, mixed: {g: f6[mixed, 8, g] for g in ws},
+            base: {g: t2[base, BASE_STEPS, g] for g in ws}}
     curves = {label: [(r["clip_score"], r["fid"], g) for g, r in by_g.items()] for label, by_g in rows.items()}
     fid_clip_plot(curves, report / "fig6b_w_conditioned.png", "Fig. 6b: the w-conditioned student vs ours",
                   "CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is better)")
-    spread, top = noise["clip_score"][1] - noise["clip_score"][0], max(b.guidance)
+    spread, top = noise["clip_score"][1] - noise["clip_score"][0], max(b.judge.guidance)
     best = {label: max(r["clip_score"] for r in by_g.values()) for label, by_g in rows.items()}
 
     def versus(other: str, mine: float, theirs: float) -> str:
@@ -285,7 +288,7 @@ def fig5_section(p: dict[str, Path], b: Budget, report: Path) -> list[str]:
 
 def evolve_section(p: dict[str, Path], b: Budget) -> list[str]:
     log = json.loads(Path(f"{p['evolved']}.log.json").read_text())
-    lines = [f"Evolving (Alg. 1) to {b.evolve_target:.0%} of the start's predicted latency, then fine-tuned:", "",
+    lines = [f"Evolving (Alg. 1) to {b.evolve.target:.0%} of the start's predicted latency, then fine-tuned:", "",
              "| model | latency / step, measured (predicted) | params | CLIP | FID | color | shape |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['measured_ms']:.2f} ms ({r['predicted_ms']:.2f}) | {r['params'] / 1e6:.2f}M | "
@@ -295,15 +298,16 @@ def evolve_section(p: dict[str, Path], b: Budget) -> list[str]:
 
 def fig6_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP, report: Path) -> tuple[list[str], dict, str]:
     """The 8-step student (the mixed loss) against the evolved UNet it came from, undistilled, at 8 steps; the loss
-    ablations are at the few-step count (``report_few``), where there is something to recover."""
+    ablations are at the few-step count (``few_step_report``), where there is something to recover."""
     print("report: Fig. 6 (8 steps)")
-    lo, hi = b.cfg_range
+    lo, hi = b.distill.cfg_range
     mixed = f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
     evolved = load_pipeline(p["evolved"])
     evolved.sampler = dataclasses.replace(evolved.sampler, spacing="trailing")
-    table, f6 = judge_all([("evolved, undistilled", evolved, 8, g) for g in b.guidance]
-                          + [(mixed, load_pipeline(p["student8"]), 8, g) for g in b.guidance],
-                          clip, b.eval_n, report / "fig6_distillation.png", "Fig. 6: the 8-step student, FID vs CLIP")
+    table, f6 = judge_all([("evolved, undistilled", evolved, 8, g) for g in b.judge.guidance]
+                          + [(mixed, load_pipeline(p["student8"]), 8, g) for g in b.judge.guidance],
+                          clip, b.judge.prompts, report / "fig6_distillation.png",
+                          "Fig. 6: the 8-step student, FID vs CLIP")
     return ["## Fig. 6: 16 → 8 steps (teacher: the 16-step distilled baseline; student initialised from the "
             "16-step evolved UNet, App. D)", "", *table, "",
             f"Eq. 10's guidance range: the paper draws w from [2, 14] around SD-v1.5's working scale (7.5); the toy "
@@ -314,13 +318,13 @@ def fig6_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP, report: Pa
 
 def fig8_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP) -> list[str]:
     print("report: Fig. 8")
-    dec = decoder_table(load_pipeline(p["student8"]), clip, [str(p["pruned0"]), str(p["pruned"])], b.eval_n,
+    dec = decoder_table(load_pipeline(p["student8"]), clip, [str(p["pruned0"]), str(p["pruned"])], b.judge.prompts,
                         steps=8, guidance=G0)
     lines = ["## Fig. 8: original vs 50%-pruned decoder (same 8-step latents)", "",
              "| decoder | params | PSNR to original (dB) | CLIP | FID | color | shape |",
              "|---|---|---|---|---|---|---|"]
     for name, label in (("original", "original"), (str(p["pruned0"]), "pruned, not distilled"),
-                        (str(p["pruned"]), f"pruned + data distillation ({b.decoder_steps} steps)")):
+                        (str(p["pruned"]), f"pruned + data distillation ({b.decoder.steps} steps)")):
         r = dec[name]
         psnr = "-" if name == "original" else f"{r['psnr']:.2f}"
         lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {psnr} | "

@@ -1,0 +1,161 @@
+"""The recipe's stages in order, each a package call with the settings of the budget (``budget.py``).
+
+toy CLIP -> autoencoder -> v-prediction teacher, the baseline (Eq. 6) -> robust training (Eq. 5) and its plain
+control -> evolving to 50% of the latency (Alg. 1) -> 32->16 distillation of the teacher and of the evolved UNet ->
+16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D) and Meng et al.'s w-conditioned
+student (Table 2, Fig. 6b) -> the 8-step student distilled directly to the few-step count where DDIM breaks, by the
+mixed loss and its ablations: vanilla, p = 0.5, CFG only, the paper's w range (Fig. 6c-d) -> 50% pruned decoder by
+data distillation (§3.2) -> the final pipeline -> Core ML. Each stage is skipped once done, as recorded in
+<work>/recipe.json; the training stages resume exactly after a crash, the others start over.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .. import decoder_distill, distill, unet_training
+from ..evolve import EvolveConfig, evolve_and_finetune
+from ..export.coreml import PARTS, export
+from ..formats.checkpoint import atomic_write
+from ..latency import LatencyTable, build_table
+from ..pipeline import load_pipeline, pick_device
+from ..toy import BUNDLED, autoencoder
+from ..toy.clip import ClipConfig, load_toy_clip, toy_clip_scorer, train_clip_stage
+from ..toy.tables import judge_on_heldout
+from ..toy.teacher import fresh_pipeline
+from ..training import Dist, TrainConfig
+from .budget import Budget, few_students
+
+NAMES = ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16", "student8",
+         "wcond8", "few_mixed", "few_vanilla", "few_half", "few_cfg", "few_paper_range", "pruned0", "pruned",
+         "final"]  # the checkpoints, in stage order
+STAGES = (*NAMES, "coreml")
+
+
+def paths(work: Path, bundled: bool) -> dict[str, Path]:
+    p = {n: work / f"{n}.safetensors" for n in NAMES} | {"lut": work / "lut.json"}
+    if bundled:
+        p.update(clip=BUNDLED / "clip.safetensors", autoencoder=BUNDLED / "autoencoder.safetensors",
+                 teacher=BUNDLED / "model.safetensors")
+    return p
+
+
+def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool,
+           latency_table: Path | None = None) -> list[tuple[str, Callable]]:
+    """(name, run) in order, each run a package call with the settings of the budget; ``latency_table``: a measured
+    lookup table that evolving uses as is, not timed again (``evolve_stage``)."""
+    d = Dist(device=pick_device("auto"))
+
+    def resumable(name: str) -> bool:
+        return Path(f"{p[name]}.state.pt").is_file()
+
+    def unet(name: str, keep: float) -> Callable:
+        t = TrainConfig(train_steps=b.robust, lr=3e-4, warmup=unet_training.warmup_for(b.robust), save_every=250,
+                        resume=resumable(name))
+        return lambda: unet_training.train_unet(unet_training.UNetConfig(init=str(p["teacher"]), keep_prob=keep,
+                                                                         train=t), str(p[name]), d)
+
+    def distil(name: str, teacher: str, init: str, chain: tuple[int, int], cfg_prob: float = 0.1,
+               cfg_range: tuple[float, float] = b.distill.cfg_range, w_conditioned: bool = False,
+               steps: int = b.distill.steps) -> Callable:
+        loss = distill.DistillConfig(w_min=cfg_range[0], w_max=cfg_range[1], cfg_prob=cfg_prob,
+                                     w_conditioned=w_conditioned)
+        run = distill.DistillRun(chain=chain, loss=loss, guidance=2.0, train=replace(
+            distill.TRAIN, train_steps=steps, save_every=200, resume=resumable(name)))
+        return lambda: distill.distill(str(p[teacher]), str(p[init]), run, str(p[name]), d)
+
+    def decoder(name: str, steps: int) -> Callable:
+        cfg = decoder_distill.DecoderConfig(latents=b.decoder.latents, teacher_steps=25, latent_cache=str(
+            work / "latents.pt"), train=replace(decoder_distill.TRAIN, train_steps=steps, lr=2e-3))
+        return lambda: decoder_distill.distill_decoder(str(p["teacher"]), cfg, str(p[name]), d)
+
+    run: list[tuple[str, Callable]] = []
+    if not bundled:
+        teacher = unet_training.UNetConfig(clip=str(p["clip"]), autoencoder=str(p["autoencoder"]), train=replace(
+            unet_training.TRAIN, train_steps=b.scratch.teacher, warmup=unet_training.warmup_for(b.scratch.teacher),
+            resume=resumable("teacher")))
+        run += [("clip", lambda: train_clip_stage(ClipConfig(train_steps=b.scratch.clip), p["clip"])),
+                ("autoencoder", lambda: autoencoder.train_autoencoder(autoencoder.AutoencoderConfig(
+                    train=replace(autoencoder.TRAIN, train_steps=b.scratch.autoencoder)), str(p["autoencoder"]), d)),
+                ("teacher", lambda: unet_training.train_unet(teacher, str(p["teacher"]), d, fresh=fresh_pipeline))]
+    run += [("robust", unet("robust", 0.8)), ("plain", unet("plain", 1.0)),
+            ("evolved", lambda: evolve_stage(b, p, latency_table)),
+            ("teacher16", distil("teacher16", "teacher", "teacher", (32, 16))),
+            ("evolved16", distil("evolved16", "evolved", "evolved", (32, 16))),
+            ("student8", distil("student8", "teacher16", "evolved16", (16, 8))),
+            ("wcond8", distil("wcond8", "teacher16", "evolved16", (16, 8), 1.0, w_conditioned=True)),
+            *[(name, distil(name, "student8", "student8", (8, b.few.steps), prob, w_range, steps=b.few.distill))
+              for name, prob, w_range in few_students(b)],
+            ("pruned0", decoder("pruned0", 0)), ("pruned", decoder("pruned", b.decoder.steps)),
+            ("final", lambda: final_pipeline(p)), ("coreml", lambda: coreml_stage(p["final"], work / "coreml"))]
+    return run
+
+
+def evolve_stage(b: Budget, p: dict[str, Path], frozen: Path | None = None) -> None:
+    """Alg. 1 on the robust-trained UNet, with its lookup table (the report draws it: Fig. 2) and the toy CLIP as
+    the scorer. The table is timed here, or is ``frozen``: read as it is, so that two runs evolve alike."""
+    torch.manual_seed(0)
+    pipe = load_pipeline(p["robust"])
+    context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
+    if frozen is None:
+        table = build_table(pipe.unet, latent, 2, context_len, str(p["lut"]))
+    else:
+        table = LatencyTable.load(frozen)
+        table.block_ms(pipe.unet.spec)  # KeyError here, before any work, if it lacks one of this UNet's blocks
+        table.save(p["lut"])
+    clip = load_toy_clip(BUNDLED / "clip.safetensors")
+    judge = judge_on_heldout(clip, b.judge.prompts)
+    log = evolve_and_finetune(str(p["robust"]), table, evolve_config(b), toy_clip_scorer(clip, n=b.evolve.prompts),
+                              lambda pipe: judge(pipe, None, None), str(p["evolved"]))
+    atomic_write(f"{p['evolved']}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+
+
+def evolve_config(b: Budget) -> EvolveConfig:
+    """Alg. 1's settings in the budget (the recipe's evolving, and the arms of ``alg1_baselines`` compared with it)."""
+    return EvolveConfig(target=b.evolve.target, iterations=b.evolve.iterations, actions=b.evolve.actions,
+                        robust_steps=b.evolve.train, finetune_steps=b.evolve.finetune)
+
+
+def final_pipeline(p: dict[str, Path]) -> None:
+    """The evolved, distilled 8-step UNet with the pruned decoder."""
+    pipe, pruned = load_pipeline(p["student8"]), load_pipeline(p["pruned"])
+    pipe.set_decoder(pruned.vae, pruned.latent_scale)
+    pipe.save(p["final"])
+
+
+def coreml_stage(checkpoint: Path, out: Path) -> None:
+    pipe = load_pipeline(checkpoint)
+    export(pipe, out, list(PARTS), resolution=pipe.sampler.resolution, batch=2)
+
+
+def run_stages(todo: list[tuple[str, Callable]], record_path: Path, settings: dict,
+               redo: tuple[str, ...] = ()) -> dict:
+    """Run each stage not yet done, as recorded (wall and CPU seconds) in ``record_path``, a JSON file made for
+    ``settings`` (a record of other settings is refused); returns the record."""
+    unknown = set(redo) - {name for name, _ in todo}
+    if unknown:
+        raise ValueError(f"--redo: no such stage {sorted(unknown)}; stages are {[name for name, _ in todo]}")
+    settings = json.loads(json.dumps(settings))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"done": {}, "budget": settings}
+    if record["budget"] != settings:
+        raise ValueError(f"{record_path.parent} holds a run with another budget (--quick or not); use another "
+                         "--work-dir")
+    for name, run in todo:
+        if name in record["done"] and name not in redo:
+            print(f"[recipe] {name}: done ({record['done'][name] / 60:.1f} min), skipped")
+            continue
+        print(f"[recipe] {name} ...", flush=True)
+        start, cpu = time.perf_counter(), time.process_time()
+        run()
+        record["done"][name] = time.perf_counter() - start
+        record.setdefault("cpu", {})[name] = time.process_time() - cpu  # all threads of this process
+        atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return record
+
+
