@@ -58,7 +58,7 @@ toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (about 28 m
 	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
 	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
 		--out $(TOY)/model.safetensors
-	$(PY) evaluate.py --grid docs/toy_heldout_samples.png
+	$(PY) evaluate.py heldout --grid docs/toy_heldout_samples.png
 
 recipe: $(VENV)/.plots  ## the whole SnapFusion recipe at toy scale -> report/README.md
 	$(PY) recipe.py

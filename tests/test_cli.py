@@ -125,7 +125,8 @@ def test_each_flag_means_one_thing_in_every_script():
 def test_help_shows_defaults(script):
     texts = [p.format_help() for p in parsers(script)]
     assert all(text.startswith("usage:") for text in texts)
-    assert "(default:" in texts[0] or script == "train.py"  # train.py's defaults are per stage
+    assert "(default:" in texts[0] or script in ("train.py", "evaluate.py")  # theirs are per sub-command
+    assert all("(default:" in text for text in texts[1:])
     if script == "train.py":
         unet = next(t for t in texts if "--cfg-dropout" in t)  # the unet stage
         assert "(default: 3500)" in unet and "(default: 0.999)" in unet

@@ -104,7 +104,7 @@ def test_generation_resumes_after_a_kill(tmp_path, tiny_checkpoint):
     the same bytes as an uninterrupted run."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS + PROMPTS[:4]))
-    args = ["--checkpoint", str(tiny_checkpoint), "--prompts-file", str(prompts), "--num-prompts", "16",
+    args = ["coco", "--checkpoint", str(tiny_checkpoint), "--prompts-file", str(prompts), "--num-prompts", "16",
             "--batch-size", "2", "--num-inference-steps", "12", "--images-dir"]
     folder = tmp_path / "killed" / "s12-w2"
     proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *args, str(tmp_path / "killed")],
@@ -144,20 +144,26 @@ def test_score_folder_and_the_evaluate_command(tmp_path, tiny_checkpoint, random
     torch.save(random_inception.state_dict(), tmp_path / "inception.pth")
     save_statistics(tmp_path / "r.npz", reference)
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
-    out = run_main("evaluate.py", "--checkpoint", str(tiny_checkpoint), "--prompts-file", str(tmp_path / "p.txt"),
-                   "--num-prompts", "3", "--images-dir", str(tmp_path / "sweep"), "--guidance", "1", "--guidance", "3",
+    out = run_main("evaluate.py", "coco", "--checkpoint", str(tiny_checkpoint), "--prompts-file",
+                   str(tmp_path / "p.txt"), "--num-prompts", "3", "--images-dir", str(tmp_path / "sweep"),
+                   "--guidance", "1", "--guidance", "3",
                    "--inception-weights", str(tmp_path / "inception.pth"), "--fid-reference", str(tmp_path / "r.npz"),
                    "--fid-size", "64", "--curve", str(tmp_path / "curve.png"), "--json")
     assert out == 0 and (tmp_path / "curve.png").is_file() and (tmp_path / "curve.svg").is_file()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
     assert [row.split(" | ")[2] for row in rows] == ["1", "3"]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["s4-w1", "s4-w3"]
-    assert run_main("evaluate.py", "--fid-reference", str(real), "--inception-weights", str(tmp_path / "inception.pth"),
-                    "--save-reference", str(tmp_path / "saved.npz"), "--fid-size", "64") == 0
+    assert run_main("evaluate.py", "reference", "--fid-reference", str(real), "--inception-weights",
+                    str(tmp_path / "inception.pth"), "--save-reference", str(tmp_path / "saved.npz"), "--fid-size",
+                    "64") == 0
     saved = load_statistics(tmp_path / "saved.npz")
     assert np.allclose(saved["mu"], reference["mu"]) and np.allclose(saved["sigma"], reference["sigma"])
-    assert run_main("evaluate.py", "--prompts-file", str(tmp_path / "p.txt")) == \
-        "evaluate.py: error: --prompts-file needs --images-dir (where the generated images go)"
+    capsys.readouterr()
+    assert run_main("evaluate.py", "coco", "--prompts-file", str(tmp_path / "p.txt")) == 2
+    assert "evaluate.py coco: error: the following arguments are required: --images-dir" in capsys.readouterr().err
+    assert run_main("evaluate.py", "coco", "--prompts-file", str(tmp_path / "p.txt"), "--images-dir",
+                    str(tmp_path / "x"), "--fid-reference", str(tmp_path / "r.npz")) == \
+        "evaluate.py: error: FID needs both --fid-reference and --inception-weights"
 
 
 def test_alg1_with_an_open_clip_scorer(tmp_path, tiny_checkpoint, capsys):
