@@ -80,7 +80,7 @@ def test_schedule_and_expand_do_not_follow_the_default_dtype_or_device():
         assert out.device.type == "meta" and out.dtype == torch.float16 and out.dim() == 4
 
 
-def test_v_eps_x_conversions_are_consistent():
+def test_eq12_14_v_eps_x_conversions_are_consistent():
     """v = alpha eps - sigma x (Eq. 6) and its inverses of Eq. 12 recover x and eps exactly."""
     sched = D.Schedule()
     t = torch.randint(0, 1000, (16,))
@@ -94,7 +94,7 @@ def test_v_eps_x_conversions_are_consistent():
     torch.testing.assert_close(D.eps_from_x(z=z, x=x, alpha=alpha, sigma=sigma), eps)
 
 
-def test_cfg_matches_eq3_and_is_identity_at_w1():
+def test_eq3_cfg_is_identity_at_w1_and_extrapolates():
     cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     torch.testing.assert_close(D.cfg(cond, uncond, 7.5), 7.5 * cond - 6.5 * uncond)
     torch.testing.assert_close(D.cfg(cond, uncond, 1.0), cond)
@@ -103,7 +103,7 @@ def test_cfg_matches_eq3_and_is_identity_at_w1():
 
 
 @pytest.mark.parametrize("prediction,ours", [("epsilon", "eps"), ("v_prediction", "v")])
-def test_ddim_sampling_loop_equals_diffusers(prediction, ours):
+def test_eq2_ddim_sampling_loop_equals_diffusers(prediction, ours):
     """Eq. 2 (eps) and Eq. 12 (v), step by step over SD-v1.5's 50-step grid, against DDIMScheduler.step."""
     sched, schedule = sd15_scheduler(prediction), D.Schedule()
     sched.set_timesteps(50)

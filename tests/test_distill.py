@@ -56,7 +56,7 @@ def test_eq7_two_teacher_steps_are_eq12_13_written_out():
     torch.testing.assert_close(got, z2)
 
 
-def test_truncated_snr_weight_against_the_schedule_in_closed_form():
+def test_eq9_truncated_snr_weight_against_the_schedule_in_closed_form():
     """Eq. 9's max(SNR, 1), with SNR = abar / (1 - abar) from the betas in float64 (not from ``Schedule``)."""
     abar = np.cumprod(1 - BETAS)
     for t in (0, 100, 400, 600, 999):
@@ -153,7 +153,7 @@ def data(b: int = 16, seed: int = 0):
 
 @pytest.mark.parametrize("teacher_steps", [16, 32])  # k = 2 and k = 4 for an 8-step student
 @pytest.mark.parametrize("use_cfg", [False, True])
-def test_distill_loss_equals_independent_reference(teacher_steps, use_cfg):
+def test_eq10_11_distill_loss_equals_independent_reference(teacher_steps, use_cfg):
     student, teacher = Net(1), Net(2)
     x0, c, u = data()
     cfg = DistillConfig(teacher_steps=teacher_steps, student_steps=8, w_min=2.0, w_max=14.0, gamma=0.3)
@@ -191,7 +191,7 @@ def test_w_conditioned_student_loss_equals_independent_reference(use_cfg):
     assert (abs(guided.item() / want.item() - 1) > 1e-3) == use_cfg  # the same loss only without guidance
 
 
-def test_gradient_is_dstl_plus_constant_gamma_times_ori():
+def test_eq11_gradient_is_dstl_plus_constant_gamma_times_ori():
     """Eq. 11 with the dynamic gamma: grad L = grad L_dstl + gamma_dyn grad L_ori (gamma_dyn carries no gradient)."""
     student, teacher = Net(3), Net(4)
     x0, c, u = data(8, 1)
@@ -250,7 +250,7 @@ def test_l_ori_draws_its_own_timestep_and_noise_over_the_whole_range():
     assert min(ts) < 50 and max(ts) > 950 and abs(np.mean(ts) - 499.5) < 4.5 * 288.7 / 20  # uniform: sd 288.7
 
 
-def test_cfg_branch_frequency_and_w_range():
+def test_eq11_cfg_branch_frequency_and_eq10_w_range():
     """Eq. 11's coin: the CFG loss with probability p; Eq. 10's w ~ U[w_min, w_max], drawn per sample."""
     student, teacher = Net(1), Net(2)
     x0, c, u = data(8)
@@ -305,7 +305,7 @@ def test_vanilla_loss_ignores_a_given_w_and_half_precision_losses_are_float32():
     assert low["dstl"].dtype == low["ori"].dtype == low["loss"].dtype == torch.float32
 
 
-def test_dynamic_gamma_when_l_ori_is_small():
+def test_eq11_dynamic_gamma_when_l_ori_is_small():
     """gamma_dyn = gamma L_dstl / L_ori also when L_ori < 1 (its floor only guards against division by zero)."""
     g = torch.Generator().manual_seed(0)
     x0, uncond = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
@@ -332,7 +332,7 @@ class PointMass(nn.Module):
 
 
 @pytest.mark.parametrize("use_cfg", [False, True])
-def test_loss_is_zero_when_two_teacher_steps_equal_one(use_cfg):
+def test_eq16_loss_is_zero_when_two_teacher_steps_equal_one(use_cfg):
     """CFG of two point-mass models is the point-mass model at x_u + w (x_c - x_u): still exact, so L_dstl = 0."""
     g = torch.Generator().manual_seed(0)
     x0, uncond = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)

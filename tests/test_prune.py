@@ -48,7 +48,7 @@ def test_kept_weights_are_the_originals_at_the_kept_indices():
     assert torch.equal(out_index["mid.attn.to_q"], out_index["mid.attn.to_k"])
 
 
-def test_selection_is_top_l1_within_each_groupnorm_group():
+def test_sec3_2_selection_is_top_l1_within_each_groupnorm_group():
     vae = small_vae(2)
     out_index, _ = kept_channels(vae, 0.5)
     w = vae.decoder.levels[1].res[0].conv1.weight.detach()  # a hidden axis: conv1 alone writes it, norm2 groups it

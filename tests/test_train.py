@@ -91,3 +91,33 @@ def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():
         ys, xs = m.nonzero(as_tuple=True)
         cy, cx = ys.float().mean().item(), xs.float().mean().item()
         assert any(top <= cy < top + 40 and left <= cx < left + 40 for top, left in windows)
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_eq6_v_loss_written_out(prediction):
+    """unet_training.v_loss is Eq. 6 (Eq. 1 for eps): || net(z_t, t, c) - target ||^2 with z_t = alpha_t x + sigma_t eps
+    and v = alpha_t eps - sigma_t x, alpha_t^2 = prod(1 - beta) of SD's scaled-linear betas -- written here in float64
+    from the paper's symbols, with the same draws of t ~ U{0..999} and eps ~ N(0, I)."""
+    from types import SimpleNamespace
+
+    from snapfusion_min.diffusion import Schedule
+    from snapfusion_min.unet_training import v_loss
+
+    def net(z, t, c):  # any function of all three inputs: the loss must feed it exactly z_t, t and c
+        return torch.tanh(0.7 * z + t[:, None, None, None] / 1000.0 + c.mean(dim=(1, 2))[:, None, None, None])
+
+    x0, context = torch.randn(6, 4, 8, 8), torch.randn(6, 5, 16)
+    torch.manual_seed(3)
+    loss = v_loss(SimpleNamespace(schedule=Schedule(), prediction=prediction, unet=net), x0, context)
+    torch.manual_seed(3)  # the same draws, in the order v_loss makes them: t, then eps
+    t = torch.randint(0, 1000, (6,))
+    eps = torch.randn_like(x0)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t][:, None, None, None]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    x, e = x0.double(), eps.double()
+    z = alpha * x + sigma * e
+    target = alpha * e - sigma * x if prediction == "v" else e
+    expected = ((net(z.float(), t, context).double() - target) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0.05 < expected.item() < 5  # a loss of ordinary size: the comparison above is not between two zeros

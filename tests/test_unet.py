@@ -48,7 +48,7 @@ def test_tiny_unet_equals_diffusers(size):
         assert max_rel_err(ours(z, 321, c), ref(z, 321, c).sample) < 1e-5
 
 
-def test_snapfusion_preset_matches_table3_counts():
+def test_table3_snapfusion_preset_counts():
     """Table 3, 'Ours' column: (#cross-attention, #ResNet) per paper stage."""
     table3 = {"Down-1": (0, 2), "Down-2": (2, 2), "Down-3": (2, 1), "Mid": (1, 4),
               "Up-1": (6, 2), "Up-2": (3, 3), "Up-3": (0, 3)}
@@ -94,7 +94,7 @@ def test_walk_matches_built_modules():
         assert width == b.c_in + b.c_skip
 
 
-def test_dropping_blocks_keeps_shapes_and_eq5_extremes():
+def test_eq5_dropping_blocks_keeps_shapes_and_extremes():
     """Eq. 5: with p = 1 nothing is dropped; with p = 0 every block is the identity (shortcut for ResNets)."""
     unet = randomize(UNet(tiny()))
     z, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
