@@ -37,7 +37,7 @@ test: $(VENV)/.dev lint  ## install, lint, run the test suite
 test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (under 2 minutes)
 	$(PY) -m pytest -q -m "not slow"
 
-mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on diffusion.py + distill.py (~40 min)
+mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on diffusion.py + distill.py (long: docs/testing.md)
 	$(PY) tests/plant_faults.py
 	rm -rf mutants
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 > /dev/null || true
@@ -46,14 +46,14 @@ mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on
 	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); n = s['total'] - s['skipped']; \
 	k = s['killed'] + s['timeout']; print(f'mutmut: {k} of {n} mutants killed ({100 * k / n:.1f}%)')"
 
-bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run (~20 min on 2 CPU cores)
+bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run (docs/speed.md)
 	$(PY) bench/unet_speed.py
 	$(PY) bench/unet_presets.py
 	$(PY) bench/decoder_prune.py
 	$(PY) bench/bf16_psnr.py
 	$(PY) bench/table1_sd.py
 
-toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (about 28 min on 2 CPU cores)
+toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (models/toy/README.md)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors
 	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
 	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \

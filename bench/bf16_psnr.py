@@ -1,7 +1,7 @@
 """Is bfloat16 safe for the image? PSNR of images drawn with every part in bf16 against the same images in fp32.
 
     python bench/bf16_psnr.py               # the bundled toy model, and random weights in SD-v1.5's layout (small)
-    python bench/bf16_psnr.py --full-size   # also SD-v1.5's full-size decoder and text encoder (8 min on a CPU
+    python bench/bf16_psnr.py --full-size   # also SD-v1.5's full-size decoder and text encoder (slow on a CPU
                                             # without native bf16)
 
 The gate is 35 dB, the parity bound Apple's Core ML converter uses; ``tests/test_pipeline.py`` holds the first two

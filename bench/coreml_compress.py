@@ -8,7 +8,7 @@ Each row is one `export.py` in a fresh process: with --archs, `--arch A --parts 
 weights at SD's widths), with --checkpoint all three parts of that checkpoint at its own resolution; then
 `--compress C` unless C is fp16. Per package: its size (and vs fp16), its conversion + compression time as export.py
 reports it, the wall time and peak memory (max RSS) of the whole command, and the relative weight error of the
-compressed tensors (decompressed vs fp16). Packages are deleted after each row. The default takes ~45 min on 2 cores.
+compressed tensors (decompressed vs fp16). Packages are deleted after each row. Its run time is in docs/export.md.
 """
 
 import argparse

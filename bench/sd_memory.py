@@ -1,7 +1,7 @@
 """What each memory option costs at SD-v1.5's size: one training step of the UNet stage (and one distillation step),
 each variant in a fresh process, peak resident memory and wall time side by side in one run.
 
-    python bench/sd_memory.py                      # ~12 min on 2 CPU cores; writes and deletes 4 GB of weights
+    python bench/sd_memory.py                      # writes and deletes 4 GB of weights
     python bench/sd_memory.py --resolution 256     # larger activations: where gradient checkpointing starts to pay
 
 Random SD-v1.5 weights (the single-file layout) at a small resolution, batch 2: the numbers are memory and time, not

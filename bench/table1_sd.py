@@ -68,7 +68,7 @@ def main() -> None:
                    "bfloat16 if the CPU has native bf16)")
     p.add_argument("--size", type=int, default=512, help="image side (default: 512)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds, median (default: 1; one "
-                   "fp32 round of SD-v1.5 is ~10 min on 2 cores)")
+                   "fp32 round of SD-v1.5 takes minutes on a CPU: docs/speed.md)")
     p.add_argument("--toy", help="a final toy pipeline (recipe.py's final.safetensors) to time against the bundled "
                    "toy teacher, the same way")
     p.add_argument("--device", default="auto")

@@ -154,8 +154,9 @@ def snapfusion() -> ArchSpec:
     Table 3 gives only block counts per stage. Down-1/Up-3 lose all cross-attention; Down-3 keeps 2 A and 1 R;
     Up-1 has 6 A and 2 R, read here as two R-layers each followed by three A. Mid has 1 A and 4 R: of the 14 splits
     over mid_down | mid | mid_up that keep one skip per up-stage ResNet (README, 'Paper notes'), those with
-    R | . | R R have 759.3M parameters and those with - | . | R 741.3M; we take the larger (closer to Table 1's
-    848M) with the A where SD-v1.5 has it, in the mid block: R | R A | R R.
+    R | . | R R have more parameters than those with - | . | R (``tests/test_unet.py::test_table3_mid_row_splits``
+    counts both); we take the larger (closer to Table 1's 848M) with the A where SD-v1.5 has it, in the mid block:
+    R | R A | R R.
     """
     return _preset({
         "down1": "RR", "down2": "RARA", "down3": "RAA", "mid_down": "R",

@@ -6,12 +6,10 @@
     python recipe.py --bundled --arms   # Alg. 1 against its baselines, 3 seeds each -> report/evolving.md
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
-Measured on an idle 2-core CPU: --bundled 62 min wall (52.1 min of stages, then the report, 9.9 min); from scratch
-that plus the bundled models' 27.2 min (models/toy/README.md), 89.2 min; --quick 3 min 0 s wall, 4.8 min CPU.
-The report lists each stage's wall and CPU time; a busy machine takes longer. A --quick report says its numbers are
-not results.
+How long each takes: the report lists every stage's wall and CPU time (report/README.md; the arms' cost is in
+report/evolving.md); a busy machine takes longer. A --quick report says its numbers are not results.
 
-Stages (snapfusion_min/recipe.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->
+Stages (snapfusion_min/experiments/stages.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->
 evolving (Alg. 1) -> 32->16 and 16->8 distillation and the w-conditioned student (Fig. 6b) -> 8->1 distillation,
 where the toy teacher's DDIM breaks, with the Fig. 6c-d ablations (p and the w range) -> pruned decoder (§3.2) ->
 final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training stages resume.
@@ -38,13 +36,13 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run in minutes")
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
     p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
-                   "equal latency (snapfusion_min/evolve_arms.py), 3 seeds each, -> <report-dir>/evolving.md; 66 "
-                   "min on 2 cores after the recipe")
+                   "equal latency (snapfusion_min/experiments/alg1_baselines.py), 3 seeds each, -> "
+                   "<report-dir>/evolving.md (its cost is on that page)")
     p.add_argument("--latency-table", help="evolve with this measured lookup table (a run's <work-dir>/lut.json) as it "
                    "is, not timed again: two runs then evolve alike, bit for bit")
     p.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report); "
                    f"stages: {', '.join(STAGES)}")
-    g = p.add_argument_group("SD-v1.5 at full size (snapfusion_min/smoke.py; docs/sd_scale.md)")
+    g = p.add_argument_group("SD-v1.5 at full size (snapfusion_min/cli/sd15_smoke.py; docs/sd_scale.md)")
     g.add_argument("--smoke", choices=["sd15"], help="instead of the toy recipe: random SD-v1.5 weights in the "
                    "single-file format through every stage, a few steps each; prints wall time and peak memory")
     s = SmokeConfig()
