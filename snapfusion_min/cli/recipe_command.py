@@ -9,10 +9,11 @@
 How long each takes: the report lists every stage's wall and CPU time (report/README.md; the arms' cost is in
 report/evolving.md); a busy machine takes longer. A --quick report says its numbers are not results.
 
-Stages (snapfusion_min/experiments/stages.py): toy CLIP -> autoencoder -> teacher -> robust training and its plain control ->
-evolving (Alg. 1) -> 32->16 and 16->8 distillation and the w-conditioned student (Fig. 6b) -> 8->1 distillation,
-where the toy teacher's DDIM breaks, with the Fig. 6c-d ablations (p and the w range) -> pruned decoder (§3.2) ->
-final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training stages resume.
+Stages (snapfusion_min/experiments/stages.py): toy CLIP -> autoencoder -> teacher -> robust training and its
+plain control -> evolving (Alg. 1) -> 32->16 and 16->8 distillation and the w-conditioned student (Fig. 6b) -> 8->1
+distillation, where the toy teacher's DDIM breaks, with the Fig. 6c-d ablations (p and the w range) -> pruned decoder
+(§3.2) -> final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training
+stages resume.
 """
 
 from __future__ import annotations
