@@ -154,7 +154,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, x0: torch.Tensor, conte
     if use_cfg is None:
         use_cfg = bool(torch.rand(()) < cfg.cfg_prob)  # Eq. 11's P ~ U[0, 1] < p
     if use_cfg and w is None:
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand((), device=x0.device).expand(x0.shape[0])
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(x0.shape[0], device=x0.device)
     w = w if use_cfg else None
     dstl = dstl_loss(student, teacher, x0, context, uncond, w, cfg, schedule)
     ori = ori_loss(student, x0, context, schedule)

@@ -144,7 +144,7 @@ def inception(weights: str | Path, device: str | torch.device = "cpu") -> torch.
     torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``: uint8 images [B, 3, H, W] -> (features [B, 2048],).
     The file is first read as tensors only (torch-fidelity unpickles it without that guard)."""
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # the 'metrics' extra
     except ImportError:
         raise ImportError("FID at SD scale needs torch-fidelity: pip install 'snapfusion-min[metrics]'") from None
     read_state_dict(weights)  # FileNotFoundError / CheckpointError for a missing, corrupt or code-carrying file
@@ -189,7 +189,7 @@ def fid_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
 
 def fid_from_statistics(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     """FID of two Gaussian fits, by torch-fidelity's formula (``frechet_distance`` is our own, for cross-checking)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric  # optional: the 'metrics' extra
 
     a, b = ({k: np.asarray(s[k], dtype=np.float64) for k in ("mu", "sigma")} for s in (a, b))
     if a["mu"].shape != b["mu"].shape:

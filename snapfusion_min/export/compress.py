@@ -30,7 +30,7 @@ def check_compression(scheme: str | None, precision: str) -> None:
         if precision != "fp16":
             raise ValueError("palettization (--compress pal*) compresses fp16 weights: use --precision fp16")
         try:
-            import kmeans1d  # noqa: F401
+            import kmeans1d  # noqa: F401  (optional: the 'compress' extra; only palettization needs it)
         except ImportError:
             raise ValueError("palettization needs kmeans1d: pip install kmeans1d (or the 'compress' extra)") from None
 
@@ -38,7 +38,7 @@ def check_compression(scheme: str | None, precision: str) -> None:
 def compress(model: object, scheme: str) -> tuple[object, dict]:
     """The MLModel with its large weights palettized or int8-quantized (its metadata kept), and the weight error
     that introduced (``weight_error``); the original weights are read once for both."""
-    import coremltools.optimize.coreml as opt
+    import coremltools.optimize.coreml as opt  # here, not at the top: seconds to import, and only export needs it
 
     kind, bits = COMPRESSIONS[scheme]
     before, _ = weights(model)
@@ -58,7 +58,7 @@ def compress(model: object, scheme: str) -> tuple[object, dict]:
 
 def weights(model: object) -> tuple[dict[str, np.ndarray], set[str]]:
     """A package's constant tensors by name, decompressed ones under their original name; and those names."""
-    from coremltools.optimize.coreml import get_weights_metadata
+    from coremltools.optimize.coreml import get_weights_metadata  # as above: coremltools only when exporting
 
     out, renamed = {}, set()
     for name, meta in get_weights_metadata(model, weight_threshold=0).items():
@@ -74,7 +74,7 @@ def weight_error(before: dict[str, np.ndarray], compressed: object) -> dict:
     """Decompressed vs original weights (``before``: the original package's ``weights``): {'tensors': how many
     were compressed, 'relative': ||W_c - W|| / ||W|| over all of them together, 'worst': the largest relative error
     of a single one}. Tensors left uncompressed (biases, norms: below the size threshold) are exact, not counted."""
-    from coremltools.optimize.coreml import decompress_weights
+    from coremltools.optimize.coreml import decompress_weights  # as above: coremltools only when exporting
 
     after, renamed = weights(decompress_weights(compressed))
     if renamed - before.keys():

@@ -49,7 +49,7 @@ def load_coremltools():  # noqa: ANN201
     if _not_noise not in logger.filters:
         logger.addFilter(_not_noise)
     try:
-        import coremltools
+        import coremltools  # here, not at the top: seconds to import, and only export needs it
     except ImportError:
         raise ValueError("coremltools is not installed: pip install coremltools") from None
     return coremltools

@@ -39,12 +39,12 @@ def caption_grid(images: Sequence[Image.Image], captions: Sequence[str], cols: i
 def pyplot() -> Any:  # noqa: ANN401
     """matplotlib.pyplot without a display (Agg), or a one-line error naming the extra that installs it."""
     try:
-        import matplotlib
+        import matplotlib  # optional (the 'plots' extra): sampling and training run without it
     except ModuleNotFoundError:
         raise ImportError("figures need matplotlib: pip install 'snapfusion-min[plots]' (or pip install "
                           "matplotlib)") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use('Agg'): no display needed
 
     plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "snapfusion-min",
                          "svg.fonttype": "none"})
