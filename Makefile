@@ -49,6 +49,7 @@ mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on
 bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run (docs/speed.md)
 	$(PY) bench/unet_speed.py
 	$(PY) bench/unet_presets.py
+	$(PY) bench/latency_table.py
 	$(PY) bench/decoder_prune.py
 	$(PY) bench/bf16_psnr.py
 	$(PY) bench/table1_sd.py
