@@ -71,7 +71,7 @@ def x_target(*, z_t: torch.Tensor, z_t2: torch.Tensor, alpha_t: D.Scalar, sigma_
 
     It is the x_hat whose single DDIM step from z_t lands exactly on the teacher's z_t'' (Eq. 14 solved for x_hat).
     """
-    ratio = D.expand(torch.as_tensor(sigma_t) / torch.as_tensor(sigma_t2).clamp(min=1e-3), z_t)
+    ratio = D.expand(torch.as_tensor(sigma_t2) / torch.as_tensor(sigma_t), z_t)
     return (z_t2 - ratio * z_t) / (D.expand(alpha_t2, z_t) - ratio * D.expand(alpha_t, z_t))
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ FAULTS = [  # (fault, code as it is, code with the fault)
 def main() -> int:
     original = TARGET.read_text()
     missed = 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed (make interrupted): the finally still restores
     try:
         for fault, code, faulty in FAULTS:
             if code not in original:
