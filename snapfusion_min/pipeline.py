@@ -171,7 +171,6 @@ class Pipeline:
         save_checkpoint(path, {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
                         self.config())
 
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """c = E(prompt): [B, 77, width]."""

@@ -1,6 +1,8 @@
 """Test set-up: diffusers and transformers serve as reference oracles only, offline, built from configs.
 
 Helpers live in ``helpers.py``; ``-m "not slow"`` (make test-fast) leaves out the full-size and end-to-end tests.
+``make test`` runs two pytest-xdist workers (tests that share an expensive module fixture carry one ``xdist_group``, so
+one worker builds it once), then the ``full_size`` tests -- SD-v1.5's models, GBs each -- alone, one at a time.
 """
 
 import os
@@ -8,9 +10,17 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# make test's pytest-xdist workers share the cores: each worker, and every script it starts, gets its part of them
+# (set before torch starts its thread pool)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # torch may have started before the variable was set
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -56,13 +56,13 @@ def tiny_pipeline(seed: int = 0, prediction: str = "v", context: int = 32, sampl
                     latent_scale=latent_scale, sampler=sampler, source="tiny.safetensors")
 
 
-def run_script(script: str, *args: str, torchrun: bool = False, cwd: Path = ROOT, env: dict | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the top-level scripts as a user would (a subprocess), capturing its output."""
+def run_script(script: str, *args: str, torchrun: bool = False, cwd: Path = ROOT,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the top-level scripts as a user would (a subprocess), capturing its output. No time limit: a slow
+    machine is not a failure; a hang is caught by pytest-timeout (pyproject.toml)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
         if torchrun else [sys.executable]
-    return subprocess.run([*launcher, str(ROOT / script), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, env=env)
+    return subprocess.run([*launcher, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def run_main(script: str, *args: str) -> int | str | None:

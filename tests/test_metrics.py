@@ -121,6 +121,7 @@ def folder_of(images, folder):
     return folder
 
 
+@pytest.mark.slow  # SD scale's FID: Inception at 299x299
 def test_fid_on_inception_features_of_folders_and_statistics(random_inception, tmp_path):
     """FID of a folder with itself ~ 0 and growing with a brightness shift; a folder against its saved .npz
     statistics gives the same number; torch-fidelity's formula agrees with our own frechet_distance."""

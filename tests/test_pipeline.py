@@ -1,6 +1,7 @@
 """Whole generations: ours against diffusers' StableDiffusionPipeline + DDIMScheduler or DPMSolverMultistepScheduler,
 and checkpoint round trips."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -104,6 +105,20 @@ def test_bad_requests_are_refused(tmp_path):
         pipe("a cat", steps=0, height=64, width=64)
     with pytest.raises(ValueError, match="no prompts"):
         pipe([], height=64, width=64)
+    with pytest.raises(TypeError, match="'stepz'.*a sampler override is one of"):
+        pipe("a cat", stepz=2)
+
+
+def test_a_sampler_or_its_overrides_draw_the_same():
+    """pipe(prompts, SamplerConfig(...)) and pipe(prompts, field=value, ...) are one request; overrides apply on top
+    of a given sampler, and None leaves a field as it is."""
+    pipe = tiny_pipeline()
+    s = dataclasses.replace(pipe.sampler, steps=2, guidance=1.5, spacing="leading", solver="dpm++")
+    a = pipe(["a red circle"], s, output_type="pt")
+    b = pipe(["a red circle"], steps=2, guidance=1.5, spacing="leading", solver="dpm++", output_type="pt")
+    c = pipe(["a red circle"], dataclasses.replace(s, steps=3), steps=2, guidance=None, output_type="pt")
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert pipe.sampler_with(s, steps=None) == s and pipe.sampler_with(steps=5).steps == 5
 
 
 def test_out_of_domain_requests_warn():

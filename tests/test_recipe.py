@@ -9,7 +9,7 @@ from helpers import one_line_error, run_script
 
 from snapfusion_min import load_pipeline
 
-pytestmark = pytest.mark.slow  # see conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("recipe")]  # one worker builds quick_run once
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,10 @@ def test_report_has_every_table_and_figure(quick_run):
 
 def test_a_run_with_another_budget_is_refused(quick_run):
     work, _ = quick_run
-    run = run_script("recipe.py", "--work-dir", str(work), "--report-dir", str(work / "report2"), timeout=60)
+    run = run_script("recipe.py", "--work-dir", str(work), "--report-dir", str(work / "report2"))
     assert one_line_error(run, "another budget"), run.stderr
     run = run_script("recipe.py", "--quick", "--work-dir", str(work), "--report-dir", str(work / "report2"),
-                     "--redo", "nosuchstage", timeout=60)
+                     "--redo", "nosuchstage")
     assert one_line_error(run, "no such stage"), run.stderr
 
 

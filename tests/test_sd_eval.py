@@ -101,16 +101,16 @@ def test_generation_shards_and_resumes_without_duplicates_or_losses(tmp_path, ti
 
 def test_generation_resumes_after_a_kill(tmp_path, tiny_checkpoint):
     """evaluate.py killed (SIGKILL) mid-generation, then run again: every image once, none lost, no temporary file,
-    the same bytes as an uninterrupted run."""
+    the same bytes as an uninterrupted run. One image per batch: on some CPUs an image's last bit depends on the other
+    images of its batch (a resumed run's batches are cut elsewhere; issue #44)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS + PROMPTS[:4]))
     args = ["coco", "--checkpoint", str(tiny_checkpoint), "--prompts-file", str(prompts), "--num-prompts", "16",
-            "--batch-size", "2", "--num-inference-steps", "12", "--images-dir"]
+            "--batch-size", "1", "--num-inference-steps", "12", "--images-dir"]
     folder = tmp_path / "killed" / "s12-w2"
     proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *args, str(tmp_path / "killed")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not folder.is_dir() or len(image_files(folder)) < 3):
+    while not folder.is_dir() or len(image_files(folder)) < 3:  # no deadline: a slow machine only takes longer
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -123,6 +123,7 @@ def test_generation_resumes_after_a_kill(tmp_path, tiny_checkpoint):
     assert not [p for p in folder.iterdir() if p.suffix == ".tmp" or p.name.startswith(".")]
 
 
+@pytest.mark.slow  # SD scale's FID: Inception at 299x299
 def test_score_folder_and_the_evaluate_command(tmp_path, tiny_checkpoint, random_inception, capsys):
     """score_folder's CLIP score is the judge's on the images it reads back, its FID the one of the features; the
     command sweeps guidance into subfolders and prints one row each."""

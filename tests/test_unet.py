@@ -23,7 +23,7 @@ def ours_from(ref: UNet2DConditionModel, spec: ArchSpec) -> UNet:
     return unet
 
 
-@pytest.mark.slow
+@pytest.mark.full_size  # run alone: memory
 def test_sd15_unet_equals_diffusers_full_size():
     """SD-v1.5's full UNet (859.5M parameters, random weights) on a 16x16 latent, batch 2 as with CFG."""
     spec = sd15()

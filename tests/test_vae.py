@@ -1,5 +1,6 @@
 """SD's VAE against diffusers' AutoencoderKL on the same (random) weights, at SD-v1.5's full widths."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from helpers import max_rel_err, randomize
@@ -8,6 +9,7 @@ from snapfusion_min.formats.weights import apply_map, vae_source_key
 from snapfusion_min.vae import VAE, VAEConfig
 
 
+@pytest.mark.full_size  # run alone: memory
 def test_sd15_vae_equals_diffusers():
     ref = randomize(AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 4,

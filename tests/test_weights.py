@@ -23,6 +23,8 @@ from snapfusion_min.text_encoder import TextEncoder, Tokenizer
 from snapfusion_min.unet import UNet
 from snapfusion_min.vae import VAE
 
+pytestmark = pytest.mark.full_size  # the 6 GB LDM file and SD-v1.5 in three copies: run alone (memory)
+
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)

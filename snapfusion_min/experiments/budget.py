@@ -75,7 +75,7 @@ class Budget:
     judge: Judging = field(default_factory=Judging)
 
 
-QUICK = Budget(scratch=Scratch(clip=20, autoencoder=20, teacher=40), robust=8,
+QUICK = Budget(scratch=Scratch(clip=4, autoencoder=4, teacher=8), robust=8,
                evolve=Evolving(iterations=1, actions=3, train=4, finetune=4, prompts=8), distill=Distilling(steps=6),
                few=FewStep(distill=2, guidance=(2.0,), ddim_steps=(1, 2)), decoder=Decoder(latents=16, steps=4),
                judge=Judging(prompts=16, guidance=(2.0,), repeat=1))
