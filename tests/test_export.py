@@ -17,8 +17,6 @@ from snapfusion_min.pipeline import SamplerConfig
 from snapfusion_min.unet import Attention, UNet, split_einsum_attention, with_guidance_input
 from snapfusion_min.vae import VAEConfig
 
-pytestmark = pytest.mark.xdist_group("export")  # one worker converts `exported` once
-
 ct = pytest.importorskip("coremltools")
 
 FP32, FP16, INT32 = 65568, 65552, 131104  # Core ML ArrayFeatureType data types

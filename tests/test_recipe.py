@@ -9,7 +9,7 @@ from helpers import one_line_error, run_script
 
 from snapfusion_min import load_pipeline
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("recipe")]  # one worker builds quick_run once
+pytestmark = pytest.mark.slow  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_arms_run_each_baseline_at_the_same_budget(quick_run):
         assert models[name].training["train"]["train_steps"] == 8, name
     assert models["scratch"].unet.spec == evolved.unet.spec
     assert not torch.allclose(*(next(iter(m.unet.state_dict().values())) for m in (models["scratch"], evolved)))
-    assert all(s < r for s, r in zip(models["slim"].unet.spec.channels, robust.unet.spec.channels))
+    slim, full = models["slim"].unet.spec.channels, robust.unet.spec.channels  # narrower; by how much is chosen by
+    assert all(s <= r for s, r in zip(slim, full)) and any(s < r for s, r in zip(slim, full))  # measured latency
     assert models["slim"].unet.spec.stages == robust.unet.spec.stages
     table = LatencyTable.load(work / "lut.json")
     assert table.predict(models["random"].unet.spec) <= 0.5 * table.predict(robust.unet.spec)
