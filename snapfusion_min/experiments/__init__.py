@@ -1,4 +1,4 @@
-"""The paper's experiments at toy scale, and every stage at SD-v1.5's size: ``budget`` (steps and sample counts),
+"""The paper's experiments at toy scale: ``budget`` (steps and sample counts),
 ``stages`` (the recipe's stages in order, each a package call), ``recipe`` (run them, then the report), ``report``
 and ``few_step_report`` (report/README.md: Tables 1-2, Figs. 2, 4, 5, 6, 8), ``alg1_baselines`` (Alg. 1 against
 random removals, dCLIP alone, uniform channel slimming and training from scratch: report/evolving.md) and
