@@ -104,6 +104,7 @@ ROWS = [  # script, arguments, what the one line must say
     ("evaluate.py", ["--checkpoint", "TINY", "--grid", "BLANK/grid.png"], "is not a folder"),
     ("export.py", ["--checkpoint", "TINY", "--out-dir", "BLANK"], "is not a folder"),
     ("recipe.py", ["--quick", "--work-dir", "BLANK/w"], "is not a folder"),
+    ("recipe.py", ["--quick", "--report-dir", "REPORT"], "holds the report of a full run"),
 ]
 
 
@@ -149,13 +150,27 @@ def test_bad_input_is_one_line_naming_it_and_changes_nothing(script, args, messa
             "TRUNCATED": files / "truncated.safetensors", "RANDOM": files / "random.ckpt",
             "PICKLE": files / "code.ckpt", "FOREIGN": files / "foreign.safetensors",
             "NOSTAGES": files / "nostages.json", "BLANK": files / "blank.txt", "OUT": tmp_path / "out.safetensors",
-            "WORK": tmp_path / "work"}
+            "WORK": tmp_path / "work", "REPORT": ROOT / "report"}
     argv = [str(subs[a]) if a in subs else a for a in args]
     argv = [a.replace("BLANK/", f"{files / 'blank.txt'}/").replace("WORK/", f"{tmp_path / 'work'}/") for a in argv]
-    before = snapshot(files, TOY)
+    before = snapshot(files, TOY, ROOT / "report")
     code = run_main(script, *argv)
     assert isinstance(code, str), f"exit code {code!r}: not refused"
     assert code.startswith(f"{script}: error: ") and message in code and "\n" not in code, code
     assert capfd.readouterr().err == ""  # nothing else on stderr: no traceback, no warnings
-    assert snapshot(files, TOY) == before
+    assert snapshot(files, TOY, ROOT / "report") == before
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_a_quick_recipe_keeps_apart_from_a_full_one(tmp_path):
+    """recipe.py --quick's default folders are its own (runs/recipe-quick and the report inside it); a folder holding
+    a --quick report may be written again by one, a folder with a full run's report may not (the row above)."""
+    from snapfusion_min.cli.recipe_command import folders
+    from snapfusion_min.experiments.report import SMOKE, full_report
+
+    assert folders(None, None, quick=True) == ("runs/recipe-quick", "runs/recipe-quick/report")
+    assert folders(None, None, quick=False) == ("runs/recipe", "report")
+    assert folders("w", None, quick=True) == ("w", "w/report") and folders("w", "r", quick=True) == ("w", "r")
+    assert full_report(ROOT / "report") and not full_report(tmp_path)
+    (tmp_path / "README.md").write_text(f"# SnapFusion at toy scale: the report\n\n{SMOKE}\n")
+    assert not full_report(tmp_path)

@@ -2,7 +2,7 @@
 
     python recipe.py                    # every stage from scratch -> report/
     python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher
-    python recipe.py --quick --work-dir /tmp/r --report-dir /tmp/r/report   # a smoke run of every stage (the tests)
+    python recipe.py --quick            # a smoke run of every stage (the tests) -> runs/recipe-quick/report/
     python recipe.py --bundled --arms   # Alg. 1 against its baselines, 3 seeds each -> report/evolving.md
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..experiments.budget import QUICK, Budget
 from ..experiments.recipe import run_recipe
+from ..experiments.report import full_report
 from ..experiments.stages import STAGES
 from ..formats.figures import pyplot
 from ..latency import LatencyTable
@@ -32,8 +33,10 @@ from .sd15_smoke import SmokeConfig, run_smoke
 
 def build_parser():  # noqa: ANN201
     p = parser(__doc__)
-    p.add_argument("--work-dir", default="runs/recipe", help="folder for every stage's checkpoint")
-    p.add_argument("--report-dir", default="report", help="folder of the report")
+    p.add_argument("--work-dir", help="folder for every stage's checkpoint (default: runs/recipe; with --quick "
+                   "runs/recipe-quick)")
+    p.add_argument("--report-dir", help="folder of the report (default: report; with --quick <work-dir>/report: a "
+                   "smoke run never writes over a full run's report)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run in minutes")
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
     p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
@@ -64,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
                           teacher_dtype=args.teacher_dtype)
         run_smoke(cfg, Path(args.work_dir) / "smoke-sd15", keep=args.keep)
         return
+    args.work_dir, args.report_dir = folders(args.work_dir, args.report_dir, args.quick)
     for folder in (args.work_dir, args.report_dir):
         check_writable(folder, folder=True)
+    if args.quick and full_report(Path(args.report_dir)):
+        raise ValueError(f"--report-dir {args.report_dir} holds the report of a full run; a --quick run's numbers "
+                         "are not results and do not go over it (default: <work-dir>/report)")
     pyplot()  # before any work: the report's figures need matplotlib
     table = Path(args.latency_table) if args.latency_table else None
     if table is not None:
@@ -80,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"[recipe] report written to {Path(args.report_dir) / 'README.md'}: speed-up {verdict['speedup']:.1f}x, "
           f"CLIP {verdict['clip_diff']:+.4f}, FID ratio {verdict['fid_ratio']:.2f}")
+
+
+def folders(work_dir: str | None, report_dir: str | None, quick: bool) -> tuple[str, str]:
+    """--work-dir and --report-dir, or their defaults: a --quick run keeps apart from a full run's checkpoints and
+    report (runs/recipe-quick, its report inside it)."""
+    work = work_dir or ("runs/recipe-quick" if quick else "runs/recipe")
+    return work, report_dir or (str(Path(work) / "report") if quick else "report")
 
 
 def entry() -> None:

@@ -124,6 +124,12 @@ SMOKE = "**Smoke run (`--quick`): numbers are not results.** Every stage ran a f
         "end to end; `python recipe.py` makes the report."
 
 
+def full_report(folder: Path) -> bool:
+    """Does ``folder`` hold the report of a full run (a README.md without the --quick run's note)?"""
+    readme = folder / "README.md"
+    return readme.is_file() and SMOKE not in readme.read_text(errors="replace")
+
+
 def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, quick: bool,
                  cpu: dict | None = None) -> dict:
     """Every section in order; writes <report>/README.md and results.json (the goal's verdict), returns the verdict.
