@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
+import os
 import platform
 import re
 import subprocess
@@ -168,6 +170,12 @@ class Pipeline:
                 **({"training": self.training} if self.training else {})}
 
     def save(self, path: str | Path) -> None:
+        """One .safetensors file (``export.diffusers_folder.save_diffusers`` writes a diffusers folder)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or a path, got {type(path).__name__}")
+        if Path(path).is_dir():
+            raise ValueError(f"path {path} is a folder: save writes one .safetensors file (a diffusers folder: "
+                             "snapfusion_min.export.diffusers_folder.save_diffusers)")
         save_checkpoint(path, {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
                         self.config())
 
@@ -256,8 +264,8 @@ class Pipeline:
         height, width = (s.resolution if v is None else v for v in (height, width))
         if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        prompts = [p for p in check_prompts(prompts, negative_prompt) for _ in range(num_images_per_prompt)]
+        check_seed(seed, len(prompts))
         f = self.vae.cfg.factor
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
@@ -281,6 +289,25 @@ class Pipeline:
             return images
         arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arrays]
+
+
+def check_prompts(prompts: object, negative_prompt: object = "") -> list[str]:
+    """``prompts`` as a list of strings; a TypeError naming the argument for anything else."""
+    listed = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(listed, (list, tuple)) or not all(isinstance(p, str) for p in listed):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
+                        + ("" if not isinstance(listed, (list, tuple)) else " holding other things"))
+    if not isinstance(negative_prompt, str):
+        raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+    return list(listed)
+
+
+def check_seed(seed: object, n: int) -> None:
+    """Image i starts from seed + i on a torch generator, which takes 64-bit seeds: -2**63 <= seed + i < 2**63."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy's integers too
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not -(2**63) <= seed <= 2**63 - n:
+        raise ValueError(f"seed must be in [-2**63, 2**63 - {n}] for {n} image{'s' if n > 1 else ''}, got {seed}")
 
 
 def random_pipeline(spec: ArchSpec, vae_cfg: VAEConfig | None = None, text_cfg: TextConfig | None = None,
@@ -365,6 +392,8 @@ def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None
     ``ema`` picks the EMA UNet of an LDM file; ``prediction`` overrides the prediction type ('eps' or 'v') where the
     file does not say (the SD-v1.5 single file is eps).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or a path to a checkpoint, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         own = sorted(path.glob("*.safetensors"))

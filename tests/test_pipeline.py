@@ -173,3 +173,26 @@ def test_auto_dtype(monkeypatch):
     assert pipeline.bf16_in_cpuinfo("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile")
     assert pipeline.bf16_in_cpuinfo("Features\t: fp asimd sve bf16 i8mm")
     assert not pipeline.bf16_in_cpuinfo("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni")
+
+
+def test_api_mistakes_are_errors_naming_the_argument(tmp_path):
+    """The Python API refuses what the commands refuse, naming the argument, before any work: no bare Python error
+    from deep inside (a generator's overflow, a temporary file's name, a NoneType's attribute)."""
+    pipe = tiny_pipeline(sampler=SamplerConfig(steps=1, guidance=1.0, resolution=32))
+    with pytest.raises(TypeError, match=r"^path must be a str or a path to a checkpoint, got NoneType$"):
+        load_pipeline(None)
+    with pytest.raises(TypeError, match=r"^prompts must be a string or a list of strings, got NoneType$"):
+        pipe(None)
+    with pytest.raises(TypeError, match=r"^prompts must be a string or a list of strings, got list holding other"):
+        pipe(["a red circle", 3])
+    with pytest.raises(TypeError, match=r"^negative_prompt must be a string, got int$"):
+        pipe("a red circle", negative_prompt=0)
+    with pytest.raises(ValueError, match=rf"^seed must be in \[-2\*\*63, 2\*\*63 - 2\] for 2 images, got {2**70}$"):
+        pipe(["a", "b"], seed=2**70)
+    with pytest.raises(TypeError, match=r"^seed must be an integer, got float$"):
+        pipe("a", seed=1.5)
+    pipe(["a", "b"], seed=2**63 - 2)  # the largest seed two images allow: image 1 starts from 2**63 - 1
+    pipe("a", seed=-(2**63))
+    with pytest.raises(ValueError, match=r"is a folder: save writes one \.safetensors file"):
+        pipe.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
