@@ -16,6 +16,7 @@ import platform
 import re
 import subprocess
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,14 +293,16 @@ class Pipeline:
 
 
 def check_prompts(prompts: object, negative_prompt: object = "") -> list[str]:
-    """``prompts`` as a list of strings; a TypeError naming the argument for anything else."""
-    listed = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(listed, (list, tuple)) or not all(isinstance(p, str) for p in listed):
+    """``prompts`` (a string, or any iterable of strings) as a list; a TypeError naming the argument otherwise."""
+    if isinstance(prompts, str):
+        return check_prompts([prompts], negative_prompt)
+    listed = list(prompts) if isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, dict)) else None
+    if listed is None or not all(isinstance(p, str) for p in listed):
         raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
-                        + ("" if not isinstance(listed, (list, tuple)) else " holding other things"))
+                        + ("" if listed is None else " holding other things"))
     if not isinstance(negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-    return list(listed)
+    return listed
 
 
 def check_seed(seed: object, n: int) -> None:

@@ -192,7 +192,7 @@ def test_api_mistakes_are_errors_naming_the_argument(tmp_path):
     with pytest.raises(TypeError, match=r"^seed must be an integer, got float$"):
         pipe("a", seed=1.5)
     pipe(["a", "b"], seed=2**63 - 2)  # the largest seed two images allow: image 1 starts from 2**63 - 1
-    pipe("a", seed=-(2**63))
+    pipe((p for p in ("a", "b")), seed=-(2**63))  # any iterable of strings; the smallest seed
     with pytest.raises(ValueError, match=r"is a folder: save writes one \.safetensors file"):
         pipe.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
