@@ -154,7 +154,12 @@ class CaptionedFolder(torch.utils.data.Dataset):
             caption = table.get(rel)
             if caption is None and path.with_suffix(".txt").is_file():
                 caption = path.with_suffix(".txt").read_text().strip()
-            problem = "no caption" if not caption else unreadable(path)
+            if caption is None or caption == "":
+                problem = "no caption"
+            elif not isinstance(caption, str):  # a .jsonl caption that is a number or a list
+                problem = f"its caption is a {type(caption).__name__}, not a string"
+            else:
+                problem = unreadable(path)
             if problem:
                 if not skip_bad:
                     raise ValueError(f"{path}: {problem} (pass skip_bad=True / --skip-bad to leave such files out)")

@@ -67,6 +67,18 @@ def test_folder_problems_name_the_file_or_are_counted(tmp_path):
     (root / "captions.jsonl").write_text('{"file": "img0.png"}\n')
     with pytest.raises(ValueError, match=r"captions\.jsonl:1"):
         CaptionedFolder(root)
+    rows = [{"file": "img0.png", "caption": 5}, {"file": "img1.png", "caption": ["a", "list"]},
+            {"file": "img2.png", "caption": "two"}]
+    (root / "img1.png").unlink()
+    make_folder(tmp_path / "fresh")
+    (root / "img1.png").write_bytes((tmp_path / "fresh" / "img1.png").read_bytes())
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=r"img0\.png: its caption is a int, not a string"):
+        CaptionedFolder(root)
+    data = CaptionedFolder(root, skip_bad=True)
+    assert [c for _, c in data.items] == ["two"]
+    assert data.skipped == {"img0.png": "its caption is a int, not a string",
+                            "img1.png": "its caption is a list, not a string"}
 
 
 def test_truncated_jpeg_is_found_when_the_folder_is_opened(tmp_path):
