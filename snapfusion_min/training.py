@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .data import CaptionedFolder, ToyWorld
-from .formats.checkpoint import atomic_write, remove_stale_temps
+from .formats.checkpoint import atomic_write, config_dict, remove_stale_temps
 from .formats.figures import caption_grid, loss_plot
 from .formats.shards import Shards, is_shards
 
@@ -267,13 +267,15 @@ def ema_weights(model: torch.nn.Module, ema: EMA | None) -> Iterator[None]:
 
 
 def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
-        d: Dist, *, out: str | None = None, tag: str = "", save: Callable[[torch.nn.Module, int, list[float]], None]
-        | None = None, desc: str = "train") -> tuple[torch.nn.Module, list[float]]:
+        d: Dist, *, out: str | None = None, tag: str | dict = "",
+        save: Callable[[torch.nn.Module, int, list[float]], None] | None = None,
+        desc: str = "train") -> tuple[torch.nn.Module, list[float]]:
     """Train ``model`` for ``cfg.train_steps`` steps; returns the model to store (the EMA copy, if any) and the losses.
 
     ``loss_at(step, micro)`` draws micro-batch ``micro`` of step ``step`` and returns (loss to minimise, value to log).
     With ``out``, the resumable state goes to <out>.state.pt and ``save(stored model, step, losses)`` writes the
-    checkpoint, every ``cfg.save_every`` steps and at the end, on rank 0. ``tag`` names what a state belongs to.
+    checkpoint, every ``cfg.save_every`` steps and at the end, on rank 0. ``tag`` names what a state belongs to
+    (``run_tag``: the run's settings; a resume with other settings is refused).
     A non-finite loss or weight stops the run before anything is written: the last checkpoint on disk stays good.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -326,12 +328,33 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     return model, losses
 
 
+RUN_CONTROL = frozenset({"resume", "stop_after", "save_every", "save_state", "workers", "checkpointing"})  # how a
+# run is driven, not what it computes: the fields a resumed run may change
+
+
+def run_tag(cfg: object, **extra: object) -> dict[str, object]:
+    """What makes a run's result, as {field: value}: every field of the stage config ``cfg`` (nested configs
+    flattened, 'sampler.steps'; the loop's own fields, 'lr', without a prefix) but ``RUN_CONTROL``, and ``extra``.
+    ``resume`` refuses a state whose tag differs, naming the fields."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, fields: dict) -> None:
+        for k, v in fields.items():
+            if isinstance(v, dict):
+                walk("" if k == "train" else f"{prefix}{k}.", v)
+            elif k not in RUN_CONTROL:
+                flat[prefix + k] = v
+
+    walk("", config_dict(cfg))
+    return flat | extra
+
+
 def last_good(out: str | None) -> str:
     return f"the last good checkpoint is {out}" if out and Path(out).is_file() else "nothing was written"
 
 
 def resume(state_path: Path | None, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
-           tag: str) -> tuple[int, list]:
+           tag: str | dict) -> tuple[int, list]:
     """Load a resumable state into model, optimizer and EMA; returns (step, losses).
 
     ``tag`` names what the state belongs to (architecture, configuration); a state of anything else is refused.
@@ -339,7 +362,14 @@ def resume(state_path: Path | None, model: torch.nn.Module, opt: torch.optim.Opt
     if state_path is None or not state_path.is_file():
         raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
     state = load_state(state_path)
-    if state["tag"] != tag:
+    old = state["tag"]
+    if isinstance(old, dict) and isinstance(tag, dict) and old != tag:
+        changed = [f"{k} {old.get(k, 'unset')} -> {tag.get(k, 'unset')}" for k in sorted(old.keys() | tag.keys())
+                   if k != "arch" and old.get(k) != tag.get(k)] + (["the architecture"] if old.get("arch") !=
+                                                                    tag.get("arch") else [])
+        raise ValueError(f"{state_path} is of another run ({', '.join(changed)}); refusing to resume (resume with the "
+                         "run's own settings, or write to another --out)")
+    if old != tag:
         raise ValueError(f"{state_path} was trained with another architecture or configuration; refusing to resume")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import diffusion as D
 from .formats.checkpoint import config_dict
 from .pipeline import PREDICTIONS, Pipeline, SamplerConfig, load_pipeline
-from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures, seed_step
+from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, run_tag, save_with_figures, seed_step
 
 TRAIN = TrainConfig(train_steps=3500, batch_size=32, lr=1e-3, warmup=200)
 TOY_SAMPLER = SamplerConfig(steps=20, guidance=2.0, resolution=64)  # guidance 2: the toy world's best CLIP and FID
@@ -110,7 +110,8 @@ def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True,
 
     save = save_with_figures(out, pipe, "training loss (Eq. 6)") if figures else \
         lambda model, step, losses: pipe.with_parts(unet=model).save(out)
-    stored, losses = fit(unet, loss_at, t, d, out=out, tag=unet.spec.to_json(), save=save, desc="unet")
+    stored, losses = fit(unet, loss_at, t, d, out=out, tag=run_tag(cfg, arch=unet.spec.to_json()), save=save,
+                          desc="unet")
     if d.main:
         recent = losses[-100:] or [float("nan")]
         kind = "EMA weights" if t.ema_decay is not None else "weights as trained"

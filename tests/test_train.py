@@ -2,10 +2,12 @@
 test_shards.py, whose two ranks must agree)."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
 from helpers import CLIP, run_main, run_script
+from torchvision.transforms.functional import to_pil_image
 
 from snapfusion_min.arch import tiny
 from snapfusion_min.data import ToyWorld
@@ -67,23 +69,50 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
     assert run_main("train.py", *unet_args(tmp_path / "m.safetensors", autoencoder, 2)) == 0
     other = tmp_path / "other.json"  # the tiny UNet without one block: another architecture, as cheap to build
     other.write_text(apply(tiny(32), Action("-", ("up3.A2",)))[0].to_json())
-    assert "another architecture" in refused("unet", "--arch", str(other), "--clip", str(CLIP), "--autoencoder",
+    assert "the architecture)" in refused("unet", "--arch", str(other), "--clip", str(CLIP), "--autoencoder",
                                              str(autoencoder), "--out", str(tmp_path / "m.safetensors"),
                                              "--train-steps", "4", "--resume", "--device", "cpu")
     before = (tmp_path / "m.safetensors").read_bytes()
-    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--resume", "--lr", "1e30"))
+    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--lr", "1e30"))  # a fresh run over it
     assert "loss is nan" in nan or "loss is inf" in nan
     assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
     load_pipeline(tmp_path / "m.safetensors")
     # weights that become NaN at a save step (the loss before the update was finite) never reach disk either
     (tmp_path / ".m.safetensors.abc.tmp").write_bytes(b"half a checkpoint")  # a killed save's leftover
-    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--resume", "--lr", "1e39", "--save-every",
-                             "1"))
+    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e39", "--save-every", "1"))
     assert "weights are not finite after step" in nan and f"the last good checkpoint is {tmp_path / 'm.safetensors'}" \
         in nan
     assert (tmp_path / "m.safetensors").read_bytes() == before
     assert not (tmp_path / ".m.safetensors.abc.tmp").exists()  # cleaned up on the next start
     assert "Traceback" not in capfd.readouterr().err
+
+
+CHANGES = [("--lr", "0.002", "lr 0.001 -> 0.002"), ("--prediction", "eps", "prediction v -> eps"),
+           ("--batch-size", "2", "batch_size 4 -> 2"), ("--seed", "1", "seed 0 -> 1"),
+           ("--keep-prob", "0.9", "keep_prob 0.8 -> 0.9"), ("--train-steps", "3", "train_steps 2 -> 3"),
+           ("--autoencoder", "other.safetensors", "autoencoder "), ("--data", "folder", "data toy -> "),
+           ("--cfg-dropout", "0.2", "cfg_dropout 0.1 -> 0.2"), ("--num-inference-steps", "3", "sampler.steps 2 -> 3")]
+
+
+def test_resume_refuses_a_changed_run_naming_the_setting(tmp_path, autoencoder):
+    """``--resume`` compares every setting that changes the result with the state's, one flag changed at a time;
+    the run-control ones (--stop-after, --save-every) may change."""
+    out = tmp_path / "m.safetensors"
+    args = unet_args(out, autoencoder, 2, "--stop-after", "1")
+    assert run_main("train.py", *args) == 0
+    (tmp_path / "folder").mkdir()
+    image, caption = ToyWorld("train", length=1, seed=0)[0]
+    to_pil_image(image.add(1).div(2)).save(tmp_path / "folder" / "a.png")
+    (tmp_path / "folder" / "a.txt").write_text(caption)
+    shutil.copyfile(autoencoder, tmp_path / "other.safetensors")
+    state = (tmp_path / "m.safetensors.state.pt").read_bytes()
+    for flag, value, named in CHANGES:
+        value = str(tmp_path / value) if flag in ("--autoencoder", "--data") else value
+        changed = [value if i and args[i - 1] == flag else a for i, a in enumerate(args)]
+        code = run_main("train.py", *changed, *([] if flag in args else [flag, value]), "--resume")
+        assert isinstance(code, str) and "is of another run (" in code and named in code and "\n" not in code, code
+        assert (tmp_path / "m.safetensors.state.pt").read_bytes() == state
+    assert run_main("train.py", *unet_args(out, autoencoder, 2, "--save-every", "7", "--resume")) == 0
 
 
 def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():
