@@ -6,6 +6,7 @@ used instead (``reconstruction_loss``, the toy autoencoder's too: a toy object c
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def synthetic_latents(pipe: Pipeline, init: str, cfg: DecoderConfig, out: str, d
     seed = cfg.train.seed
     tag = [init, cfg.latents, cfg.teacher_steps, cfg.guidance, seed, cfg.data]
     if cache.is_file():
-        saved = torch.load(cache, map_location="cpu")
-        if saved["tag"] == tag:
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, or not a cache of ours: made again
+            print(f"warning: {cache} cannot be read ({str(e).splitlines()[0][:120]}); making it again", file=sys.stderr)
+            saved = None
+        if isinstance(saved, dict) and saved.get("tag") == tag and isinstance(saved.get("latents"), torch.Tensor):
             return saved["latents"]
     data = make_dataset(cfg.data, 64 if cfg.data == "toy" else pipe.sampler.resolution, seed, cfg.skip_bad)
     guidance = pipe.sampler.guidance if cfg.guidance is None else cfg.guidance

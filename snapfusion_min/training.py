@@ -161,7 +161,15 @@ def save_state(path: str | Path, state: dict) -> None:
 
 
 def load_state(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A resumable state written by ``save_state``; a truncated file, or one of anything else, is one ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle carrying code, not a torch file: a user's file, not our bug
+        raise ValueError(f"{path} is not a readable resumable state ({str(e).splitlines()[0][:200]})") from None
+    missing = {"model", "optimizer", "step", "losses", "tag"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a resumable state of this project (no {', '.join(sorted(missing))})")
+    return state
 
 
 def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = False,

@@ -29,11 +29,9 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def random_inception(tmp_path_factory):
+def random_inception_file(tmp_path_factory):
     """torch-fidelity's Inception-v3 with random weights of a sane scale, as a local weights file (95 MB, deleted)."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    from snapfusion_min.eval.metrics import inception
 
     skeleton = fe.FeatureExtractorInceptionV3.__new__(fe.FeatureExtractorInceptionV3)
     with pytest.MonkeyPatch.context() as m:  # build the network without its download or a file
@@ -45,5 +43,13 @@ def random_inception(tmp_path_factory):
              for i, (k, v) in enumerate(skeleton.state_dict().items())}
     path = tmp_path_factory.mktemp("inception") / "inception.pth"
     torch.save(state, path)
-    yield inception(path)
+    yield path
     path.unlink()
+
+
+@pytest.fixture(scope="session")
+def random_inception(random_inception_file):
+    """That file's network (``eval.metrics.inception``)."""
+    from snapfusion_min.eval.metrics import inception
+
+    return inception(random_inception_file)

@@ -2,6 +2,8 @@
 scale, any open_clip model from a local file and FID on torch-fidelity's Inception (random weights here)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -11,6 +13,7 @@ from helpers import CLIP, randomize
 from torchvision.transforms.functional import to_pil_image
 
 from snapfusion_min.data import to_tensor
+from snapfusion_min.eval import metrics
 from snapfusion_min.eval.metrics import (
     clip_score,
     fid,
@@ -122,6 +125,36 @@ def folder_of(images, folder):
 
 
 @pytest.mark.slow  # SD scale's FID: Inception at 299x299
+class RunsCode:
+    """Unpickling this creates the file ``marker``: a stand-in for a pickle carrying code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_inception_weights_are_read_once_so_a_swap_runs_no_code(random_inception_file, tmp_path, monkeypatch):
+    """The probe's case: the file is swapped for a code-carrying pickle right after our tensors-only read; torch-
+    fidelity, which unpickles without a guard, must never open it."""
+    weights, marker = tmp_path / "inception.pth", tmp_path / "code-ran"
+    shutil.copyfile(random_inception_file, weights)
+    read = metrics.read_state_dict
+
+    def read_then_swap(path):
+        state = read(path)
+        torch.save({"x": RunsCode(marker)}, path)
+        return state
+
+    monkeypatch.setattr(metrics, "read_state_dict", read_then_swap)
+    try:
+        net = metrics.inception(weights)
+    finally:
+        weights.unlink()
+    assert not marker.exists() and sum(p.numel() for p in net.parameters()) > 2 * 10**7
+
+
 def test_fid_on_inception_features_of_folders_and_statistics(random_inception, tmp_path):
     """FID of a folder with itself ~ 0 and growing with a brightness shift; a folder against its saved .npz
     statistics gives the same number; torch-fidelity's formula agrees with our own frechet_distance."""

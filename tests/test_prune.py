@@ -8,7 +8,9 @@ from helpers import randomize, tiny_pipeline
 
 from snapfusion_min import load_pipeline
 from snapfusion_min.cost import count_params
+from snapfusion_min.decoder_distill import DecoderConfig, synthetic_latents
 from snapfusion_min.prune import kept_channels, prune_decoder, pruned_config
+from snapfusion_min.training import LOCAL
 from snapfusion_min.vae import TOY_VAE, VAE, VAEConfig
 
 SMALL = TOY_VAE
@@ -113,3 +115,16 @@ def test_bad_input():
         pipe.set_decoder(wide, 0.5)
     with pytest.raises(ValueError, match="latents"):
         pipe.set_decoder(vae, 0.18215)
+
+
+def test_a_latent_cache_that_cannot_be_read_is_made_again(tmp_path, capsys):
+    """A truncated cache, or a file that is not one (a pickle of anything else), is a warning and is made again."""
+    pipe, cfg = tiny_pipeline(), DecoderConfig(latents=2, teacher_steps=1, latent_cache=str(tmp_path / "c.pt"))
+    made = synthetic_latents(pipe, "init", cfg, str(tmp_path / "d"), LOCAL)
+    good = (tmp_path / "c.pt").read_bytes()
+    for bad in (good[:len(good) // 2], b"not a torch file"):
+        (tmp_path / "c.pt").write_bytes(bad)
+        again = synthetic_latents(pipe, "init", cfg, str(tmp_path / "d"), LOCAL)
+        assert torch.equal(again, made) and "cannot be read" in capsys.readouterr().err
+    torch.save([1, 2], tmp_path / "c.pt")  # readable, but not a cache
+    assert torch.equal(synthetic_latents(pipe, "init", cfg, str(tmp_path / "d"), LOCAL), made)

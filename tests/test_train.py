@@ -112,6 +112,11 @@ def test_resume_refuses_a_changed_run_naming_the_setting(tmp_path, autoencoder):
         code = run_main("train.py", *changed, *([] if flag in args else [flag, value]), "--resume")
         assert isinstance(code, str) and "is of another run (" in code and named in code and "\n" not in code, code
         assert (tmp_path / "m.safetensors.state.pt").read_bytes() == state
+    for bad in (state[:len(state) // 2], b"not a torch file"):  # truncated, or anything else: one line, no traceback
+        (tmp_path / "m.safetensors.state.pt").write_bytes(bad)
+        code = run_main("train.py", *args, "--resume")
+        assert isinstance(code, str) and "is not a readable resumable state" in code and "\n" not in code, code
+    (tmp_path / "m.safetensors.state.pt").write_bytes(state)
     assert run_main("train.py", *unet_args(out, autoencoder, 2, "--save-every", "7", "--resume")) == 0
 
 

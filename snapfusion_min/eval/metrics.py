@@ -11,6 +11,7 @@ with more dependencies, clean-fid downloads its weights and resizes differently 
 
 from __future__ import annotations
 
+import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -142,13 +143,17 @@ def zero_shot_accuracy(judge: Judge, images: torch.Tensor, truth: Sequence[Combo
 def inception(weights: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """FID's Inception-v3 (the TensorFlow graph's port in torch-fidelity), weights from a local file such as
     torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``: uint8 images [B, 3, H, W] -> (features [B, 2048],).
-    The file is first read as tensors only (torch-fidelity unpickles it without that guard)."""
+    The file is read once, as tensors only; torch-fidelity, which unpickles without that guard, gets those tensors
+    from a private copy (never the file itself: one swapped between two reads could run code)."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # the 'metrics' extra
     except ImportError:
         raise ImportError("FID at SD scale needs torch-fidelity: pip install 'snapfusion-min[metrics]'") from None
-    read_state_dict(weights)  # FileNotFoundError / CheckpointError for a missing, corrupt or code-carrying file
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    state = read_state_dict(weights)  # FileNotFoundError / CheckpointError for a missing, corrupt or code-carrying file
+    with tempfile.TemporaryDirectory() as private:  # mode 0700: no one else can write there
+        torch.save(state, Path(private) / "inception.pth")
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                          feature_extractor_weights_path=str(Path(private) / "inception.pth"))
     return net.to(device)
 
 

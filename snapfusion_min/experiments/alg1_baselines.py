@@ -195,7 +195,7 @@ def measure(cfg: ArmsConfig, models: dict[str, list[Path]], judged: dict[str, li
     index = draws(cfg.n, cfg.draws)
     facts = {}
     for name, paths in judged.items():
-        seeds = [torch.load(path) for path in paths]
+        seeds = [torch.load(path, weights_only=True) for path in paths]
         facts[name] = {"draws": metric(seeds, real, index), "seeds": [metric([s], real, index[:1]) for s in seeds],
                        "ms": [], "params": [], "specs": [], "copies": []}
         for path in models[name]:
