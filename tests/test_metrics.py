@@ -115,6 +115,14 @@ def test_open_clip_judge_preprocesses_like_open_clip(tmp_path):
         open_clip_judge("ViT-Q-99", tmp_path / "tiny.pt")
     with pytest.raises(FileNotFoundError, match="no such CLIP weights file"):
         open_clip_judge("tiny-vit-test", tmp_path / "absent.pt")
+    good = (tmp_path / "tiny.pt").read_bytes()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")  # another model's weights
+    for name, content in (("cut.pt", good[:len(good) // 2]), ("text.pt", b"not weights"), ("other.pt", None)):
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not usable as tiny-vit-test weights \\(") as e:
+            open_clip_judge("tiny-vit-test", tmp_path / name)
+        assert "\n" not in str(e.value)
 
 
 def folder_of(images, folder):

@@ -11,8 +11,10 @@ with more dependencies, clean-fid downloads its weights and resizes differently 
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 import weakref
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from PIL import Image
 from ..data import ALL_COMBOS, ATTRIBUTES, Combo
 from ..formats.checkpoint import atomic_write, read_state_dict
 from ..formats.images import IMAGE_SUFFIXES, center_crop, to_rgb
+from ..formats.weights import CheckpointError
 
 
 class Judge:
@@ -68,8 +71,12 @@ def open_clip_judge(name: str, weights: str | Path, device: str | torch.device =
         raise ValueError(f"unknown open_clip model {name!r} (e.g. ViT-g-14, ViT-L-14, ViT-B-32)")
     if not Path(weights).is_file():
         raise FileNotFoundError(f"no such CLIP weights file: {weights}")
-    model = open_clip.create_model(name, pretrained=str(weights), device=device, require_pretrained=True,
-                                   force_preprocess_cfg=preprocess)
+    try:  # open_clip reads the file (tensors only); a corrupt or foreign file is the user's, in one line
+        model = open_clip.create_model(name, pretrained=str(weights), device=device, require_pretrained=True,
+                                       force_preprocess_cfg=preprocess)
+    except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{weights} is not usable as {name} weights ({first[:200]})") from None
     cfg = model.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     return Judge(model, open_clip.get_tokenizer(name), int(size), cfg["mean"], cfg["std"])
