@@ -284,7 +284,8 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     With ``out``, the resumable state goes to <out>.state.pt and ``save(stored model, step, losses)`` writes the
     checkpoint, every ``cfg.save_every`` steps and at the end, on rank 0. ``tag`` names what a state belongs to
     (``run_tag``: the run's settings; a resume with other settings is refused).
-    A non-finite loss or weight stops the run before anything is written: the last checkpoint on disk stays good.
+    A non-finite loss or weight, or weights whose norm jumped (``DIVERGED``), stop the run before anything is written:
+    the last checkpoint on disk stays good.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, cfg)
@@ -299,6 +300,7 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     if cfg.resume:
         start, losses = resume(state_path, model, opt, ema, tag)
     broadcast_parameters(model, d)
+    saved_norm = weight_norm(params)  # the divergence guard's reference: the weights at the last save (or start)
     end = cfg.train_steps if cfg.stop_after is None else min(cfg.train_steps, start + cfg.stop_after)
     for step in tqdm(range(start, end), desc=desc, disable=not d.main, initial=start, total=cfg.train_steps):
         seed_step(cfg.seed, step, d.rank)
@@ -321,6 +323,11 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
         if out and d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
             if not all(torch.isfinite(p).all() for p in params):
                 raise FloatingPointError(f"weights are not finite after step {step}; {last_good(out)}")
+            if (norm := weight_norm(params)) > DIVERGED * saved_norm:
+                raise FloatingPointError(f"the run diverged: the weights' norm grew {norm / saved_norm:.3g}x since "
+                                         f"{'the last save' if start or step >= cfg.save_every else 'the start'} "
+                                         f"(more than {DIVERGED:g}x) by step {step}; {last_good(out)}")
+            saved_norm = norm
             if cfg.save_state:
                 save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "step": step + 1, "ema": ema.shadow if ema else {}, "losses": losses,
@@ -355,6 +362,16 @@ def run_tag(cfg: object, **extra: object) -> dict[str, object]:
 
     walk("", config_dict(cfg))
     return flat | extra
+
+
+DIVERGED = 3.0  # the divergence guard: a save refuses weights whose norm grew more than this since the last save.
+# Training moves the toy teacher's norm by 2% over its whole run (and no tensor's by more than 1.7x); lr 1e6 by 1e5x.
+
+
+def weight_norm(params: list[torch.nn.Parameter]) -> float:
+    """The L2 norm of all ``params`` together."""
+    with torch.no_grad():
+        return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
 
 
 def last_good(out: str | None) -> str:

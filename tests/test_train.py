@@ -77,6 +77,11 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
     assert "loss is nan" in nan or "loss is inf" in nan
     assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
     load_pipeline(tmp_path / "m.safetensors")
+    # finite weights that diverged (lr 1e6) do not overwrite the last good checkpoint either
+    diverged = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e6", "--save-every", "1"))
+    assert "the run diverged: the weights' norm grew" in diverged and "since the start (more than 3x) by step 0" \
+        in diverged and f"the last good checkpoint is {tmp_path / 'm.safetensors'}" in diverged
+    assert (tmp_path / "m.safetensors").read_bytes() == before
     # weights that become NaN at a save step (the loss before the update was finite) never reach disk either
     (tmp_path / ".m.safetensors.abc.tmp").write_bytes(b"half a checkpoint")  # a killed save's leftover
     nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e39", "--save-every", "1"))
