@@ -3,6 +3,7 @@ file changed. Each row runs the script's ``__main__`` in this process (helpers.r
 the script's own one-line exit would surface here as that exception, i.e. a traceback the user would have seen."""
 
 import hashlib
+import json
 import pickle
 
 import pytest
@@ -96,6 +97,8 @@ ROWS = [  # script, arguments, what the one line must say
     ("export.py", ["--checkpoint", "RANDOM"], "corrupt"),
     ("sample.py", ["--prompts-file", "MISSING", "--checkpoint", "TINY"], "no such prompts file"),
     ("sample.py", ["--prompts-file", "BLANK", "--checkpoint", "TINY"], "has no prompts"),
+    ("sample.py", ["--prompts-file", "BINARY", "--checkpoint", "TINY"], "binary.txt is not UTF-8 text (byte 2"),
+    ("sample.py", ["--prompts-file", "NULLCOCO", "--checkpoint", "TINY"], "annotation 7's caption is null, not text"),
     # outputs that cannot be written, found before any work
     ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--out-dir", "BLANK/sub"], "is not a folder"),
     ("train.py", [*UNET[:-1], "BLANK/sub/m.safetensors"], "is not a folder"),
@@ -133,6 +136,9 @@ def files(tmp_path_factory):
         pickle.dump({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, f)
     (root / "nostages.json").write_text('{"channels": [32, 64, 64, 64]}')
     (root / "blank.txt").write_text("\n  \n")
+    (root / "binary.txt").write_bytes(b"ok\xff\xfe\x00")
+    (root / "null.json").write_text(json.dumps({"images": [{"id": 1}],
+                                                "annotations": [{"image_id": 1, "id": 7, "caption": None}]}))
     return root
 
 
@@ -150,6 +156,7 @@ def test_bad_input_is_one_line_naming_it_and_changes_nothing(script, args, messa
             "TRUNCATED": files / "truncated.safetensors", "RANDOM": files / "random.ckpt",
             "PICKLE": files / "code.ckpt", "FOREIGN": files / "foreign.safetensors",
             "NOSTAGES": files / "nostages.json", "BLANK": files / "blank.txt", "OUT": tmp_path / "out.safetensors",
+            "BINARY": files / "binary.txt", "NULLCOCO": files / "null.json",
             "WORK": tmp_path / "work", "REPORT": ROOT / "report"}
     argv = [str(subs[a]) if a in subs else a for a in args]
     argv = [a.replace("BLANK/", f"{files / 'blank.txt'}/").replace("WORK/", f"{tmp_path / 'work'}/") for a in argv]

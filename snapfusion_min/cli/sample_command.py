@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} {s.solver} steps ({s.spacing}), "
           f"guidance {s.guidance}, {height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
-          f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}", file=sys.stderr)
+          f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}; {len(prompts):,} image"
+          f"{'s' if len(prompts) > 1 else ''} into {out}", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
         batch = prompts[start:start + args.batch_size]
         images = pipe(batch, s, seed=args.seed + start, height=height, width=width,

@@ -44,10 +44,14 @@ def read_prompt_file(path: str | Path, n: int | None = None, seed: int = 0) -> l
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such prompts file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte {e.start} cannot be read)") from None
     if path.suffix.lower() == ".json":
-        prompts = _coco_captions(path, seed)
+        prompts = _coco_captions(path, text, seed)
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts")
     if n is not None and n > len(prompts):
@@ -55,12 +59,14 @@ def read_prompt_file(path: str | Path, n: int | None = None, seed: int = 0) -> l
     return prompts[:n]
 
 
-def _coco_captions(path: Path, seed: int) -> list[str]:
+def _coco_captions(path: Path, text: str, seed: int) -> list[str]:
     try:
-        annotations = json.loads(path.read_text())["annotations"]
+        annotations = json.loads(text)["annotations"]
         by_image: dict[int, list[tuple[int, str]]] = {}
         for a in annotations:
-            by_image.setdefault(int(a["image_id"]), []).append((int(a["id"]), str(a["caption"])))
+            if not isinstance(a["caption"], str):  # null or a number: not a caption to generate from
+                raise ValueError(f"annotation {a.get('id')}'s caption is {json.dumps(a['caption'])}, not text")
+            by_image.setdefault(int(a["image_id"]), []).append((int(a["id"]), a["caption"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not an MS-COCO captions file ({type(e).__name__}: {e})") from None
     rng = random.Random(seed)
