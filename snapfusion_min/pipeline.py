@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import diffusion as D
 from .arch import ArchSpec, sd15
 from .data import unknown_words
-from .formats.checkpoint import read_meta, read_state_dict, save_checkpoint
+from .formats.checkpoint import positive_number, read_meta, read_state_dict, save_checkpoint
 from .formats.weights import CheckpointError, apply_map, load_diffusers, load_ldm
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .unet import UNet
@@ -220,14 +220,20 @@ class Pipeline:
         return (self.vae.decode(z / self.latent_scale).float() / 2 + 0.5).clamp(0, 1)
 
     def warn_out_of_domain(self, prompts: list[str], height: int, width: int) -> None:
-        """One line (an ``OutOfDomainWarning``) when a toy-world model gets words outside its captions' grammar, or
-        any model a resolution other than the one it was trained at: it will draw, but nothing it learned."""
+        """One line (an ``OutOfDomainWarning``) when a toy-world model gets words outside its captions' grammar, any
+        model a prompt longer than its text encoder reads (cut, as SD's tokenizer does), or a resolution other than the
+        one it was trained at: it will draw, but nothing it learned."""
         if self.training.get("data") == "toy":
             unknown = list(dict.fromkeys(w for p in prompts for w in unknown_words(p)))
             if unknown:
                 warnings.warn(f"words a toy-world model has never seen: {', '.join(unknown)} (its captions read like "
                               f"'a small red circle at the top left on a gray background')", OutOfDomainWarning,
                               stacklevel=3)
+        room = self.tokenizer.context_length - 2  # start and end tokens
+        cut = [(len(ids), p) for p in prompts if len(ids := self.tokenizer.bpe.encode(p)) > room]
+        if cut:
+            warnings.warn(f"{len(cut)} prompt(s) longer than the text encoder reads ({cut[0][0]} tokens, e.g. "
+                          f"{cut[0][1][:40]!r}...): cut to its first {room}", OutOfDomainWarning, stacklevel=3)
         side = self.sampler.resolution
         if (height, width) != (side, side):
             warnings.warn(f"sampling at {height}x{width}, but the checkpoint was trained at {side}x{side}",
@@ -344,7 +350,8 @@ def _from_own(path: Path, meta: dict) -> Pipeline:
         sampler = SamplerConfig(**meta.get("sampler", {}))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad sampler config ({e})") from None
-    return Pipeline(unet, vae, te, prediction=meta["prediction"], latent_scale=meta.get("latent_scale", VAE_SCALE),
+    scale = positive_number(path, "latent scale", meta.get("latent_scale", VAE_SCALE))
+    return Pipeline(unet, vae, te, prediction=meta["prediction"], latent_scale=scale,
                     source=str(path), sampler=sampler, training=meta.get("training"))
 
 
@@ -409,6 +416,8 @@ def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None
                                   "nor a folder with one snapfusion_min checkpoint")
     elif not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
+    elif not path.is_file():  # a FIFO or a device (/dev/zero) would hang or never end
+        raise ValueError(f"{path} is not a regular file (a FIFO or device); give a checkpoint file or folder")
     elif (meta := read_meta(path)) is not None:
         pipe = _from_own(path, meta)
     else:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .data import CaptionedFolder, ToyWorld
-from .formats.checkpoint import atomic_write, config_dict, remove_stale_temps
+from .formats.checkpoint import atomic_write, config_dict, remove_stale_temps, writer_lock
 from .formats.figures import caption_grid, loss_plot
 from .formats.shards import Shards, is_shards
 
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0  # every random draw of step s is seeded by (seed, s, rank): exact resume
     stop_after: int | None = None  # run at most N steps in this invocation, save, return (then resume)
     resume: bool = False  # continue from <out>.state.pt
+    overwrite: bool = False  # start afresh over an <out> whose <out>.state.pt holds a resumable run
     workers: int = 0  # data-loader processes decoding WebDataset shards (0: this process decodes)
     optimizer: str = "adamw"  # or 'adafactor': a factored second moment and no first (less state than AdamW's 2 copies)
     checkpointing: bool = False  # gradient checkpointing of the UNet's blocks: less memory, ~1 more forward pass
@@ -181,7 +183,12 @@ def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = Fal
         return ToyWorld("train", length=10**9, seed=seed, resolution=resolution)
     if is_shards(data):
         return Shards(data, resolution, workers)
-    return CaptionedFolder(data, resolution=resolution, skip_bad=skip_bad)
+    folder = CaptionedFolder(data, resolution=resolution, skip_bad=skip_bad)
+    if folder.skipped:  # --skip-bad: say what was left out
+        name, problem = next(iter(folder.skipped.items()))
+        print(f"warning: left out {len(folder.skipped)} of {len(folder) + len(folder.skipped)} images of {data} "
+              f"(e.g. {name}: {problem})", file=sys.stderr)
+    return folder
 
 
 def batch_at(data: torch.utils.data.Dataset | Shards, step: int, size: int, d: Dist,
@@ -285,8 +292,21 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     checkpoint, every ``cfg.save_every`` steps and at the end, on rank 0. ``tag`` names what a state belongs to
     (``run_tag``: the run's settings; a resume with other settings is refused).
     A non-finite loss or weight, or weights whose norm jumped (``DIVERGED``), stop the run before anything is written:
-    the last checkpoint on disk stays good.
+    the last checkpoint on disk stays good. One run writes an ``out`` at a time (``<out>.lock``); a fresh run over a
+    resumable state needs ``cfg.overwrite``.
     """
+    with writer_lock(out) if out and d.main else nullcontext():  # one writer per output
+        if out and d.main and not (cfg.resume or cfg.overwrite) and Path(f"{out}.state.pt").is_file():
+            raise ValueError(f"{out}.state.pt holds a resumable run: --resume continues it, --overwrite starts "
+                             "afresh over it")
+        return _fit(model, loss_at, cfg, d, out=out, tag=tag, save=save, desc=desc)
+
+
+def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
+         d: Dist, *, out: str | None = None, tag: str | dict = "",
+         save: Callable[[torch.nn.Module, int, list[float]], None] | None = None,
+         desc: str = "train") -> tuple[torch.nn.Module, list[float]]:
+    """``fit`` under its writer lock."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, cfg)
     if hasattr(model, "checkpointing"):
@@ -343,7 +363,8 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
     return model, losses
 
 
-RUN_CONTROL = frozenset({"resume", "stop_after", "save_every", "save_state", "workers", "checkpointing"})  # how a
+RUN_CONTROL = frozenset({"resume", "overwrite", "stop_after", "save_every", "save_state", "workers",
+                         "checkpointing"})  # how a
 # run is driven, not what it computes: the fields a resumed run may change
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from snapfusion_min.data import ALL_COMBOS, CaptionedFolder, ToyWorld, combos, is_heldout, to_rgb
+from snapfusion_min.training import make_dataset
 
 
 def test_toy_world_is_deterministic_by_seed():
@@ -50,7 +51,7 @@ def test_folder_with_jsonl_and_sidecar_captions(tmp_path):
     assert image.shape == (3, 16, 16) and caption == "sidecar caption"
 
 
-def test_folder_problems_name_the_file_or_are_counted(tmp_path):
+def test_folder_problems_name_the_file_or_are_counted(tmp_path, capsys):
     root = make_folder(tmp_path / "data")
     (root / "img0.txt").write_text("zero")
     (root / "img1.txt").write_text("one")
@@ -62,6 +63,8 @@ def test_folder_problems_name_the_file_or_are_counted(tmp_path):
         CaptionedFolder(root)
     data = CaptionedFolder(root, skip_bad=True)
     assert len(data) == 2 and list(data.skipped) == ["img1.png"]
+    make_dataset(str(root), 64, skip_bad=True)  # as train.py --skip-bad opens it: it says what it left out
+    assert f"warning: left out 1 of 3 images of {root} (e.g. img1.png: unreadable image" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         CaptionedFolder(tmp_path / "missing")
     (root / "captions.jsonl").write_text('{"file": "img0.png"}\n')

@@ -181,6 +181,9 @@ def test_fid_on_inception_features_of_folders_and_statistics(random_inception, t
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="do not fit together"):
         load_statistics(tmp_path / "bad.npz")
+    np.savez(tmp_path / "nan.npz", mu=np.zeros(2), sigma=np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="nan.npz: FID statistics sigma hold values that are not finite numbers"):
+        load_statistics(tmp_path / "nan.npz")
     np.savez(tmp_path / "nosigma.npz", mu=np.zeros(3))
     with pytest.raises(ValueError, match="missing sigma$"):
         load_statistics(tmp_path / "nosigma.npz")

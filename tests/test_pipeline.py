@@ -2,6 +2,7 @@
 and checkpoint round trips."""
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -14,6 +15,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from helpers import ROOT, max_rel_err, randomize, sd_tokenizer, tiny_pipeline
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min import load_pipeline
@@ -21,6 +24,8 @@ from snapfusion_min.arch import sd15
 from snapfusion_min.data import unknown_words
 from snapfusion_min.diffusion import timesteps
 from snapfusion_min.eval.metrics import psnr
+from snapfusion_min.formats.checkpoint import META_KEY
+from snapfusion_min.formats.weights import CheckpointError
 from snapfusion_min.pipeline import OutOfDomainWarning, SamplerConfig
 
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=4,
@@ -138,6 +143,11 @@ def test_out_of_domain_requests_warn():
         pipe(caption, negative_prompt="blurry")
     with pytest.warns(OutOfDomainWarning, match=r"^sampling at 64x32, but the checkpoint was trained at 32x32$"):
         pipe(caption, height=64, width=32)
+    pipe.training = {}
+    long = "a red circle " * 6  # 18 tokens; this text encoder reads 14 (16 positions less start and end)
+    with pytest.warns(OutOfDomainWarning, match=r"^1 prompt\(s\) longer than the text encoder reads \(18 tokens, "
+                      r"e\.g\. 'a red circle a red circle a red circle a'\.\.\.\): cut to its first 14$"):
+        pipe(["a red circle", long])
     assert unknown_words("a large purple cross in the center on a black background") == []
     assert unknown_words("a large purple crosses, near the center") == ["crosses", "near"]
 
@@ -196,3 +206,16 @@ def test_api_mistakes_are_errors_naming_the_argument(tmp_path):
     with pytest.raises(ValueError, match=r"is a folder: save writes one \.safetensors file"):
         pipe.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("scale", [float("nan"), "0.18", -1.0, None])
+def test_a_latent_scale_that_is_not_a_positive_number_names_the_checkpoint(tmp_path, scale):
+    """A checkpoint whose metadata's latent scale is NaN, a string, negative or null is refused on load (it drew a
+    black image, or failed after sampling)."""
+    tiny_pipeline().save(tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta[META_KEY]) | {"latent_scale": scale}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={META_KEY: json.dumps(config)})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: its latent scale .* is not a positive number"):
+        load_pipeline(tmp_path / "bad.safetensors")

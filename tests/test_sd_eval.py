@@ -159,6 +159,11 @@ def test_score_folder_and_the_evaluate_command(tmp_path, tiny_checkpoint, random
                     "64") == 0
     saved = load_statistics(tmp_path / "saved.npz")
     assert np.allclose(saved["mu"], reference["mu"]) and np.allclose(saved["sigma"], reference["sigma"])
+    (tmp_path / "empty").mkdir()
+    assert run_main("evaluate.py", "reference", "--fid-reference", str(tmp_path / "empty"), "--inception-weights",
+                    str(tmp_path / "inception.pth"), "--save-reference", str(tmp_path / "e.npz")) == \
+        f"evaluate.py: error: FID reference folder {tmp_path / 'empty'} holds 0 image(s); FID needs at least 2 " \
+        "(the paper's protocol: 30,000)"
     capsys.readouterr()
     assert run_main("evaluate.py", "coco", "--prompts-file", str(tmp_path / "p.txt")) == 2
     assert "evaluate.py coco: error: the following arguments are required: --images-dir" in capsys.readouterr().err

@@ -4,12 +4,14 @@ resume."""
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
 import torch
 import webdataset as wds
 from helpers import CLIP, run_script
+from PIL import Image
 
 from snapfusion_min.data import ToyWorld
 from snapfusion_min.formats.shards import Shards, is_shards, shard_paths
@@ -46,8 +48,14 @@ def shards(tmp_path_factory):
     return folder
 
 
-def test_shards_are_named_by_folder_glob_or_brace_range(shards):
+def test_shards_are_named_by_folder_glob_or_brace_range(shards, tmp_path):
     assert is_shards(str(shards)) and not is_shards("toy")
+    mixed = tmp_path / "mixed"  # shards and images in one folder: which is meant is not guessed
+    mixed.mkdir()
+    shutil.copyfile(shards / "shard-00000.tar", mixed / "shard-00000.tar")
+    Image.new("RGB", (8, 8)).save(mixed / "a.png")
+    with pytest.raises(ValueError, match=r"mixed holds both WebDataset shards \(.tar\) and images: give the shards"):
+        is_shards(str(mixed))
     names = [p.name for p in shard_paths(str(shards))]
     assert names == [f"shard-{s:05d}.tar" for s in range(N_SHARDS)]
     assert [p.name for p in shard_paths(str(shards / "shard-{00001..00002}.tar"))] == names[1:3]

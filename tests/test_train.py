@@ -3,10 +3,14 @@ test_shards.py, whose two ranks must agree)."""
 
 import dataclasses
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLIP, run_main, run_script
+from helpers import CLIP, ROOT, run_main, run_script
 from torchvision.transforms.functional import to_pil_image
 
 from snapfusion_min.arch import tiny
@@ -73,18 +77,20 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
                                              str(autoencoder), "--out", str(tmp_path / "m.safetensors"),
                                              "--train-steps", "4", "--resume", "--device", "cpu")
     before = (tmp_path / "m.safetensors").read_bytes()
-    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--lr", "1e30"))  # a fresh run over it
+    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--lr", "1e30", "--overwrite"))
     assert "loss is nan" in nan or "loss is inf" in nan
     assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
     load_pipeline(tmp_path / "m.safetensors")
     # finite weights that diverged (lr 1e6) do not overwrite the last good checkpoint either
-    diverged = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e6", "--save-every", "1"))
+    diverged = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e6", "--save-every", "1",
+                                  "--overwrite"))
     assert "the run diverged: the weights' norm grew" in diverged and "since the start (more than 3x) by step 0" \
         in diverged and f"the last good checkpoint is {tmp_path / 'm.safetensors'}" in diverged
     assert (tmp_path / "m.safetensors").read_bytes() == before
     # weights that become NaN at a save step (the loss before the update was finite) never reach disk either
     (tmp_path / ".m.safetensors.abc.tmp").write_bytes(b"half a checkpoint")  # a killed save's leftover
-    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e39", "--save-every", "1"))
+    nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e39", "--save-every", "1",
+                             "--overwrite"))
     assert "weights are not finite after step" in nan and f"the last good checkpoint is {tmp_path / 'm.safetensors'}" \
         in nan
     assert (tmp_path / "m.safetensors").read_bytes() == before
@@ -123,6 +129,29 @@ def test_resume_refuses_a_changed_run_naming_the_setting(tmp_path, autoencoder):
         assert isinstance(code, str) and "is not a readable resumable state" in code and "\n" not in code, code
     (tmp_path / "m.safetensors.state.pt").write_bytes(state)
     assert run_main("train.py", *unet_args(out, autoencoder, 2, "--save-every", "7", "--resume")) == 0
+
+
+def test_one_writer_per_output(tmp_path, autoencoder):
+    """A second run on an --out being written stops in one line; a fresh run over a resumable state needs --resume
+    or --overwrite; a lock left by a killed run is taken over."""
+    out = tmp_path / "m.safetensors"
+    args = unet_args(out, autoencoder, 10**6, "--no-state")
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        while not Path(f"{out}.lock").is_file():
+            assert first.poll() is None, "the first run ended before it took its lock"
+            time.sleep(0.2)
+        code = run_main("train.py", *unet_args(out, autoencoder, 2, "--overwrite"))
+        assert isinstance(code, str) and f"is being written by another run (pid {first.pid} on " in code, code
+    finally:
+        first.kill()
+        first.wait()
+    assert Path(f"{out}.lock").is_file()  # a killed run leaves its lock: the next run takes it over
+    assert run_main("train.py", *unet_args(out, autoencoder, 2)) == 0 and not Path(f"{out}.lock").exists()
+    code = run_main("train.py", *unet_args(out, autoencoder, 2, "--seed", "1"))
+    assert isinstance(code, str) and "holds a resumable run: --resume continues it, --overwrite starts" in code
+    assert run_main("train.py", *unet_args(out, autoencoder, 2, "--seed", "1", "--overwrite")) == 0
 
 
 def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():

@@ -55,6 +55,7 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--workers": (int, "data-loader processes decoding WebDataset shards (0: the training process decodes)", ()),
     "--save-every": (int, "write the checkpoint and the resumable state every N optimizer steps", ()),
     "--resume": (None, "continue exactly from <out>.state.pt", ()),
+    "--overwrite": (None, "start afresh over an --out whose <out>.state.pt holds a resumable run", ()),
     "--stop-after": (int, "run at most N optimizer steps in this invocation, save, exit (then --resume)", ()),
     "--num-prompts": (int, "held-out prompts to judge on", ()),
     "--prompts-file": (str, "prompts: a text file, one per line, or MS-COCO's captions_*.json (one caption per "

@@ -38,7 +38,7 @@ def build_parser():  # noqa: ANN201
     for name, default in (("--train-steps", t.train_steps), ("--batch-size", t.batch_size), ("--lr", t.lr),
                           ("--ema-decay", t.ema_decay), ("--seed", t.seed), ("--data", "toy"), ("--skip-bad", None),
                           ("--workers", 0), ("--device", "auto"), ("--save-every", t.save_every), ("--resume", None),
-                          ("--stop-after", None)):
+                          ("--overwrite", None), ("--stop-after", None)):
         flag(p, name, default, "per stage when progressive" if name == "--train-steps" else "")
     flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
     flag(p, "--checkpointing")

@@ -84,7 +84,8 @@ def common(p, t: TrainConfig, ema: bool = False) -> None:  # noqa: ANN001
     flag(p, "--out", required=True)
     for name, default in (("--train-steps", t.train_steps), ("--batch-size", t.batch_size), ("--lr", t.lr),
                           ("--seed", t.seed), ("--device", "auto"), ("--data", "toy"), ("--skip-bad", None),
-                          ("--workers", 0), ("--save-every", t.save_every), ("--resume", None), ("--stop-after", None)):
+                          ("--workers", 0), ("--save-every", t.save_every), ("--resume", None),
+                          ("--overwrite", None), ("--stop-after", None)):
         flag(p, name, default)
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default: {t.warmup}" +
                    (", at most 10%% of --train-steps)" if ema else ")"))

@@ -148,7 +148,11 @@ def generated_files(folder: str | Path, n: int) -> list[Path]:
 def reference_statistics(reference: str | Path, net: torch.nn.Module, size: int | None) -> dict[str, np.ndarray]:
     """FID's reference: an .npz of statistics, or a folder of real images (resized to ``size``)."""
     if Path(reference).is_dir():
-        return fid_statistics(inception_features(net, read_images(image_files(reference), size)))
+        files = image_files(reference)
+        if len(files) < 2:  # no covariance from fewer
+            raise ValueError(f"FID reference folder {reference} holds {len(files)} image(s); FID needs at least 2 "
+                             "(the paper's protocol: 30,000)")
+        return fid_statistics(inception_features(net, read_images(files, size)))
     return load_statistics(reference)
 
 

@@ -233,4 +233,7 @@ def load_statistics(path: str | Path) -> dict[str, np.ndarray]:
     d = stats["mu"].shape
     if len(d) != 1 or stats["sigma"].shape != (d[0], d[0]):
         raise ValueError(f"{path}: 'mu' {stats['mu'].shape} and 'sigma' {stats['sigma'].shape} do not fit together")
+    bad = [k for k, v in stats.items() if v.dtype.kind not in "fiu" or not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: FID statistics {' and '.join(bad)} hold values that are not finite numbers")
     return stats

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
+import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,6 +33,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     wrapper is unwrapped.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device would hang or never end
+        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device); give a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     if path.suffix == ".safetensors":
@@ -70,6 +74,13 @@ def read_meta(path: str | Path) -> dict | None:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
     return json.loads(meta[META_KEY]) if META_KEY in meta else None
+
+
+def positive_number(path: str | Path, name: str, value: object) -> float:
+    """A metadata number that must be finite and positive (a latent scale); anything else names the file."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{path}: its {name} {json.dumps(value)} is not a positive number")
+    return float(value)
 
 
 def umask() -> int:
@@ -155,3 +166,50 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], confi
 def config_dict(cfg: object) -> dict:
     """A stage config as JSON-ready data with the name of its class: what a checkpoint records of its training."""
     return {"stage": type(cfg).__name__, **dataclasses.asdict(cfg)}  # type: ignore[call-overload]
+
+
+def _running(holder: list[str]) -> bool:
+    """Whether the process named by a lock's 'host pid' still runs (on another host: assumed so)."""
+    if len(holder) != 2 or not holder[1].isdigit():
+        return False  # not a lock we wrote: a half-written one
+    if holder[0] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def writer_lock(out: str | Path) -> Iterator[None]:
+    """One writer per output: ``<out>.lock`` created exclusively, holding this process's host and pid, removed on
+    exit. A lock whose process is gone (a crash, a kill) is taken over; a live one is a ValueError naming it."""
+    lock, me = Path(f"{out}.lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            fd = None
+        if fd is None:
+            try:
+                holder = lock.read_text(errors="replace").split()
+            except FileNotFoundError:  # its run just finished
+                continue
+            if _running(holder):
+                raise ValueError(f"{out} is being written by another run (pid {holder[1]} on {holder[0]}, {lock}); "
+                                 f"wait for it, or write to another --out (remove {lock} if that run is gone)")
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:
+        raise ValueError(f"cannot take {lock}: another run keeps taking it")
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text(errors="replace") == me:
+            lock.unlink()

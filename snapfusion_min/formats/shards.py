@@ -65,7 +65,11 @@ def is_shards(source: str) -> bool:
     """Does ``--data`` name WebDataset shards (rather than 'toy' or a folder of image files)?"""
     path = Path(source)
     if path.is_dir():
-        return any(path.glob("*.tar")) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+        tars, images = any(path.glob("*.tar")), any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+        if tars and images:
+            raise ValueError(f"{source} holds both WebDataset shards (.tar) and images: give the shards as a glob "
+                             f"({Path(source) / '*.tar'}) or the images in a folder of their own")
+        return tars
     return source.endswith(".tar") or "{" in source or any(c in source for c in "*?[")
 
 

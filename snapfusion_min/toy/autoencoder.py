@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..decoder_distill import default_object_weight, object_mask, object_weights, reconstruction_loss
-from ..formats.checkpoint import config_dict, read_meta, read_state_dict, save_checkpoint
+from ..formats.checkpoint import config_dict, positive_number, read_meta, read_state_dict, save_checkpoint
 from ..formats.weights import CheckpointError, apply_map
 from ..training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, seed_step
 from ..vae import TOY_VAE, VAE, VAEConfig
@@ -111,4 +111,4 @@ def load_autoencoder(path: str) -> tuple[VAE, float]:
     vae = VAE(VAEConfig(**meta["vae"]))
     state = {k[4:]: v for k, v in read_state_dict(path).items() if k.startswith("vae.")}
     apply_map(vae, state, lambda k: [k], f"{path}: vae")
-    return vae.eval().requires_grad_(False), meta["latent_scale"]
+    return vae.eval().requires_grad_(False), positive_number(path, "latent scale", meta["latent_scale"])
