@@ -89,7 +89,20 @@ def test_user_mistakes_get_one_line(tmp_path, tiny_checkpoint, args, message, ca
     code = run_main("sample.py", *base, *args)  # in this process: an exception other than the exit would raise
     assert isinstance(code, str) and code.startswith("sample.py: error: ") and message in code, code
     assert "\n" not in code and capfd.readouterr().err == ""
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # no empty output folder left behind either
+
+
+def test_a_failure_while_sampling_leaves_no_empty_folder(tmp_path, tiny_checkpoint, monkeypatch):
+    """An error raised after the output folder was made (here: by the sampler) removes the folders it made."""
+    from snapfusion_min.pipeline import Pipeline
+
+    def fail(*args, **kwargs):
+        raise ValueError("the sampled latents are not finite")
+
+    monkeypatch.setattr(Pipeline, "__call__", fail)
+    code = run_main("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--out-dir",
+                    str(tmp_path / "new" / "o"))
+    assert code == "sample.py: error: the sampled latents are not finite" and not (tmp_path / "new").exists()
 
 
 def parsers(script: str) -> list[argparse.ArgumentParser]:

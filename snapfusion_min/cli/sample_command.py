@@ -25,7 +25,7 @@ from .. import load_pipeline
 from ..diffusion import SOLVERS, SPACINGS
 from ..eval.coco import read_prompt_file
 from ..formats.checkpoint import atomic_create
-from ..pipeline import auto_dtype
+from ..pipeline import Pipeline, SamplerConfig, auto_dtype
 from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
@@ -94,7 +94,20 @@ def main(argv: list[str] | None = None) -> None:
     if height % f or width % f or height <= 0 or width <= 0:
         raise ValueError(f"--height and --width must be positive multiples of {f}, got {height}x{width}")
     out = Path(args.out_dir)
+    made = [] if out.is_dir() else [out, *(p for p in out.parents if not p.exists())]  # removed again if left empty
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_images(args, pipe, s, prompts, height, width, out)
+    except BaseException:
+        for folder in made:  # a run that fails leaves no empty folder behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def write_images(args, pipe: Pipeline, s: SamplerConfig, prompts: list[str], height: int, width: int,  # noqa: ANN001
+                 out: Path) -> None:
+    """Sample ``prompts`` in batches, each image a PNG with its settings in the metadata, never over a file."""
     print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} {s.solver} steps ({s.spacing}), "
           f"guidance {s.guidance}, {height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
           f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}; {len(prompts):,} image"
