@@ -42,9 +42,8 @@ def test_sample_writes_pngs_with_metadata(tmp_path, tiny_checkpoint):
     assert image.text["prompt"] == "a blue square" and image.text["seed"] == "4" and image.text["steps"] == "3"
     assert image.text["spacing"] == "trailing" and image.text["checkpoint"] == str(tiny_checkpoint)
     assert image.text["sampler"] == "dpm++"
-    again = run_script("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", "a blue square", "--seed", "4",
-                       "--output_dir", str(tmp_path / "again"), "--device", "cpu")  # diffusers' spelling
-    assert again.returncode == 0, again.stderr
+    assert run_main("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", "a blue square", "--seed", "4",
+                    "--output_dir", str(tmp_path / "again"), "--device", "cpu") == 0  # diffusers' spelling
     assert Image.open(tmp_path / "again" / "0004-a-blue-square.png").tobytes() == image.tobytes()  # same seed
 
 
@@ -54,8 +53,8 @@ def test_two_runs_into_one_folder_lose_no_image(tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     args = ["--checkpoint", str(tiny_checkpoint), "--prompt", "a red circle", "--prompt", "a blue square",
             "--out-dir", str(out), "--device", "cpu"]
-    for seed in ("0", "1"):  # seeds 0, 1 and 1, 2: the second run's first name is taken
-        assert run_script("sample.py", *args, "--seed", seed).returncode == 0
+    for seed in ("0", "1"):  # seeds 0, 1 and 1, 2: the second run's first name is taken (in this process)
+        assert run_main("sample.py", *args, "--seed", seed) == 0
     assert len(list(out.glob("*.png"))) == 4
     assert (out / "0001-a-blue-square.png").is_file() and (out / "0001-a-red-circle.png").is_file()
     runs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], stdout=subprocess.PIPE,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLIP, ROOT, run_main, run_script
+from helpers import CLIP, ROOT, run_main
 from torchvision.transforms.functional import to_pil_image
 
 from snapfusion_min.arch import tiny
@@ -30,10 +30,6 @@ def autoencoder(tmp_path_factory):
     return path
 
 
-def run(*args: str, torchrun: bool = False):
-    return run_script("train.py", *args, torchrun=torchrun)
-
-
 def unet_args(out, autoencoder, steps=6, *extra):
     return ["unet", "--arch", "tiny", "--clip", str(CLIP), "--autoencoder", str(autoencoder), "--out", str(out),
             "--train-steps", str(steps), "--batch-size", "4", "--save-every", "100", "--device", "cpu",
@@ -42,13 +38,10 @@ def unet_args(out, autoencoder, steps=6, *extra):
 
 @pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, autoencoder):
-    straight = run(*unet_args(tmp_path / "a.safetensors", autoencoder))
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    first = run(*unet_args(tmp_path / "b.safetensors", autoencoder, 6, "--stop-after", "3"))
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert run_main("train.py", *unet_args(tmp_path / "a.safetensors", autoencoder)) == 0  # in this process
+    assert run_main("train.py", *unet_args(tmp_path / "b.safetensors", autoencoder, 6, "--stop-after", "3")) == 0
     assert load_state(str(tmp_path / "b.safetensors") + ".state.pt")["step"] == 3
-    second = run(*unet_args(tmp_path / "b.safetensors", autoencoder, 6, "--resume"))
-    assert second.returncode == 0, second.stderr[-2000:]
+    assert run_main("train.py", *unet_args(tmp_path / "b.safetensors", autoencoder, 6, "--resume")) == 0
     a, b = (load_state(str(tmp_path / f"{n}.safetensors") + ".state.pt") for n in "ab")
     assert a["step"] == b["step"] == 6 and a["losses"] == b["losses"]
     for key in a["model"]:
