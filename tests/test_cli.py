@@ -75,6 +75,7 @@ def test_two_runs_into_one_folder_lose_no_image(tmp_path, tiny_checkpoint):
     (["--checkpoint", "CORRUPT"], "not a readable .safetensors file"),
     (["--checkpoint", "PICKLE"], "refused to unpickle"),
     (["--checkpoint", "missing.ckpt"], "no such checkpoint"),
+    (["--seed", str(2**64)], f"--seed {2**64} is out of range: image i uses seed + i, a 64-bit seed"),
 ])
 def test_user_mistakes_get_one_line(tmp_path, tiny_checkpoint, args, message, capfd, monkeypatch):
     (tmp_path / "empty.txt").write_text("\n  \n")

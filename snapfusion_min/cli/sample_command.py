@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_images_per_prompt <= 0:
         raise ValueError(f"--num-images-per-prompt must be positive, got {args.num_images_per_prompt}")
     prompts = [prompt for prompt in prompts for _ in range(args.num_images_per_prompt)]  # as pipe(...) repeats them
+    if not -(2**63) <= args.seed <= 2**63 - len(prompts):
+        raise ValueError(f"--seed {args.seed} is out of range: image i uses seed + i, a 64-bit seed, so --seed must be "
+                         f"in [-2**63, 2**63 - {len(prompts)}] for {len(prompts)} image(s)")
     if args.checkpoint == str(MODEL) and not MODEL.is_file():
         raise FileNotFoundError(f"the bundled toy model is not in this checkout ({MODEL}); pass --checkpoint")
     check_writable(args.out_dir, folder=True)
