@@ -2,6 +2,7 @@
 sample without a caption among them; the stream's order, rank and worker split, and training on two ranks with exact
 resume."""
 
+import gzip
 import io
 import json
 import shutil
@@ -14,7 +15,7 @@ from helpers import CLIP, run_script
 from PIL import Image
 
 from snapfusion_min.data import ToyWorld
-from snapfusion_min.formats.shards import Shards, is_shards, shard_paths
+from snapfusion_min.formats.shards import Shards, index_shard, is_shards, shard_paths
 from snapfusion_min.training import Dist, batch_at, captions, make_dataset
 from snapfusion_min.vae import TOY_VAE
 
@@ -89,10 +90,11 @@ def test_ranks_split_each_epoch_and_batches_are_a_function_of_the_step(shards):
 
 
 def test_a_truncated_shard_keeps_the_samples_before_the_damage(shards, tmp_path):
+    """A shard cut short keeps its samples up to the cut, one with a garbled tar header those before it; both are
+    named as damaged, the broken samples skipped, and every batch is whole. A shard cut exactly between two members
+    (no end-of-archive blocks) is named too."""
     for s in range(2):
         (tmp_path / f"shard-{s:05d}.tar").write_bytes((shards / f"shard-{s:05d}.tar").read_bytes())
-    """A shard cut short keeps its samples up to the cut, one with a garbled tar header those before it; both are
-    named as damaged, the broken samples skipped, and every batch is whole."""
     whole = bytearray((shards / "shard-00002.tar").read_bytes())
     (tmp_path / "shard-00002.tar").write_bytes(whole[:len(whole) * 2 // 3])
     with tarfile.open(shards / "shard-00003.tar") as tar:
@@ -107,6 +109,14 @@ def test_a_truncated_shard_keeps_the_samples_before_the_damage(shards, tmp_path)
     assert data.skipped["shard-00002.tar"].startswith(("truncated: ", "damaged: "))  # cut in a file or a header
     assert data.skipped["shard-00003.tar"].startswith("damaged: unreadable tar header at byte")
     assert {"shard-00002.tar:000016", "shard-00003.tar:000021"} <= set(data.skipped)
+    (tmp_path / "cut").mkdir()
+    with tarfile.open(shards / "shard-00000.tar") as tar:
+        fourth = sorted({m.name.partition(".")[0] for m in tar.getmembers()})[3]
+        cut = min(m.offset for m in tar.getmembers() if m.name.startswith(fourth + "."))  # its first header
+    (tmp_path / "cut" / "a.tar").write_bytes((shards / "shard-00000.tar").read_bytes()[:cut])
+    samples, problem = index_shard(tmp_path / "cut" / "a.tar")
+    assert len(samples) == 3 and problem == "truncated: ends after 3 samples without the tar's end-of-archive blocks"
+    assert index_shard(shards / "shard-00000.tar")[1] == ""  # a whole shard: nothing to say
 
 
 def test_training_helpers_read_shards(shards):
@@ -145,3 +155,15 @@ def test_training_on_two_ranks_from_shards_resumes_exactly(shards, tmp_path):
     assert a["step"] == b["step"] == 3 and a["losses"] == b["losses"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_shards_that_hold_nothing_say_why(tmp_path):
+    """A gzip file, an empty file and random bytes named .tar: the error names each shard and what is wrong with it."""
+    (tmp_path / "gz.tar").write_bytes(gzip.compress(b"not a tar" * 100))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "noise.tar").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="the shards of rank 0 hold no samples") as e:
+        next(Shards(str(tmp_path), 64).stream(0, 0, 1, 0))
+    message = str(e.value)
+    for name in ("gz.tar: unreadable tar", "noise.tar: unreadable tar", "empty.tar: "):
+        assert name in message, message

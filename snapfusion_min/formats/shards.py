@@ -96,6 +96,8 @@ def index_shard(path: Path) -> tuple[list[Sample], str]:
                     entry[2], entry[3] = (info.offset_data, info.size), ext
             if not problem and _data_after(path, tar.offset):  # tarfile stops at a garbled header, silently
                 problem = f"damaged: unreadable tar header at byte {tar.offset} of {size}"
+            if not problem and samples and size - tar.offset < 1024:  # cut between members: no end-of-archive blocks
+                problem = f"truncated: ends after {len(samples)} samples without the tar's end-of-archive blocks"
     except (tarfile.TarError, OSError) as e:
         problem = f"unreadable tar after {len(samples)} samples ({e})"
     return [tuple(s) for s in samples.values()], problem  # type: ignore[misc]
@@ -156,7 +158,10 @@ class Shards:
             shards = self.rank_shards(epoch, rank, world, seed)
             length = sum(len(self.samples(j)) for j in shards)
             if length == 0:
-                raise ValueError(f"the shards of rank {rank} hold no samples (epoch {epoch})")
+                why = [f"{self.paths[j].name}: {self._damaged.get(self.paths[j].name, 'an empty tar')}"
+                       for j in shards[:3]]
+                raise ValueError(f"the shards of rank {rank} hold no samples (epoch {epoch}): {'; '.join(why)}"
+                                 + (f"; and {len(shards) - 3} more" if len(shards) > 3 else ""))
             if skip >= length:  # a whole epoch before the start
                 skip -= length
                 continue
