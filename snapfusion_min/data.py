@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from .formats.figures import caption_grid
-from .formats.images import IMAGE_SUFFIXES, center_crop, to_rgb, to_tensor, unreadable
+from .formats.images import IMAGE_SUFFIXES, center_crop, open_image, to_rgb, to_tensor, unreadable
 
 COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 215, 45),
           "purple": (145, 55, 185), "orange": (245, 135, 30)}
@@ -178,9 +178,9 @@ class CaptionedFolder(torch.utils.data.Dataset):
         for k in range(len(self.items)):
             path, caption = self.items[(i + k) % len(self.items)]
             try:
-                with Image.open(path) as image:
+                with open_image(path) as image:
                     return to_tensor(center_crop(to_rgb(image), self.resolution)), caption
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 if not self.skip_bad:
                     raise ValueError(f"{path}: unreadable image ({e})") from None
                 self.skipped[path.relative_to(self.root).as_posix()] = f"unreadable image ({type(e).__name__})"

@@ -1,6 +1,10 @@
 """The toy world and the captioned-folder loader."""
 
+import io
 import json
+import struct
+import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -135,3 +139,48 @@ def test_palette_transparency_is_composited(tmp_path):
     image.save(tmp_path / "p.png", transparency=0)
     with Image.open(tmp_path / "p.png") as loaded:
         assert to_rgb(loaded).getpixel((0, 0)) == (255, 255, 255)
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A small PNG whose header says width x height (a decompression bomb's header: decoding it would take GBs)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # and its CRC
+    return bytes(png)
+
+
+def test_an_image_over_the_pixel_limit_is_a_bad_sample_not_a_crash(tmp_path):
+    """A decompression bomb (20,000 x 20,000 by its header) in a folder is an error naming it, or with --skip-bad is
+    left out and counted; in a WebDataset shard it is a skipped sample. Nothing is decoded. An image between our
+    limit and PIL's (10,000 x 10,000) too."""
+    from snapfusion_min.formats.shards import Shards
+
+    root = make_folder(tmp_path / "data", 2)
+    for i in range(2):
+        (root / f"img{i}.txt").write_text(f"cap {i}")
+    (root / "bomb.png").write_bytes(bomb_png())
+    (root / "bomb.txt").write_text("a bomb")
+    with pytest.raises(ValueError, match=r"bomb\.png: unreadable image \(400,000,000 pixels, more than 67,108,864\)"):
+        CaptionedFolder(root)
+    data = CaptionedFolder(root, skip_bad=True)
+    assert len(data) == 2 and data.skipped == {"bomb.png": "unreadable image (400,000,000 pixels, more than "
+                                                            "67,108,864)"}
+    shard = tmp_path / "shards" / "a.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in (("000.png", bomb_png()), ("000.txt", b"a bomb"),
+                              ("001.png", (root / "img0.png").read_bytes()), ("001.txt", b"cap 0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shards = Shards(str(shard.parent), 32)
+    assert shards.load(0, 0) == "unreadable (400,000,000 pixels, more than 67,108,864)"
+    assert shards.load(0, 1)[1] == "cap 0"
+    (root / "bomb.png").write_bytes(bomb_png(10000, 10000))
+    assert CaptionedFolder(root, skip_bad=True).skipped == {"bomb.png": "unreadable image (100,000,000 pixels, more "
+                                                                        "than 67,108,864)"}
+    (root / "bomb.png").write_bytes(bomb_png(9000, 8000))  # under PIL's warning, over ours
+    assert CaptionedFolder(root, skip_bad=True).skipped == {"bomb.png": "unreadable image (72,000,000 pixels, more "
+                                                                        "than 67,108,864)"}

@@ -43,8 +43,8 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", ()),
     "--data": (str, "'toy' (the toy world), a folder of captioned images, or WebDataset shards (a folder of .tar, "
                     "a glob, or a brace range like shards/{00000..00999}.tar)", ()),
-    "--skip-bad": (None, "leave out (and count) images without a caption or that cannot be read (WebDataset "
-                         "shards always do)", ()),
+    "--skip-bad": (None, "leave out (and count) images without a caption, that cannot be read or that have more "
+                         "than 8192 x 8192 pixels (WebDataset shards always do)", ()),
     "--optimizer": (str, "adamw, or adafactor (a factored second moment and no first: a fraction of AdamW's two "
                          "copies of the weights; bench/sd_memory.py)", ()),
     "--checkpointing": (None, "gradient checkpointing: the UNet's blocks recompute their activations in the backward "

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -16,6 +21,24 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_PIXELS = 8192 * 8192  # a larger image is a bad sample (a decompression bomb would take GBs to decode)
+
+
+@contextmanager
+def open_image(source: str | Path | BinaryIO) -> Iterator[Image.Image]:
+    """``Image.open`` that refuses, as a ValueError, an image of more than ``MAX_PIXELS`` pixels, by its header and
+    before decoding (PIL's own bomb check raises another kind of error, and only past 179M pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's check, past 89M pixels
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            raise ValueError(f"{int(n[1]) if n else 0:,} pixels, more than {MAX_PIXELS:,}") from None
+    with image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width * image.height:,} pixels, more than {MAX_PIXELS:,}")
+        yield image
 
 
 def center_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -49,8 +72,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def unreadable(path: Path) -> str:
     """'' if the image decodes fully (a truncated file passes PIL's verify() but not load()), else the problem."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except ValueError as e:
+        return f"unreadable image ({e})" if "pixels" in str(e) else f"unreadable image ({type(e).__name__})"
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
         return f"unreadable image ({type(e).__name__})"
     return ""

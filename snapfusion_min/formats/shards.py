@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from .images import IMAGE_SUFFIXES, center_crop, to_rgb, to_tensor
+from .images import IMAGE_SUFFIXES, center_crop, open_image, to_rgb, to_tensor
 
 Member = tuple[int, int]  # (offset of the data in the tar, size)
 Sample = tuple[str, Member | None, Member | None, str]  # key, image, caption, caption kind ('txt' / 'json')
@@ -193,10 +193,10 @@ class Shards:
             text = json.loads(text).get("caption", "") if kind == "json" else text
             if not isinstance(text, str) or not text.strip():
                 return "empty caption"
-            with Image.open(io.BytesIO(self._read(shard, image))) as im:
+            with open_image(io.BytesIO(self._read(shard, image))) as im:
                 return to_tensor(center_crop(to_rgb(im), self.resolution)), " ".join(text.split())
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, AttributeError) as e:
-            return f"unreadable ({type(e).__name__})"
+            return f"unreadable ({e})" if "pixels" in str(e) else f"unreadable ({type(e).__name__})"
 
     def window(self, step: int, m: int, rank: int, world: int, seed: int) -> tuple[torch.Tensor, list[str], dict]:
         """The batch of ``step`` on ``rank``: m usable samples from stream position step * m on, and the skipped."""
