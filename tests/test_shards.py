@@ -5,6 +5,7 @@ resume."""
 import gzip
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -167,3 +168,28 @@ def test_shards_that_hold_nothing_say_why(tmp_path):
     message = str(e.value)
     for name in ("gz.tar: unreadable tar", "noise.tar: unreadable tar", "empty.tar: "):
         assert name in message, message
+
+
+def test_shards_that_would_hang_are_refused(tmp_path):
+    """The probe's hangs: a shard whose images and captions never pair up, a .tar that is a link to /dev/zero or a
+    FIFO, a brace range of a million names: each is an error, at once."""
+    unpaired = tmp_path / "unpaired" / "a.tar"
+    unpaired.parent.mkdir()
+    with tarfile.open(unpaired, "w") as tar:
+        for name, payload in (("000.png", b"x"), ("001.txt", b"a caption"), ("002.png", b"y"), ("003.txt", b"c")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match=r"rank 0: \d+ unusable samples in a row, 4 distinct"):
+        Shards(str(unpaired.parent), 32).batch(0, 2, 0, 1, 0)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "zero.tar").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"zero.tar is not a regular file \(a folder, FIFO or device\)"):
+        shard_paths(str(odd))
+    (odd / "zero.tar").unlink()
+    os.mkfifo(odd / "fifo.tar")
+    with pytest.raises(ValueError, match=r"fifo.tar is not a regular file"):
+        shard_paths(str(odd / "fifo.tar"))
+    with pytest.raises(ValueError, match=r"names 1,000,000 shards; at most 100,000"):
+        shard_paths(str(tmp_path / "s-{000000..999999}.tar"))

@@ -39,23 +39,33 @@ Member = tuple[int, int]  # (offset of the data in the tar, size)
 Sample = tuple[str, Member | None, Member | None, str]  # key, image, caption, caption kind ('txt' / 'json')
 
 
+MAX_SHARDS = 100_000  # a brace range naming more is refused before any name is made
+
+
 def shard_paths(source: str) -> list[Path]:
-    """The shards ``source`` names: a folder of .tar files, a .tar, a glob, or a brace range {000..099}."""
+    """The shards ``source`` names: a folder of .tar files, a .tar, a glob, or a brace range {000..099}. Each must be
+    a regular file: a FIFO or a device (a link to /dev/zero) would block or never end."""
     path = Path(source)
     if path.is_dir():
         paths = sorted(path.glob("*.tar"))
     else:
         m = re.search(r"\{(\d+)\.\.(\d+)\}", source)
         if m:
+            first, last = int(m[1]), int(m[2])
+            if last - first + 1 > MAX_SHARDS:
+                raise ValueError(f"{source} names {last - first + 1:,} shards; at most {MAX_SHARDS:,}")
             head, tail, width = source[:m.start()], source[m.end():], len(m[1])
-            names = [f"{head}{i:0{width}d}{tail}" for i in range(int(m[1]), int(m[2]) + 1)]
+            names = [f"{head}{i:0{width}d}{tail}" for i in range(first, last + 1)]
         else:
             names = sorted(glob.glob(source))
         paths = [Path(n) for n in names]
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not p.exists()]
         if missing:
             raise FileNotFoundError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                      if len(missing) > 1 else ""))
+    odd = [p for p in paths if not p.is_file()]
+    if odd:
+        raise ValueError(f"shard {odd[0]} is not a regular file (a folder, FIFO or device)")
     if not paths:
         raise FileNotFoundError(f"no .tar shards in {source}")
     return paths
@@ -200,15 +210,17 @@ class Shards:
 
     def window(self, step: int, m: int, rank: int, world: int, seed: int) -> tuple[torch.Tensor, list[str], dict]:
         """The batch of ``step`` on ``rank``: m usable samples from stream position step * m on, and the skipped."""
-        items, skipped = [], {}
+        items, skipped, misses = [], {}, 0
         for j, k in self.stream(step * m, rank, world, seed):
             got = self.load(j, k)
             if isinstance(got, str):
                 skipped[f"{self.paths[j].name}:{self.samples(j)[k][0]}"] = got
-                if len(skipped) > 1000 + 10 * m:
-                    raise ValueError(f"rank {rank}: more than {len(skipped)} unusable samples in a row "
+                misses += 1  # the stream repeats its epochs: count tries, not distinct samples
+                if misses > 1000 + 10 * m:
+                    raise ValueError(f"rank {rank}: {misses} unusable samples in a row, {len(skipped)} distinct "
                                      f"(e.g. {next(iter(skipped.items()))})")
                 continue
+            misses = 0
             items.append(got)
             if len(items) == m:
                 return torch.stack([x for x, _ in items]), [c for _, c in items], {**self._damaged, **skipped}
