@@ -4,6 +4,7 @@ and checkpoint round trips."""
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,38 @@ def test_a_latent_scale_that_is_not_a_positive_number_names_the_checkpoint(tmp_p
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={META_KEY: json.dumps(config)})
     with pytest.raises(CheckpointError, match=r"bad.safetensors: its latent scale .* is not a positive number"):
         load_pipeline(tmp_path / "bad.safetensors")
+
+
+def test_a_full_disk_leaves_the_file_that_was_there(tmp_path, monkeypatch):
+    """An injected ENOSPC in the middle of a write -- safetensors' error for a checkpoint, torch.save's 'unexpected
+    pos' for a resumable state -- is one OSError saying so; the earlier file is byte-identical, no temporary left."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from safetensors import SafetensorError
+
+    from snapfusion_min.formats import checkpoint
+    from snapfusion_min.training import save_state
+
+    pipe = tiny_pipeline()
+    pipe.save(tmp_path / "m.safetensors")
+    save_state(tmp_path / "m.state.pt", {"step": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_then(error):
+        def write(*args, **kwargs):
+            path = next(a for a in (*args, *kwargs.values()) if isinstance(a, str) and a.endswith(".tmp"))
+            Path(path).write_bytes(b"half a file")
+            raise error
+        return write
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(5 << 20, 5 << 20, 0))
+    monkeypatch.setattr(checkpoint, "save_file", half_then(SafetensorError("Error while serializing: IoError")))
+    with pytest.raises(OSError, match=r"no space left on the device of .* to write m.safetensors; the file there"):
+        pipe.save(tmp_path / "m.safetensors")
+    monkeypatch.setattr(torch, "save", half_then(RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                              "unexpected pos 64 vs 0")))
+    with pytest.raises(OSError, match=r"\[Errno 28\] no space left on the device of .* to write m.state.pt"):
+        save_state(tmp_path / "m.state.pt", {"step": 2})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

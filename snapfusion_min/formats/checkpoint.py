@@ -4,11 +4,13 @@ the architecture spec, the prediction type and the other configs (JSON), written
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import pickle
 import re
+import shutil
 import socket
 import tempfile
 import warnings
@@ -98,7 +100,13 @@ def _written_temp(folder: Path, name: str, write: Callable[[str], None]) -> Iter
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save says "unexpected pos" on a full disk
+            if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 1 << 20:
+                raise OSError(errno.ENOSPC, f"no space left on the device of {folder} to write {name}; the file "
+                                            "there is as it was") from None
+            raise
         os.chmod(tmp, 0o666 & ~umask())
         yield tmp
     finally:
