@@ -254,4 +254,12 @@ def test_a_full_disk_leaves_the_file_that_was_there(tmp_path, monkeypatch):
                                                               "unexpected pos 64 vs 0")))
     with pytest.raises(OSError, match=r"\[Errno 28\] no space left on the device of .* to write m.state.pt"):
         save_state(tmp_path / "m.state.pt", {"step": 2})
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    from snapfusion_min.export import diffusers_folder
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError")
+
+    monkeypatch.setattr(diffusers_folder, "save_file", full)
+    with pytest.raises(OSError, match=r"no space left on the device of .* to write sd"):
+        diffusers_folder.save_diffusers(pipe, tmp_path / "sd")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no folder, no temporary

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..formats.checkpoint import atomic_write
+from ..formats.checkpoint import atomic_write, full_disk_said
 from ..pipeline import Pipeline
 from ..text_encoder import write_bpe_files
 from ..unet import Attention
@@ -149,7 +149,12 @@ def write_package(pkg: Package, out: Path, meta: dict, options: ExportOptions) -
         model, row["weight_error"] = compress(model, options.compress)
     path, tmp = out / f"{pkg.name}.mlpackage", out / f".{pkg.name}.partial.mlpackage"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(str(tmp))
+    try:
+        with full_disk_said(out, path.name):
+            model.save(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial package left behind
+        raise
     del model
     if path.exists():
         row["replaced"] = True

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from safetensors.torch import save_file
 
 from ..arch import STAGES, sd15
-from ..formats.checkpoint import umask
+from ..formats.checkpoint import full_disk_said, umask
 from ..formats.weights import to_diffusers
 from ..text_encoder import EOT, SOT, write_bpe_files
 
@@ -114,10 +114,11 @@ def save_diffusers(pipe: Pipeline, folder: str | Path) -> Path:
         for name, config in configs(pipe).items():
             (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(unet, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
-        save_file(vae, str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
-        save_file(text, str(tmp / "text_encoder" / "model.safetensors"))
-        write_bpe_files(tmp / "tokenizer")
+        with full_disk_said(folder.parent, folder.name):
+            save_file(unet, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+            save_file(vae, str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
+            save_file(text, str(tmp / "text_encoder" / "model.safetensors"))
+            write_bpe_files(tmp / "tokenizer")
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a new folder's usual mode
         if folder.is_dir():
             folder.rmdir()  # empty, checked above

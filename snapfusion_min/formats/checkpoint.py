@@ -93,6 +93,19 @@ def umask() -> int:
 
 
 @contextmanager
+def full_disk_said(folder: Path, name: str) -> Iterator[None]:
+    """A write into ``folder`` that fails for want of space -- ENOSPC, or torch.save's 'unexpected pos' and
+    safetensors' error with the disk nearly full -- becomes one OSError saying so; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 1 << 20:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {folder} to write {name}; the file there "
+                                        "is as it was") from None
+        raise
+
+
+@contextmanager
 def _written_temp(folder: Path, name: str, write: Callable[[str], None]) -> Iterator[str]:
     """A temporary file beside the target, filled by ``write``, with a new file's usual mode (mkstemp makes 0600);
     removed at the end unless it was renamed or linked into place."""
@@ -100,13 +113,8 @@ def _written_temp(folder: Path, name: str, write: Callable[[str], None]) -> Iter
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
-        try:
+        with full_disk_said(folder, name):
             write(tmp)
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save says "unexpected pos" on a full disk
-            if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 1 << 20:
-                raise OSError(errno.ENOSPC, f"no space left on the device of {folder} to write {name}; the file "
-                                            "there is as it was") from None
-            raise
         os.chmod(tmp, 0o666 & ~umask())
         yield tmp
     finally:
