@@ -182,7 +182,9 @@ def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = Fal
     if data == "toy":
         return ToyWorld("train", length=10**9, seed=seed, resolution=resolution)
     if is_shards(data):
-        return Shards(data, resolution, workers)
+        shards = Shards(data, resolution, workers)
+        shards.window(0, 1, 0, 1, seed)  # one usable sample, or the reason there is none, before any work
+        return shards
     folder = CaptionedFolder(data, resolution=resolution, skip_bad=skip_bad)
     if folder.skipped:  # --skip-bad: say what was left out
         name, problem = next(iter(folder.skipped.items()))

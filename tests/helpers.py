@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import math
 import runpy
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from snapfusion_min.arch import tiny
 from snapfusion_min.pipeline import Pipeline, SamplerConfig
@@ -92,3 +96,13 @@ def sd_tokenizer(folder: Path):  # noqa: ANN201
     write_bpe_files(folder)
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
                          model_max_length=77)
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A small PNG whose header says width x height (a decompression bomb's header: decoding it would take GBs)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # and its CRC
+    return bytes(png)

@@ -3,12 +3,16 @@ file changed. Each row runs the script's ``__main__`` in this process (helpers.r
 the script's own one-line exit would surface here as that exception, i.e. a traceback the user would have seen."""
 
 import hashlib
+import io
 import json
+import os
 import pickle
+import tarfile
 
 import pytest
 import torch
-from helpers import CLIP, ROOT, run_main, tiny_pipeline
+from helpers import CLIP, ROOT, bomb_png, run_main, tiny_pipeline
+from PIL import Image
 from safetensors.torch import save_file
 
 from snapfusion_min.vae import TOY_VAE
@@ -88,6 +92,13 @@ ROWS = [  # script, arguments, what the one line must say
     ("train.py", ["unet", "--arch", "huge", *UNET[3:]], "unknown architecture preset"),
     ("train.py", ["unet", "--arch", "tiny", "--out", "OUT"], "needs --clip and --autoencoder"),
     ("train.py", [*UNET, "--data", "MISSING"], "no such data folder"),
+    # data that crashed or hung (the second probe)
+    ("train.py", [*UNET, "--data", "BOMBS"], "bomb.png: unreadable image (400,000,000 pixels, more than 67,108,864)"),
+    ("train.py", [*UNET, "--data", "UNPAIRED"], "unusable samples in a row, 2 distinct"),
+    ("train.py", [*UNET, "--data", "ZERO"], "zero.tar is not a regular file (a folder, FIFO or device)"),
+    ("train.py", [*UNET, "--data", "FIFO"], "fifo.tar is not a regular file (a folder, FIFO or device)"),
+    ("train.py", [*UNET, "--data", "WORK/s-{000000..999999}.tar"], "names 1,000,000 shards; at most 100,000"),
+    ("train.py", [*UNET[:-1], "CODED", "--resume"], "coded.safetensors.state.pt is not a readable resumable state"),
     ("evaluate.py", ["--checkpoint", "TINY", "--clip", "AE"], "not a toy CLIP checkpoint"),
     ("evaluate.py", ["--checkpoint", "TINY", "--clip", "PICKLE"], "refused to unpickle"),
     ("evaluate.py", ["--checkpoint", "TINY", "--remove", "up9.A0"], "unknown block address"),
@@ -138,6 +149,22 @@ def files(tmp_path_factory):
     (root / "nostages.json").write_text('{"channels": [32, 64, 64, 64]}')
     (root / "blank.txt").write_text("\n  \n")
     (root / "binary.txt").write_bytes(b"ok\xff\xfe\x00")
+    (root / "bombs").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "bombs" / "good.png")
+    (root / "bombs" / "bomb.png").write_bytes(bomb_png())
+    for name in ("good", "bomb"):
+        (root / "bombs" / f"{name}.txt").write_text("a caption")
+    (root / "unpaired").mkdir()
+    with tarfile.open(root / "unpaired" / "a.tar", "w") as tar:
+        for name, payload in (("000.png", b"x"), ("001.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    (root / "zero").mkdir()
+    (root / "zero" / "zero.tar").symlink_to("/dev/zero")
+    os.mkfifo(root / "fifo.tar")
+    with open(root / "coded.safetensors.state.pt", "wb") as f:
+        pickle.dump({"model": {}, "payload": Payload()}, f)
     (root / "null.json").write_text(json.dumps({"images": [{"id": 1}],
                                                 "annotations": [{"image_id": 1, "id": 7, "caption": None}]}))
     return root
@@ -157,7 +184,9 @@ def test_bad_input_is_one_line_naming_it_and_changes_nothing(script, args, messa
             "TRUNCATED": files / "truncated.safetensors", "RANDOM": files / "random.ckpt",
             "PICKLE": files / "code.ckpt", "FOREIGN": files / "foreign.safetensors",
             "NOSTAGES": files / "nostages.json", "BLANK": files / "blank.txt", "OUT": tmp_path / "out.safetensors",
-            "BINARY": files / "binary.txt", "NULLCOCO": files / "null.json",
+            "BINARY": files / "binary.txt", "NULLCOCO": files / "null.json", "BOMBS": files / "bombs",
+            "UNPAIRED": files / "unpaired", "ZERO": files / "zero", "FIFO": files / "fifo.tar",
+            "CODED": files / "coded.safetensors",
             "WORK": tmp_path / "work", "REPORT": ROOT / "report"}
     argv = [str(subs[a]) if a in subs else a for a in args]
     argv = [a.replace("BLANK/", f"{files / 'blank.txt'}/").replace("WORK/", f"{tmp_path / 'work'}/") for a in argv]

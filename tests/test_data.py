@@ -2,13 +2,12 @@
 
 import io
 import json
-import struct
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from helpers import bomb_png
 from PIL import Image
 
 from snapfusion_min.data import ALL_COMBOS, CaptionedFolder, ToyWorld, combos, is_heldout, to_rgb
@@ -139,16 +138,6 @@ def test_palette_transparency_is_composited(tmp_path):
     image.save(tmp_path / "p.png", transparency=0)
     with Image.open(tmp_path / "p.png") as loaded:
         assert to_rgb(loaded).getpixel((0, 0)) == (255, 255, 255)
-
-
-def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
-    """A small PNG whose header says width x height (a decompression bomb's header: decoding it would take GBs)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
-    png = bytearray(buffer.getvalue())
-    png[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
-    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # and its CRC
-    return bytes(png)
 
 
 def test_an_image_over_the_pixel_limit_is_a_bad_sample_not_a_crash(tmp_path):
