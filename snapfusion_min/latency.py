@@ -16,6 +16,7 @@ import torch
 
 from .arch import LEVEL, STAGES, ArchSpec, walk
 from .cost import count_macs, count_params, median_time, median_times, threads
+from .formats.checkpoint import atomic_write
 from .formats.figures import block_bars
 from .unet import UNet
 
@@ -38,7 +39,7 @@ class LatencyTable:
     measured_ms: dict[str, float] = field(default_factory=dict)  # spec summary -> measured whole forward
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(self), indent=1)))
 
     @staticmethod
     def load(path: str | Path) -> LatencyTable:

@@ -263,7 +263,8 @@ def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "t
         return
     prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
     images = pipe(prompts)  # the pipeline's own sampler settings
-    caption_grid(images, prompts, cols=8).save(out + ".samples.png")
+    grid = caption_grid(images, prompts, cols=8)
+    atomic_write(out + ".samples.png", lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

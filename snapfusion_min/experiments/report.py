@@ -17,6 +17,7 @@ from torchvision.transforms.functional import to_pil_image
 from ..cost import count_params, table1_times, threads
 from ..data import ToyWorld
 from ..diffusion import SOLVERS
+from ..formats.checkpoint import atomic_write
 from ..formats.figures import caption_grid, fid_clip_plot
 from ..latency import LatencyTable, fig2
 from ..pipeline import Pipeline, load_pipeline
@@ -84,7 +85,8 @@ def ablation_grid(plain: Pipeline, robust: Pipeline, path: Path) -> None:
             captions += [f"{name}, removed {removed.replace('up1.A0,up1.A1,up1.A2', 'up1.A*')}"] * len(prompts)
         pipe.unet.removed = set()
     order = [i for k in range(len(prompts)) for i in range(k, len(images), len(prompts))]  # one prompt per row
-    caption_grid([images[i] for i in order], [captions[i] for i in order], cols=len(ABLATE), scale=2).save(path)
+    grid = caption_grid([images[i] for i in order], [captions[i] for i in order], cols=len(ABLATE), scale=2)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def goals(t2: dict, f6: dict, totals: dict, base: str, base_steps: int, g0: float,
@@ -158,8 +160,8 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
     goal_lines, verdict = goals(t2, f6, totals, f"baseline {BASE_STEPS}-step", BASE_STEPS, G0, mixed)
     lines += [*table1, *table2, *fig5_section(p, b, report), *evolve_section(p, b), *fig6, *goal_lines,
               *fig8_section(p, b, clip), *samples_section(final, report), *times_section(timings, cpu or {})]
-    (report / "README.md").write_text("\n".join(lines))
-    (report / "results.json").write_text(json.dumps(verdict, indent=1))
+    atomic_write(report / "README.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    atomic_write(report / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(verdict, indent=1)))
     return verdict
 
 
@@ -341,7 +343,8 @@ def fig8_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP) -> list[st
 def samples_section(final: Pipeline, report: Path) -> list[str]:
     prompts = [ToyWorld("heldout", length=16, seed=1234).sample(i)[1].caption for i in range(16)]
     x = final(prompts, steps=8, guidance=G0, seed=1234, height=64, width=64, spacing="trailing", output_type="pt")
-    caption_grid([to_pil_image(v) for v in x], prompts, cols=8).save(report / "samples.png")
+    grid = caption_grid([to_pil_image(v) for v in x], prompts, cols=8)
+    atomic_write(report / "samples.png", lambda tmp: grid.save(tmp, format="PNG"))
     return ["", "## Final samples (8 steps, pruned decoder, held-out prompts)", "", "![samples](samples.png)", ""]
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .checkpoint import atomic_write
+
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 OFFSETS = [(6, 4), (6, -11), (-30, 4), (-30, -11), (6, 13), (-30, 13)]  # label of a point, by series: less overlap
@@ -55,8 +57,9 @@ def save(fig: Any, path: str | Path) -> None:  # noqa: ANN401
     """``path`` (.png, 150 dpi) and the same name with .svg."""
     plt = pyplot()
     path = Path(path)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
+    atomic_write(path.with_suffix(".svg"), lambda tmp: fig.savefig(tmp, format="svg", bbox_inches="tight",
+                                                                    metadata={"Date": None}))
     plt.close(fig)
 
 
