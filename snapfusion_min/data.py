@@ -154,7 +154,9 @@ class CaptionedFolder(torch.utils.data.Dataset):
             caption = table.get(rel)
             if caption is None and path.with_suffix(".txt").is_file():
                 caption = path.with_suffix(".txt").read_text().strip()
-            if caption is None or caption == "":
+            if not path.is_file():  # a FIFO or device would block or never end
+                problem = "not a regular file (a FIFO or device)"
+            elif caption is None or caption == "":
                 problem = "no caption"
             elif not isinstance(caption, str):  # a .jsonl caption that is a number or a list
                 problem = f"its caption is a {type(caption).__name__}, not a string"

@@ -99,6 +99,12 @@ ROWS = [  # script, arguments, what the one line must say
     ("train.py", [*UNET, "--data", "FIFO"], "fifo.tar is not a regular file (a folder, FIFO or device)"),
     ("train.py", [*UNET, "--data", "WORK/s-{000000..999999}.tar"], "names 1,000,000 shards; at most 100,000"),
     ("train.py", [*UNET[:-1], "CODED", "--resume"], "coded.safetensors.state.pt is not a readable resumable state"),
+    ("train.py", [*UNET, "--data", "NUMBERS"], "a.png: its caption is a int, not a string"),
+    ("train.py", [*UNET, "--data", "PIPES"], "b.png: not a regular file (a FIFO or device)"),
+    ("sample.py", ["--prompts-file", "FIFO", "--checkpoint", "TINY"], "fifo.tar is not a regular file"),
+    ("evolve.py", [*EVOLVE, "--clip", "ViT-B-32", "--clip-weights", "PICKLE", "--prompts-file", "PROMPTS",
+                   "--score-prompts", "1", "--num-prompts", "1"],
+     "code.ckpt is not usable as ViT-B-32 weights"),
     ("evaluate.py", ["--checkpoint", "TINY", "--clip", "AE"], "not a toy CLIP checkpoint"),
     ("evaluate.py", ["--checkpoint", "TINY", "--clip", "PICKLE"], "refused to unpickle"),
     ("evaluate.py", ["--checkpoint", "TINY", "--remove", "up9.A0"], "unknown block address"),
@@ -163,6 +169,15 @@ def files(tmp_path_factory):
     (root / "zero").mkdir()
     (root / "zero" / "zero.tar").symlink_to("/dev/zero")
     os.mkfifo(root / "fifo.tar")
+    (root / "numbers").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "numbers" / "a.png")
+    (root / "numbers" / "captions.jsonl").write_text('{"file": "a.png", "caption": 5}\n')
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    (root / "pipes").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "pipes" / "a.png")
+    os.mkfifo(root / "pipes" / "b.png")
+    for name in "ab":
+        (root / "pipes" / f"{name}.txt").write_text("a caption")
     with open(root / "coded.safetensors.state.pt", "wb") as f:
         pickle.dump({"model": {}, "payload": Payload()}, f)
     (root / "null.json").write_text(json.dumps({"images": [{"id": 1}],
@@ -186,7 +201,8 @@ def test_bad_input_is_one_line_naming_it_and_changes_nothing(script, args, messa
             "NOSTAGES": files / "nostages.json", "BLANK": files / "blank.txt", "OUT": tmp_path / "out.safetensors",
             "BINARY": files / "binary.txt", "NULLCOCO": files / "null.json", "BOMBS": files / "bombs",
             "UNPAIRED": files / "unpaired", "ZERO": files / "zero", "FIFO": files / "fifo.tar",
-            "CODED": files / "coded.safetensors",
+            "CODED": files / "coded.safetensors", "NUMBERS": files / "numbers", "PROMPTS": files / "prompts.txt",
+            "PIPES": files / "pipes",
             "WORK": tmp_path / "work", "REPORT": ROOT / "report"}
     argv = [str(subs[a]) if a in subs else a for a in args]
     argv = [a.replace("BLANK/", f"{files / 'blank.txt'}/").replace("WORK/", f"{tmp_path / 'work'}/") for a in argv]

@@ -42,6 +42,8 @@ def read_prompt_file(path: str | Path, n: int | None = None, seed: int = 0) -> l
     image gets one of its captions, chosen with ``seed``, and the images are taken in a seeded random order (the first
     ``n``: a fixed subset, e.g. 30K of val2014's 40,504)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ValueError(f"prompts file {path} is not a regular file (a folder, FIFO or device)")
     if not path.is_file():
         raise FileNotFoundError(f"no such prompts file: {path}")
     try:
