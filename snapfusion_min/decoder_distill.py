@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .formats.checkpoint import atomic_write, config_dict
 from .pipeline import Pipeline, load_pipeline
 from .prune import prune_decoder
-from .training import LOCAL, Dist, TrainConfig, captions, fit, make_dataset, seed_step
+from .training import LOCAL, Dist, TrainConfig, captions, fit, make_dataset, run_tag, seed_step
 
 TRAIN = TrainConfig(train_steps=1000, batch_size=16, lr=1e-3, warmup=50, ema_decay=None)
 IMAGE_CACHE_BYTES = 2**30  # the teacher's images are made once when they fit in 1 GiB, else at each step
@@ -137,7 +137,7 @@ def distill_decoder(init: str, cfg: DecoderConfig, out: str, d: Dist = LOCAL) ->
     def save(model: torch.nn.Module, step: int, losses: list[float]) -> None:
         pipe.with_parts(vae=student, source=out, training=config_dict(cfg)).save(out)
 
-    _, losses = fit(decoder, loss_at, cfg.train, d, out=out, save=save, desc="decoder")
+    _, losses = fit(decoder, loss_at, cfg.train, d, out=out, tag=run_tag(cfg, init=init), save=save, desc="decoder")
     if d.main:
         if not cfg.train.train_steps:
             save(decoder, 0, [])

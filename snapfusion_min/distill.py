@@ -19,7 +19,7 @@ from torch import nn
 from . import diffusion as D
 from .formats.checkpoint import config_dict
 from .pipeline import Pipeline, load_pipeline
-from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, save_with_figures
+from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, run_tag, save_with_figures
 from .unet import with_guidance_input
 
 TRAIN = TrainConfig(train_steps=1500, batch_size=32, lr=1e-4, warmup=100)
@@ -239,7 +239,7 @@ def distill_stage(teacher: Pipeline, student: Pipeline, run: DistillRun, out: st
         return parts["loss"], parts["dstl"]
 
     desc = f"distill {cfg.teacher_steps}->{cfg.student_steps}"
-    stored, _ = fit(unet, loss_at, t, d, out=out, tag=unet.spec.to_json() + repr(cfg),
+    stored, _ = fit(unet, loss_at, t, d, out=out, tag=run_tag(run, arch=unet.spec.to_json(), teacher=teacher.source),
                     save=save_with_figures(out, student, f"distillation loss {desc} (Eq. 11)"), desc=desc)
     return student.with_parts(unet=stored)
 

@@ -142,7 +142,7 @@ def test_resume_refuses_a_state_of_another_configuration(tmp_path):
     first = DistillRun(chain=(8, 4), train=dataclasses.replace(FAST, stop_after=1))
     distill(str(teacher_path), str(teacher_path), first, str(out))
     other = DistillRun(chain=(8, 4), loss=DistillConfig(cfg_prob=0.5), train=dataclasses.replace(FAST, resume=True))
-    with pytest.raises(ValueError, match="another architecture or configuration; refusing to resume"):
+    with pytest.raises(ValueError, match=r"is of another run \(loss.cfg_prob 0.1 -> 0.5\); refusing to resume"):
         distill(str(teacher_path), str(teacher_path), other, str(out))
     same = DistillRun(chain=(8, 4), train=dataclasses.replace(FAST, resume=True))
     distill(str(teacher_path), str(teacher_path), same, str(out))

@@ -17,7 +17,7 @@ import torch
 from ..decoder_distill import default_object_weight, object_mask, object_weights, reconstruction_loss
 from ..formats.checkpoint import config_dict, positive_number, read_meta, read_state_dict, save_checkpoint
 from ..formats.weights import CheckpointError, apply_map
-from ..training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, seed_step
+from ..training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, run_tag, seed_step
 from ..vae import TOY_VAE, VAE, VAEConfig
 
 TRAIN = TrainConfig(train_steps=3000, batch_size=32, lr=2e-3, warmup=100, ema_decay=None)
@@ -97,7 +97,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str, d: Dist = LOCAL) -> VAE:
         if step == cfg.train.train_steps:
             print(f"latent scale {scale:.4f}; wrote {out}")
 
-    fit(vae, loss_at, cfg.train, d, out=out, save=save, desc="autoencoder")
+    fit(vae, loss_at, cfg.train, d, out=out, tag=run_tag(cfg), save=save, desc="autoencoder")
     return vae
 
 
