@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import diffusion as D
 from .arch import ArchSpec, sd15
 from .data import unknown_words
-from .formats.checkpoint import positive_number, read_meta, read_state_dict, save_checkpoint
+from .formats.checkpoint import positive_number, read_meta, read_state_dict, regular_file, save_checkpoint
 from .formats.weights import CheckpointError, apply_map, load_diffusers, load_ldm
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .unet import UNet
@@ -414,11 +414,7 @@ def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None
         else:
             raise CheckpointError(f"{path}: neither a diffusers folder (unet/, vae/, text_encoder/) "
                                   "nor a folder with one snapfusion_min checkpoint")
-    elif not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    elif not path.is_file():  # a FIFO or a device (/dev/zero) would hang or never end
-        raise ValueError(f"{path} is not a regular file (a FIFO or device); give a checkpoint file or folder")
-    elif (meta := read_meta(path)) is not None:
+    elif (meta := read_meta(regular_file(path, "checkpoint"))) is not None:
         pipe = _from_own(path, meta)
     else:
         unet, vae, te = _build(sd15(), VAEConfig(), TextConfig())

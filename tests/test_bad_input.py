@@ -115,7 +115,7 @@ ROWS = [  # script, arguments, what the one line must say
     ("sample.py", ["--prompts-file", "MISSING", "--checkpoint", "TINY"], "no such prompts file"),
     ("sample.py", ["--prompts-file", "BLANK", "--checkpoint", "TINY"], "has no prompts"),
     ("sample.py", ["--prompts-file", "BINARY", "--checkpoint", "TINY"], "binary.txt is not UTF-8 text (byte 2"),
-    ("sample.py", ["--checkpoint", "/dev/zero", "--prompt", "x"], "/dev/zero is not a regular file (a FIFO or device)"),
+    ("sample.py", ["--checkpoint", "/dev/zero", "--prompt", "x"], "/dev/zero is not a regular file (a folder, FIFO"),
     ("sample.py", ["--prompts-file", "NULLCOCO", "--checkpoint", "TINY"], "annotation 7's caption is null, not text"),
     # outputs that cannot be written, found before any work
     ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--out-dir", "BLANK/sub"], "is not a folder"),

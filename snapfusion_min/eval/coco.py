@@ -23,7 +23,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from ..formats.checkpoint import atomic_write
+from ..formats.checkpoint import atomic_write, regular_file
 from ..pipeline import Pipeline
 from .metrics import (
     Judge,
@@ -41,11 +41,7 @@ def read_prompt_file(path: str | Path, n: int | None = None, seed: int = 0) -> l
     """Captions to generate from: a text file (one per line, in order), or MS-COCO's ``captions_*.json``, where each
     image gets one of its captions, chosen with ``seed``, and the images are taken in a seeded random order (the first
     ``n``: a fixed subset, e.g. 30K of val2014's 40,504)."""
-    path = Path(path)
-    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
-        raise ValueError(f"prompts file {path} is not a regular file (a folder, FIFO or device)")
-    if not path.is_file():
-        raise FileNotFoundError(f"no such prompts file: {path}")
+    path = regular_file(path, "prompts file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

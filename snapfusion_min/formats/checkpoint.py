@@ -28,17 +28,24 @@ META_KEY = "snapfusion_min"  # safetensors metadata entry that marks (and descri
 FORMAT_VERSION = 1
 
 
+def regular_file(path: str | Path, what: str) -> Path:
+    """``path`` if it is a regular file; else FileNotFoundError ('no such <what>') or, for a folder, FIFO or device
+    (which would block or never end when read), a ValueError -- before anything opens it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file (a folder, FIFO or device)")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such {what}: {path}")
+    return path
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a pickled .ckpt/.pt/.bin read with ``weights_only=True``.
 
     Never unpickles arbitrary objects: a pickle that carries code is refused. A Lightning-style ``{"state_dict": ...}``
     wrapper is unwrapped.
     """
-    path = Path(path)
-    if path.exists() and not path.is_file():  # a FIFO or a device would hang or never end
-        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device); give a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    path = regular_file(path, "checkpoint file")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

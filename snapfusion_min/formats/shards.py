@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
+from .checkpoint import regular_file
 from .images import IMAGE_SUFFIXES, center_crop, open_image, to_rgb, to_tensor
 
 Member = tuple[int, int]  # (offset of the data in the tar, size)
@@ -63,9 +64,8 @@ def shard_paths(source: str) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                      if len(missing) > 1 else ""))
-    odd = [p for p in paths if not p.is_file()]
-    if odd:
-        raise ValueError(f"shard {odd[0]} is not a regular file (a folder, FIFO or device)")
+    for p in paths:
+        regular_file(p, "shard")
     if not paths:
         raise FileNotFoundError(f"no .tar shards in {source}")
     return paths
