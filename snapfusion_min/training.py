@@ -366,9 +366,8 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
     return model, losses
 
 
-RUN_CONTROL = frozenset({"resume", "overwrite", "stop_after", "save_every", "save_state", "workers",
-                         "checkpointing"})  # how a
-# run is driven, not what it computes: the fields a resumed run may change
+# how a run is driven, not what it computes: the fields a resumed run may change
+RUN_CONTROL = frozenset({"resume", "overwrite", "stop_after", "save_every", "save_state", "workers", "checkpointing"})
 
 
 def run_tag(cfg: object, **extra: object) -> dict[str, object]:
