@@ -25,7 +25,7 @@ from .. import load_pipeline
 from ..diffusion import SOLVERS, SPACINGS
 from ..eval.coco import read_prompt_file
 from ..formats.checkpoint import atomic_create
-from ..pipeline import Pipeline, SamplerConfig, auto_dtype
+from ..pipeline import Pipeline, SamplerConfig, auto_dtype, check_seed
 from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_images_per_prompt <= 0:
         raise ValueError(f"--num-images-per-prompt must be positive, got {args.num_images_per_prompt}")
     prompts = [prompt for prompt in prompts for _ in range(args.num_images_per_prompt)]  # as pipe(...) repeats them
-    if not -(2**63) <= args.seed <= 2**63 - len(prompts):
+    try:
+        check_seed(args.seed, len(prompts))  # the API's bound, named as the flag
+    except ValueError:
         raise ValueError(f"--seed {args.seed} is out of range: image i uses seed + i, a 64-bit seed, so --seed must be "
-                         f"in [-2**63, 2**63 - {len(prompts)}] for {len(prompts)} image(s)")
+                         f"in [-2**63, 2**63 - {len(prompts)}] for {len(prompts)} image(s)") from None
     if args.checkpoint == str(MODEL) and not MODEL.is_file():
         raise FileNotFoundError(f"the bundled toy model is not in this checkout ({MODEL}); pass --checkpoint")
     check_writable(args.out_dir, folder=True)
