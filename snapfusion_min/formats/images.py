@@ -24,9 +24,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 8192 * 8192  # a larger image is a bad sample (a decompression bomb would take GBs to decode)
 
 
+class TooManyPixels(ValueError):
+    """An image over ``MAX_PIXELS`` (its message says how many it has)."""
+
+
 @contextmanager
 def open_image(source: str | Path | BinaryIO) -> Iterator[Image.Image]:
-    """``Image.open`` that refuses, as a ValueError, an image of more than ``MAX_PIXELS`` pixels, by its header and
+    """``Image.open`` that refuses, as ``TooManyPixels``, an image of more than ``MAX_PIXELS`` pixels, by its header and
     before decoding (PIL's own bomb check raises another kind of error, and only past 179M pixels)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -34,10 +38,10 @@ def open_image(source: str | Path | BinaryIO) -> Iterator[Image.Image]:
             image = Image.open(source)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's check, past 89M pixels
             n = re.search(r"\((\d+) pixels\)", str(e))
-            raise ValueError(f"{int(n[1]) if n else 0:,} pixels, more than {MAX_PIXELS:,}") from None
+            raise TooManyPixels(f"{int(n[1]) if n else 0:,} pixels, more than {MAX_PIXELS:,}") from None
     with image:
         if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"{image.width * image.height:,} pixels, more than {MAX_PIXELS:,}")
+            raise TooManyPixels(f"{image.width * image.height:,} pixels, more than {MAX_PIXELS:,}")
         yield image
 
 
@@ -74,8 +78,8 @@ def unreadable(path: Path) -> str:
     try:
         with open_image(path) as image:
             image.load()
-    except ValueError as e:
-        return f"unreadable image ({e})" if "pixels" in str(e) else f"unreadable image ({type(e).__name__})"
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except TooManyPixels as e:
+        return f"unreadable image ({e})"
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         return f"unreadable image ({type(e).__name__})"
     return ""

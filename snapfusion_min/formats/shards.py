@@ -34,7 +34,7 @@ import torch
 from PIL import UnidentifiedImageError
 
 from .checkpoint import regular_file
-from .images import IMAGE_SUFFIXES, center_crop, open_image, to_rgb, to_tensor
+from .images import IMAGE_SUFFIXES, TooManyPixels, center_crop, open_image, to_rgb, to_tensor
 
 Member = tuple[int, int]  # (offset of the data in the tar, size)
 Sample = tuple[str, Member | None, Member | None, str]  # key, image, caption, caption kind ('txt' / 'json')
@@ -205,8 +205,10 @@ class Shards:
                 return "empty caption"
             with open_image(io.BytesIO(self._read(shard, image))) as im:
                 return to_tensor(center_crop(to_rgb(im), self.resolution)), " ".join(text.split())
+        except TooManyPixels as e:
+            return f"unreadable ({e})"
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, AttributeError) as e:
-            return f"unreadable ({e})" if "pixels" in str(e) else f"unreadable ({type(e).__name__})"
+            return f"unreadable ({type(e).__name__})"
 
     def window(self, step: int, m: int, rank: int, world: int, seed: int) -> tuple[torch.Tensor, list[str], dict]:
         """The batch of ``step`` on ``rank``: m usable samples from stream position step * m on, and the skipped."""
