@@ -1,4 +1,5 @@
-"""Is bfloat16 safe for the image? PSNR of images drawn with every part in bf16 against the same images in fp32.
+"""Is bfloat16 safe for the image? PSNR of images drawn with every part in bf16 against the same images in fp32; and
+how much an image depends on the batch it was drawn in (one batch against one image at a time, same seeds).
 
     python bench/bf16_psnr.py               # the bundled toy model, and random weights in SD-v1.5's layout (small)
     python bench/bf16_psnr.py --full-size   # also SD-v1.5's full-size decoder and text encoder (slow on a CPU
@@ -50,6 +51,19 @@ def pipelines(make) -> float:  # noqa: ANN001
     return psnr(fp32(prompts, seed=3, output_type="pt"), bf16(prompts, seed=3, output_type="pt"))
 
 
+def batch_dependence(pipe, dtype: torch.dtype) -> str:  # noqa: ANN001
+    """8 images drawn as one batch and one at a time (image i from seed 3 + i, as sample.py draws them): the largest
+    difference of an 8-bit pixel, and PSNR. Kernels may block a batched matmul differently by batch size; in fp32
+    the sums agree to rounding below 1/255, in bf16 they need not."""
+    pipe = pipe.to(dtype=dtype)
+    prompts = TOY_PROMPTS * 2
+    whole = pipe(prompts, seed=3, output_type="pt")
+    alone = torch.cat([pipe([p], seed=3 + i, output_type="pt") for i, p in enumerate(prompts)])
+    levels = ((whole * 255).round() - (alone * 255).round()).abs()
+    return (f"max {levels.max().item():3.0f}/255, {(levels > 0).float().mean().item():6.2%} of pixels differ, "
+            f"PSNR {psnr(whole, alone):5.1f} dB")
+
+
 def random_sd_layout():  # noqa: ANN201
     """SD-v1.5's layout (every block kind, CFG, SD's VAE shape at small widths), random weights."""
     pipe = random_pipeline(tiny(32), VAEConfig(channels=(32, 64, 64, 64), decoder_channels=(64, 64, 64, 32),
@@ -86,6 +100,9 @@ def main() -> None:
           "(gate: 35 dB)")
     print(f"bundled toy model, 20 steps, 64x64             : {pipelines(lambda: load_pipeline(TOY)):5.1f} dB")
     print(f"random weights, SD-v1.5 layout (small), 4 steps : {pipelines(random_sd_layout):5.1f} dB")
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"batch of 8 vs one at a time, toy model, {str(dtype)[6:]:8s}: "
+              f"{batch_dependence(load_pipeline(TOY), dtype)}")
     if args.full_size:
         full_size()
 

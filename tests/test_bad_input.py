@@ -2,17 +2,23 @@
 file changed. Each row runs the script's ``__main__`` in this process (helpers.run_main): an exception other than
 the script's own one-line exit would surface here as that exception, i.e. a traceback the user would have seen."""
 
+import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
+import shutil
+import sys
 import tarfile
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import CLIP, ROOT, bomb_png, run_main, tiny_pipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from snapfusion_min.vae import TOY_VAE
@@ -117,6 +123,18 @@ ROWS = [  # script, arguments, what the one line must say
     ("sample.py", ["--prompts-file", "BINARY", "--checkpoint", "TINY"], "binary.txt is not UTF-8 text (byte 2"),
     ("sample.py", ["--checkpoint", "/dev/zero", "--prompt", "x"], "/dev/zero is not a regular file (a folder, FIFO"),
     ("sample.py", ["--prompts-file", "NULLCOCO", "--checkpoint", "TINY"], "annotation 7's caption is null, not text"),
+    ("sample.py", ["--checkpoint", "NANSCALE", "--prompt", "x"], "nanscale.safetensors: its latent scale NaN is not"),
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--seed", str(2**64)], f"--seed {2**64} is out of range"),
+    ("train.py", [*UNET, "--data", "MIXED"], "mixed holds both WebDataset shards (.tar) and images"),
+    ("train.py", [*UNET, "--data", "GZIP"], "hold no samples (epoch 0): a.tar: gzip-compressed, not a tar"),
+    ("train.py", [*UNET, "--data", "EMPTYTAR"], "hold no samples (epoch 0): a.tar: unreadable tar after 0 samples"),
+    ("train.py", [*UNET[:-1], "CUTSTATE", "--resume"], "cut.safetensors.state.pt is not a readable resumable state"),
+    ("evaluate.py", ["coco", "--checkpoint", "TINY", "--prompts-file", "PROMPTS", "--images-dir", "WORK/i",
+                     "--fid-reference", "NANSTATS", "--inception-weights", "MISSING"],
+     "nan.npz: FID statistics mu hold values that are not finite numbers"),
+    ("evaluate.py", ["coco", "--checkpoint", "TINY", "--prompts-file", "PROMPTS", "--images-dir", "WORK/i",
+                     "--fid-reference", "NOIMAGES", "--inception-weights", "MISSING"],
+     "noimages holds 0 image(s); FID needs at least 2"),
     # outputs that cannot be written, found before any work
     ("sample.py", ["--checkpoint", "TINY", "--prompt", "x", "--out-dir", "BLANK/sub"], "is not a folder"),
     ("train.py", [*UNET[:-1], "BLANK/sub/m.safetensors"], "is not a folder"),
@@ -180,9 +198,36 @@ def files(tmp_path_factory):
         (root / "pipes" / f"{name}.txt").write_text("a caption")
     with open(root / "coded.safetensors.state.pt", "wb") as f:
         pickle.dump({"model": {}, "payload": Payload()}, f)
+    torch.save({"step": 3, "model": {"w": torch.zeros(1000)}}, root / "cut.safetensors.state.pt")
+    (root / "cut.safetensors.state.pt").write_bytes((root / "cut.safetensors.state.pt").read_bytes()[:2000])
+    for name in ("mixed", "gzip", "emptytar", "noimages", "cut"):
+        (root / name).mkdir()
+    shutil.copyfile(root / "unpaired" / "a.tar", root / "mixed" / "a.tar")
+    Image.new("RGB", (8, 8)).save(root / "mixed" / "b.png")
+    (root / "gzip" / "a.tar").write_bytes(gzip.compress((root / "unpaired" / "a.tar").read_bytes()))
+    (root / "emptytar" / "a.tar").write_bytes(b"")
+    with tarfile.open(root / "cut" / "a.tar", "w") as tar:  # 2 samples, cut after the last member: no end blocks
+        for i in range(2):
+            for name, payload in ((f"{i}.png", png_bytes()), (f"{i}.txt", b"a red circle")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        end = tar.offset
+    (root / "cut" / "a.tar").write_bytes((root / "cut" / "a.tar").read_bytes()[:end])
+    np.savez(root / "nan.npz", mu=np.array([np.nan, 0.0]), sigma=np.eye(2))
+    with safe_open(str(root / "tiny.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = {"snapfusion_min": json.dumps(json.loads(meta["snapfusion_min"]) | {"latent_scale": float("nan")})}
+    save_file(tensors, str(root / "nanscale.safetensors"), metadata=meta)
     (root / "null.json").write_text(json.dumps({"images": [{"id": 1}],
                                                 "annotations": [{"image_id": 1, "id": 7, "caption": None}]}))
     return root
+
+
+def png_bytes() -> bytes:
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(data, format="PNG")
+    return data.getvalue()
 
 
 def snapshot(*folders) -> dict:
@@ -202,7 +247,9 @@ def test_bad_input_is_one_line_naming_it_and_changes_nothing(script, args, messa
             "BINARY": files / "binary.txt", "NULLCOCO": files / "null.json", "BOMBS": files / "bombs",
             "UNPAIRED": files / "unpaired", "ZERO": files / "zero", "FIFO": files / "fifo.tar",
             "CODED": files / "coded.safetensors", "NUMBERS": files / "numbers", "PROMPTS": files / "prompts.txt",
-            "PIPES": files / "pipes",
+            "PIPES": files / "pipes", "NANSCALE": files / "nanscale.safetensors", "MIXED": files / "mixed",
+            "GZIP": files / "gzip", "EMPTYTAR": files / "emptytar", "CUTSTATE": files / "cut.safetensors",
+            "NANSTATS": files / "nan.npz", "NOIMAGES": files / "noimages",
             "WORK": tmp_path / "work", "REPORT": ROOT / "report"}
     argv = [str(subs[a]) if a in subs else a for a in args]
     argv = [a.replace("BLANK/", f"{files / 'blank.txt'}/").replace("WORK/", f"{tmp_path / 'work'}/") for a in argv]
@@ -227,3 +274,28 @@ def test_a_quick_recipe_keeps_apart_from_a_full_one(tmp_path):
     assert full_report(ROOT / "report") and not full_report(tmp_path)
     (tmp_path / "README.md").write_text(f"# SnapFusion at toy scale: the report\n\n{SMOKE}\n")
     assert not full_report(tmp_path)
+
+
+WARNS = [  # cases that once passed in silence: the run goes on, and says so in one line on stderr
+    ("sample.py", ["--checkpoint", "TINY", "--prompt", "a red circle " * 30, "--out-dir", "WORK/s"],
+     "sample.py: warning: 1 prompt(s) longer than the text encoder reads"),
+    ("train.py", [*UNET, "--train-steps", "1", "--batch-size", "2", "--data", "CUT"],
+     "warning: skipped a.tar: truncated: ends after 2 samples without the tar's end-of-archive blocks"),
+    ("train.py", [*UNET, "--train-steps", "1", "--batch-size", "2", "--data", "BOMBS", "--skip-bad"],
+     "warning: left out 1 of 2 images of"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", WARNS, ids=[f"{r[0]}:{r[2][:40]}" for r in WARNS])
+@pytest.mark.filterwarnings("default::snapfusion_min.pipeline.OutOfDomainWarning")  # pyproject ignores them
+def test_a_once_silent_case_warns_in_one_line(script, args, message, files, tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(warnings, "showwarning", lambda m, c, f, n, file=None, line=None:  # as Python's default:
+                        sys.stderr.write(warnings.formatwarning(m, c, f, n, line)))  # not pytest's recorder
+    subs = {"TINY": files / "tiny.safetensors", "CLIP": CLIP, "AE": TOY / "autoencoder.safetensors",
+            "OUT": tmp_path / "out.safetensors", "CUT": files / "cut", "BOMBS": files / "bombs"}
+    argv = [str(subs.get(a, a)).replace("WORK/", f"{tmp_path}/") for a in args]
+    assert run_main(script, *argv) in (0, None)
+    err = capfd.readouterr().err
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and message in warned[0], err

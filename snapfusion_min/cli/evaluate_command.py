@@ -39,7 +39,14 @@ from torchvision.transforms.functional import to_pil_image
 from .. import load_pipeline
 from ..data import ToyWorld
 from ..diffusion import SOLVERS, SPACINGS
-from ..eval.coco import generate_folder, read_prompt_file, reference_statistics, score_folder, subfolder
+from ..eval.coco import (
+    check_reference,
+    generate_folder,
+    read_prompt_file,
+    reference_statistics,
+    score_folder,
+    subfolder,
+)
 from ..eval.metrics import inception, open_clip_judge, save_statistics
 from ..formats.figures import caption_grid, fid_clip_plot, pyplot
 from ..pipeline import pick_device
@@ -168,6 +175,7 @@ def own_sampler(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001
 def reference(args: argparse.Namespace) -> dict:
     """FID's statistics (Inception-v3 features' mean and covariance) of a folder of real images -> .npz."""
     check_writable(args.save_reference)
+    check_reference(args.fid_reference)
     net = inception(args.inception_weights, pick_device(args.device))
     save_statistics(args.save_reference, reference_statistics(args.fid_reference, net, args.fid_size or None))
     print(f"wrote {args.save_reference}")
@@ -181,6 +189,8 @@ def check_coco(args: argparse.Namespace) -> None:
     if args.curve and not args.inception_weights:
         raise ValueError("--curve plots FID against CLIP score: it needs --inception-weights and --fid-reference")
     check_writable(args.images_dir, folder=True)
+    if args.fid_reference:
+        check_reference(args.fid_reference)
     if args.curve:
         check_writable(args.curve)
         pyplot()  # the curve needs matplotlib

@@ -6,8 +6,9 @@
 
 Sampling is DDIM (paper Eq. 2) with classifier-free guidance (Eq. 3). Image i of a run uses seed + i (with
 --num-images-per-prompt n, each prompt counts n times in a row), so the same seed gives the same images whatever the
-batch size, and the ones ``pipe(prompts, seed=..., num_images_per_prompt=n)`` gives in Python. Files are named
-<seed>-<prompt>.png and never overwritten (a second run into the same folder writes <seed>-<prompt>-2.png). Steps,
+batch size (in fp32 to the bit; in bf16 a sixth of the pixels move, by up to 11 of 255 levels: docs/speed.md), and
+the ones ``pipe(prompts, seed=..., num_images_per_prompt=n)`` gives in Python. Files are named <seed>-<prompt>.png
+and never overwritten (a second run into the same folder writes <seed>-<prompt>-2.png). Steps,
 guidance, spacing and resolution default to what the checkpoint says it was trained for (a distilled student: its
 own N steps), else to SD-v1.5's 50 / 7.5 / 512; so does ``pipe(prompts)``.
 """

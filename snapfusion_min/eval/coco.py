@@ -143,15 +143,22 @@ def generated_files(folder: str | Path, n: int) -> list[Path]:
     return files
 
 
+def check_reference(reference: str | Path) -> dict[str, np.ndarray] | list[Path]:
+    """FID's reference, checked before any work: an .npz's statistics (finite, 'mu' and 'sigma'), or the image files
+    of a folder of real images (at least 2)."""
+    if not Path(reference).is_dir():
+        return load_statistics(reference)
+    files = image_files(reference)
+    if len(files) < 2:  # no covariance from fewer
+        raise ValueError(f"FID reference folder {reference} holds {len(files)} image(s); FID needs at least 2 "
+                         "(the paper's protocol: 30,000)")
+    return files
+
+
 def reference_statistics(reference: str | Path, net: torch.nn.Module, size: int | None) -> dict[str, np.ndarray]:
     """FID's reference: an .npz of statistics, or a folder of real images (resized to ``size``)."""
-    if Path(reference).is_dir():
-        files = image_files(reference)
-        if len(files) < 2:  # no covariance from fewer
-            raise ValueError(f"FID reference folder {reference} holds {len(files)} image(s); FID needs at least 2 "
-                             "(the paper's protocol: 30,000)")
-        return fid_statistics(inception_features(net, read_images(files, size)))
-    return load_statistics(reference)
+    ref = check_reference(reference)
+    return ref if isinstance(ref, dict) else fid_statistics(inception_features(net, read_images(ref, size)))
 
 
 def score_folder(folder: str | Path, prompts: list[str], *, judge: Judge | None = None,

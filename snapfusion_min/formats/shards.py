@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import UnidentifiedImageError
+from tqdm import tqdm
 
 from .checkpoint import regular_file
 from .images import IMAGE_SUFFIXES, TooManyPixels, center_crop, open_image, to_rgb, to_tensor
@@ -83,6 +84,9 @@ def is_shards(source: str) -> bool:
     return source.endswith(".tar") or "{" in source or any(c in source for c in "*?[")
 
 
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}  # magic
+
+
 def index_shard(path: Path) -> tuple[list[Sample], str]:
     """The samples of one shard, in tar order, from its headers only; and what went wrong reading it ('' if nothing):
     a truncated or corrupt shard keeps the samples before the damage."""
@@ -109,7 +113,11 @@ def index_shard(path: Path) -> tuple[list[Sample], str]:
             if not problem and samples and size - tar.offset < 1024:  # cut between members: no end-of-archive blocks
                 problem = f"truncated: ends after {len(samples)} samples without the tar's end-of-archive blocks"
     except (tarfile.TarError, OSError) as e:
-        problem = f"unreadable tar after {len(samples)} samples ({e})"
+        with open(path, "rb") as f:
+            head = f.read(6)
+        kind = next((k for magic, k in COMPRESSED.items() if head.startswith(magic)), None)
+        problem = (f"{kind}-compressed, not a tar (decompress it first)" if kind and not samples
+                   else f"unreadable tar after {len(samples)} samples ({e})")
     return [tuple(s) for s in samples.values()], problem  # type: ignore[misc]
 
 
@@ -153,7 +161,7 @@ class Shards:
     def _note(self, skipped: dict[str, str]) -> None:
         for name, why in skipped.items():
             if name not in self.skipped and len(self.skipped) < 10:
-                print(f"warning: skipped {name}: {why}", file=sys.stderr)
+                tqdm.write(f"warning: skipped {name}: {why}", file=sys.stderr)  # on its own line, not in the bar
             self.skipped[name] = why
 
     def rank_shards(self, epoch: int, rank: int, world: int, seed: int) -> list[int]:
