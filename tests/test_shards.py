@@ -5,6 +5,7 @@ resume."""
 import gzip
 import io
 import json
+import lzma
 import os
 import shutil
 import tarfile
@@ -159,15 +160,19 @@ def test_training_on_two_ranks_from_shards_resumes_exactly(shards, tmp_path):
 
 
 def test_shards_that_hold_nothing_say_why(tmp_path):
-    """A gzip file, an empty file and random bytes named .tar: the error names each shard and what is wrong with it."""
+    """A gzip or xz file, an empty file and random bytes named .tar: the error names each shard and what is wrong with
+    it."""
     (tmp_path / "gz.tar").write_bytes(gzip.compress(b"not a tar" * 100))
+    (tmp_path / "xz.tar").write_bytes(lzma.compress(b"not a tar" * 100))
     (tmp_path / "empty.tar").write_bytes(b"")
     (tmp_path / "noise.tar").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(ValueError, match="the shards of rank 0 hold no samples") as e:
         next(Shards(str(tmp_path), 64).stream(0, 0, 1, 0))
     message = str(e.value)
-    for name in ("gz.tar: unreadable tar", "noise.tar: unreadable tar", "empty.tar: "):
+    for name in ("gz.tar: gzip-compressed, not a tar", "noise.tar: unreadable tar after 0 samples (invalid header)",
+                 "empty.tar: unreadable tar after 0 samples (empty file)", "and 1 more"):
         assert name in message, message
+    assert index_shard(tmp_path / "xz.tar") == ([], "xz-compressed, not a tar (decompress it first)")
 
 
 def test_shards_that_would_hang_are_refused(tmp_path):
