@@ -301,8 +301,11 @@ class Pipeline:
 def check_prompts(prompts: object, negative_prompt: object = "") -> list[str]:
     """``prompts`` (a string, or any iterable of strings) as a list; a TypeError naming the argument otherwise."""
     if isinstance(prompts, str):
-        return check_prompts([prompts], negative_prompt)
-    listed = list(prompts) if isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, dict)) else None
+        listed = [prompts]
+    elif isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, dict)):
+        listed = list(prompts)
+    else:
+        listed = None
     if listed is None or not all(isinstance(p, str) for p in listed):
         raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
                         + ("" if listed is None else " holding other things"))

@@ -208,15 +208,20 @@ def test_compression_sizes_and_weight_errors(tmp_path):
     sqrt(sqrt(3) pi / 2) 2^-n, within 15%), int8's that of rounding to each channel's step (within 10%); the error
     equals one recomputed from the stored lookup tables and indices (not coremltools' decompression); the metadata
     names the scheme."""
-    from snapfusion_min.export.compress import weights
+    from snapfusion_min.export.compress import compress, package_bytes, weights
 
     pipe = tiny_pipeline(seed=3, sampler=SAMPLER)
     sizes, errors = {}, {}
-    for scheme in ("fp16", "pal6", "pal4", "int8"):
+    for scheme in ("fp16", "pal4"):  # through export (its report row, the metadata) ...
         options = ExportOptions(compress=None if scheme == "fp16" else scheme)
         export(pipe, tmp_path / scheme, ["decoder"], resolution=64, batch=2, options=options, log=False)
         row = json.loads((tmp_path / scheme / "snapfusion_min.json").read_text())["packages"]["decoder"]
         sizes[scheme], errors[scheme] = row["bytes"], row.get("weight_error")
+    for scheme in ("pal6", "int8"):  # ... and the same converted package compressed directly (one conversion less)
+        model, errors[scheme] = compress(ct.models.MLModel(str(tmp_path / "fp16" / "decoder.mlpackage"),
+                                                           skip_model_load=True), scheme)
+        model.save(str(tmp_path / scheme / "decoder.mlpackage"))
+        sizes[scheme] = package_bytes(tmp_path / scheme / "decoder.mlpackage")
     assert sizes["pal4"] < sizes["pal6"] < 0.6 * sizes["fp16"], sizes
     assert sizes["int8"] < 0.7 * sizes["fp16"], sizes
     for bits in (6, 4):  # 8 bits: the bundled model's test below
@@ -277,18 +282,17 @@ def test_causal_mask_is_stored_right_and_never_compressed(tmp_path):
 def test_bundled_toy_model_compresses_within_the_uniform_grid_bound(tmp_path):
     """The bundled (trained) toy model's decoder at 8 bits: k-means1d's palette is the optimal one, so no tensor's
     error exceeds that of 256 evenly spaced levels over its range (|error| <= half a step); the package shrinks."""
-    from snapfusion_min.export.compress import weights
+    from snapfusion_min.export.compress import compress, package_bytes, weights
     from snapfusion_min.pipeline import load_pipeline
     from snapfusion_min.toy import BUNDLED
 
     pipe = load_pipeline(BUNDLED / "model.safetensors", device="cpu", dtype="float32")
-    sizes = {}
-    for scheme in (None, "pal8"):
-        export(pipe, tmp_path / str(scheme), ["decoder"], options=ExportOptions(compress=scheme), log=False)
-        sizes[str(scheme)] = json.loads((tmp_path / str(scheme) / "snapfusion_min.json").read_text())["packages"]
-    assert sizes["pal8"]["decoder"]["bytes"] < 0.6 * sizes["None"]["decoder"]["bytes"]
-    original, _ = weights(ct.models.MLModel(str(tmp_path / "None" / "decoder.mlpackage"), skip_model_load=True))
-    model = ct.models.MLModel(str(tmp_path / "pal8" / "decoder.mlpackage"), skip_model_load=True)
+    export(pipe, tmp_path, ["decoder"], log=False)
+    fp16 = ct.models.MLModel(str(tmp_path / "decoder.mlpackage"), skip_model_load=True)
+    compress(fp16, "pal8")[0].save(str(tmp_path / "pal8.mlpackage"))
+    assert package_bytes(tmp_path / "pal8.mlpackage") < 0.6 * package_bytes(tmp_path / "decoder.mlpackage")
+    original, _ = weights(fp16)
+    model = ct.models.MLModel(str(tmp_path / "pal8.mlpackage"), skip_model_load=True)
     decompressed, compressed = weights(ct.optimize.coreml.decompress_weights(model))
     assert len(compressed) >= 10
     for name in compressed:
