@@ -31,11 +31,12 @@ lint: $(VENV)/.dev  ## ruff, and the house's import layers (pyproject.toml: [too
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(VENV)/.dev lint  ## install, lint, run the test suite (two workers; the full-size models on one, one at a time)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+test: $(VENV)/.dev lint  ## install, lint, run the test suite (two workers; then the full-size models, one at a time)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not full_size"
+	$(PY) -m pytest -q -m full_size
 
 test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (under 2 minutes)
-	$(PY) -m pytest -q -m "not slow and not full_size" -n 2 --dist loadgroup
+	$(PY) -m pytest -q -m "not slow and not full_size" -n 2 --dist loadfile
 
 mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on diffusion.py + distill.py (long: docs/testing.md)
 	$(PY) tests/plant_faults.py

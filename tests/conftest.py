@@ -1,8 +1,8 @@
 """Test set-up: diffusers and transformers serve as reference oracles only, offline, built from configs.
 
 Helpers live in ``helpers.py``; ``-m "not slow"`` (make test-fast) leaves out the full-size and end-to-end tests.
-``make test`` runs two pytest-xdist workers, a test file at a time each (so a module's fixture is built once); the
-``full_size`` tests -- SD-v1.5's models, GBs each -- are one group, run on one worker one at a time.
+``make test`` runs two pytest-xdist workers, a test file at a time each (so a module's fixture is built once), then the
+``full_size`` tests -- SD-v1.5's models, GBs each -- alone, one at a time.
 """
 
 import os
@@ -21,15 +21,6 @@ import torch  # noqa: E402
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # torch may have started before the variable was set
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """make test's schedule (``--dist loadgroup``): a test file's tests run on one worker, so its fixtures are built
-    once; the full-size tests, GBs each, run on one worker one after another while the other runs the rest."""
-    for item in items:
-        group = "full_size" if item.get_closest_marker("full_size") else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
