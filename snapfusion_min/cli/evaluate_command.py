@@ -175,34 +175,33 @@ def own_sampler(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001
 def reference(args: argparse.Namespace) -> dict:
     """FID's statistics (Inception-v3 features' mean and covariance) of a folder of real images -> .npz."""
     check_writable(args.save_reference)
-    check_reference(args.fid_reference)
+    checked = check_reference(args.fid_reference)
     net = inception(args.inception_weights, pick_device(args.device))
-    save_statistics(args.save_reference, reference_statistics(args.fid_reference, net, args.fid_size or None))
+    save_statistics(args.save_reference, reference_statistics(checked, net, args.fid_size or None))
     print(f"wrote {args.save_reference}")
     return {}
 
 
-def check_coco(args: argparse.Namespace) -> None:
-    """Every refusal of ``coco`` before any work."""
+def check_coco(args: argparse.Namespace) -> dict | list[Path] | None:
+    """Every refusal of ``coco`` before any work; returns the checked FID reference (``check_reference``), if any."""
     if bool(args.fid_reference) != bool(args.inception_weights):
         raise ValueError("FID needs both --fid-reference and --inception-weights")
     if args.curve and not args.inception_weights:
         raise ValueError("--curve plots FID against CLIP score: it needs --inception-weights and --fid-reference")
     check_writable(args.images_dir, folder=True)
-    if args.fid_reference:
-        check_reference(args.fid_reference)
     if args.curve:
         check_writable(args.curve)
         pyplot()  # the curve needs matplotlib
+    return check_reference(args.fid_reference) if args.fid_reference else None
 
 
 def coco(args: argparse.Namespace) -> dict:
     """§5's protocol on any checkpoint (``eval.coco``): a generated folder per steps / guidance, then its scores."""
-    check_coco(args)
+    checked = check_coco(args)
     size = args.fid_size or None
     d = setup_distributed(pick_device(args.device))
     net = inception(args.inception_weights, d.device) if args.inception_weights else None
-    ref = reference_statistics(args.fid_reference, net, size) if net else None
+    ref = reference_statistics(checked, net, size) if net else None
     prompts = read_prompt_file(args.prompts_file, args.num_prompts, args.seed)
     judge = (open_clip_judge(args.clip, args.clip_weights, d.device) if args.clip_weights
              else toy_judge(load_toy_clip(args.clip).to(d.device)))

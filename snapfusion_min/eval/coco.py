@@ -155,10 +155,11 @@ def check_reference(reference: str | Path) -> dict[str, np.ndarray] | list[Path]
     return files
 
 
-def reference_statistics(reference: str | Path, net: torch.nn.Module, size: int | None) -> dict[str, np.ndarray]:
-    """FID's reference: an .npz of statistics, or a folder of real images (resized to ``size``)."""
-    ref = check_reference(reference)
-    return ref if isinstance(ref, dict) else fid_statistics(inception_features(net, read_images(ref, size)))
+def reference_statistics(checked: dict[str, np.ndarray] | list[Path], net: torch.nn.Module,
+                         size: int | None) -> dict[str, np.ndarray]:
+    """FID's reference from ``check_reference``'s answer: the .npz's statistics as they are, or those of the folder's
+    real images (resized to ``size``)."""
+    return checked if isinstance(checked, dict) else fid_statistics(inception_features(net, read_images(checked, size)))
 
 
 def score_folder(folder: str | Path, prompts: list[str], *, judge: Judge | None = None,
