@@ -60,13 +60,13 @@ toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (models/toy
 	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
 	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
 		--out $(TOY)/model.safetensors
-	$(PY) evaluate.py heldout --grid docs/toy_heldout_samples.png
+	$(PY) evaluate.py heldout --dtype float32 --grid docs/toy_heldout_samples.png
 
 recipe: $(VENV)/.plots  ## the whole SnapFusion recipe at toy scale -> report/README.md
 	$(PY) recipe.py
 
 evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts
-	$(PY) evaluate.py
+	$(PY) evaluate.py --dtype float32
 
 clean:
 	rm -rf $(VENV) samples .pytest_cache mutants

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.arch import tiny
 from snapfusion_min.eval.metrics import psnr
 from snapfusion_min.pipeline import SamplerConfig, native_bf16, random_pipeline
@@ -98,11 +98,11 @@ def main() -> None:
     args = p.parse_args()
     print(f"cpu, {torch.get_num_threads()} threads, native bf16: {native_bf16()}; PSNR of bf16 vs fp32 images "
           "(gate: 35 dB)")
-    print(f"bundled toy model, 20 steps, 64x64             : {pipelines(lambda: load_pipeline(TOY)):5.1f} dB")
+    print(f"bundled toy model, 20 steps, 64x64             : {pipelines(lambda: read_pipeline(TOY)):5.1f} dB")
     print(f"random weights, SD-v1.5 layout (small), 4 steps : {pipelines(random_sd_layout):5.1f} dB")
     for dtype in (torch.float32, torch.bfloat16):
         print(f"batch of 8 vs one at a time, toy model, {str(dtype)[6:]:8s}: "
-              f"{batch_dependence(load_pipeline(TOY), dtype)}")
+              f"{batch_dependence(read_pipeline(TOY), dtype)}")
     if args.full_size:
         full_size()
 

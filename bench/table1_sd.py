@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.arch import sd15, snapfusion
 from snapfusion_min.cost import count_params, table1_times
 from snapfusion_min.pipeline import SamplerConfig, native_bf16, pick_device, pick_dtype, random_pipeline
@@ -41,8 +41,8 @@ def sd_pair(dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def toy_pair(final: str, dtype: torch.dtype, device: torch.device) -> dict:
-    return {"toy teacher": (load_pipeline(TOY).to(device, dtype), 50),
-            "toy final": (load_pipeline(final).to(device, dtype), 8)}
+    return {"toy teacher": (read_pipeline(TOY).to(device, dtype), 50),
+            "toy final": (read_pipeline(final).to(device, dtype), 8)}
 
 
 def table(pipes: dict, size: int, rounds: int, warm_e2e: bool) -> float:

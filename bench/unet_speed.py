@@ -108,7 +108,7 @@ def main():
                                attention_head_dim=spec.heads, norm_num_groups=spec.groups).eval().to(device)
     ours = UNet(spec).eval()
     apply_map(ours, ref.state_dict(), lambda k: [unet_source_key(k, "diffusers")], "UNet")
-    ours.to(device, memory_format=torch.channels_last)  # as load_pipeline leaves it
+    ours.to(device, memory_format=torch.channels_last)  # as read_pipeline leaves it
     if device.type == "cpu":
         print(f"native bf16 on this CPU: {native_bf16()}")
     native = device.type != "cpu" or native_bf16()  # emulated bf16 on a CPU is slower than fp32 by far

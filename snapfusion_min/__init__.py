@@ -2,9 +2,9 @@
 
 from .arch import ArchSpec, preset
 from .formats.weights import CheckpointError
-from .pipeline import Pipeline, SamplerConfig, load_pipeline, pick_device
+from .pipeline import Pipeline, SamplerConfig, load_pipeline, pick_device, read_pipeline
 from .unet import UNet
 from .vae import VAE, VAE_SCALE
 
 __all__ = ["ArchSpec", "CheckpointError", "Pipeline", "SamplerConfig", "UNet", "VAE", "VAE_SCALE", "load_pipeline",
-           "pick_device", "preset"]
+           "pick_device", "preset", "read_pipeline"]

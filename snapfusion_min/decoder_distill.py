@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .formats.checkpoint import atomic_write, config_dict
-from .pipeline import Pipeline, load_pipeline
+from .pipeline import Pipeline, read_pipeline
 from .prune import prune_decoder
 from .training import LOCAL, Dist, TrainConfig, captions, fit, make_dataset, run_tag, seed_step
 
@@ -112,7 +112,7 @@ def distill_decoder(init: str, cfg: DecoderConfig, out: str, d: Dist = LOCAL) ->
     """Prune the decoder of the pipeline ``init`` to ``cfg.ratio`` and distill it; writes ``out`` (the pipeline with
     the pruned decoder, which sample.py --decoder and Pipeline.set_decoder read)."""
     seed_step(cfg.train.seed, -1)
-    pipe = load_pipeline(init).to(d.device)
+    pipe = read_pipeline(init).to(d.device)
     student = prune_decoder(pipe.vae, cfg.ratio)
     latents = synthetic_latents(pipe, init, cfg, out, d) / pipe.latent_scale
     teacher, decoder = pipe.vae.decoder.eval(), student.decoder.train().requires_grad_(True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import diffusion as D
 from .formats.checkpoint import config_dict
-from .pipeline import Pipeline, load_pipeline
+from .pipeline import Pipeline, read_pipeline
 from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, run_tag, save_with_figures
 from .unet import with_guidance_input
 
@@ -250,9 +250,9 @@ def distill(teacher_path: str, student_path: str, run: DistillRun, out: str, d: 
     <out>.stage<N>.safetensors and each teaches the next stage. The student saved carries its own sampler: N steps
     on the trailing grid, the guidance it was distilled for."""
     stages = run.stages()
-    teacher = load_pipeline(teacher_path).to(d.device)
+    teacher = read_pipeline(teacher_path).to(d.device)
     teacher.unet.to(getattr(torch, run.teacher_dtype))  # before the student loads: the peak holds one fp32 copy less
-    student = load_pipeline(student_path).to(d.device)
+    student = read_pipeline(student_path).to(d.device)
     check_pair(teacher, student, run.loss.w_conditioned)
     if run.loss.w_conditioned:  # Meng et al.: the student gets a w input, zero at first (it starts as it was)
         student = student.with_parts(unet=with_guidance_input(student.unet))
@@ -266,5 +266,5 @@ def distill(teacher_path: str, student_path: str, run: DistillRun, out: str, d: 
         result = distill_stage(teacher, student, dataclasses.replace(run, loss=cfg), stage_out, d)
         if run.train.stop_after is not None:
             return result
-        teacher, student = result, load_pipeline(stage_out).to(d.device)  # progressive: the student teaches next
+        teacher, student = result, read_pipeline(stage_out).to(d.device)  # progressive: the student teaches next
     return student

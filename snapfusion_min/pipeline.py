@@ -1,7 +1,8 @@
 """Text -> image: tokenizer, text encoder, UNet with DDIM and classifier-free guidance, VAE decoder (Fig. 3, left).
 
 ``load_pipeline(path)`` reads an SD-v1.5 single file (.safetensors / .ckpt), a diffusers folder, or one of our own
-checkpoints, and gives a ``Pipeline`` whose parts can also be called one by one.
+checkpoints, and gives a ``Pipeline`` on the best device here (as the commands do; ``read_pipeline``: float32 on the
+CPU) whose parts can also be called one by one.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class SamplerConfig:
             raise ValueError(f"sampler must be one of {D.SOLVERS}, got {self.solver!r}")
         if not (isinstance(self.resolution, int) and self.resolution >= 8):
             raise ValueError(f"resolution must be an integer >= 8, got {self.resolution!r}")
+
+
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # diffusers' call -> SamplerConfig
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -248,7 +252,13 @@ class Pipeline:
 
     def sampler_with(self, sampler: SamplerConfig | None = None, **overrides: object) -> SamplerConfig:
         """``sampler`` (default: ``self.sampler``, what the checkpoint was trained for) with the fields given by name
-        and not None replaced: ``sampler_with(steps=4, guidance=7.5)``."""
+        and not None replaced: ``sampler_with(steps=4, guidance=7.5)``, or in diffusers' words (``DIFFUSERS_NAMES``,
+        as the commands' flags accept them): ``num_inference_steps=4, guidance_scale=7.5``."""
+        for theirs, ours in DIFFUSERS_NAMES.items():
+            if theirs in overrides:
+                if overrides.get(ours) is not None:
+                    raise TypeError(f"{theirs} and {ours} name the same setting: give one")
+                overrides[ours] = overrides.pop(theirs)
         fields = [f.name for f in dataclasses.fields(SamplerConfig)]
         unknown = sorted(set(overrides) - set(fields))
         if unknown:
@@ -262,9 +272,10 @@ class Pipeline:
         """Prompts -> images (PIL, or with output_type='pt' a float tensor [B, 3, H, W] in [0, 1]).
 
         How: ``sampler`` (default ``self.sampler``: what the checkpoint was trained for), with any of its fields
-        overridden by name -- ``pipe(prompts, steps=20, guidance=7.5, spacing="leading", solver="dpm++")`` (see
-        ``sampler_with``); height and width default to its resolution. With ``num_images_per_prompt`` n, each prompt
-        is repeated n times in place (p0, p0, p1, p1, ...); image i of that list starts from seed + i.
+        overridden by name -- ``pipe(prompts, steps=20, guidance=7.5, spacing="leading", solver="dpm++")``, or as
+        diffusers spells them, ``num_inference_steps=20, guidance_scale=7.5`` (see ``sampler_with``); height and
+        width default to its resolution. With ``num_images_per_prompt`` n, each prompt is repeated n times in place
+        (p0, p0, p1, p1, ...); image i of that list starts from seed + i.
         """
         s = self.sampler_with(sampler, **overrides)
         steps, guidance, spacing = s.steps, s.guidance, s.spacing
@@ -399,12 +410,23 @@ def _from_diffusers(folder: Path) -> Pipeline:
 
 
 def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None = None,
-                  device: str = "cpu", dtype: str = "float32") -> Pipeline:
-    """SD-v1.5 single file (.safetensors/.ckpt), diffusers folder, or our checkpoint -> Pipeline.
+                  device: str = "auto", dtype: str = "auto") -> Pipeline:
+    """SD-v1.5 single file (.safetensors/.ckpt), diffusers folder, or our checkpoint -> Pipeline, on ``device`` in
+    ``dtype`` -- the commands' defaults: 'auto' is CUDA, then MPS, then the CPU (``pick_device``), in float16 on an
+    accelerator and on the CPU bfloat16 where it is native, else float32 (``auto_dtype``). So
+    ``load_pipeline(path)(prompt)`` draws the bytes ``sample.py --checkpoint path --prompt prompt`` writes.
 
     ``ema`` picks the EMA UNet of an LDM file; ``prediction`` overrides the prediction type ('eps' or 'v') where the
-    file does not say (the SD-v1.5 single file is eps).
+    file does not say (the SD-v1.5 single file is eps). ``read_pipeline`` is the same without the move: float32 on
+    the CPU, as training and the reports want it.
     """
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)  # a bad name is refused before the file is read
+    return read_pipeline(path, ema=ema, prediction=prediction).to(dev, dt)
+
+
+def read_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None = None) -> Pipeline:
+    """``load_pipeline``'s reading: the checkpoint as stored, in float32 on the CPU."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or a path to a checkpoint, got {type(path).__name__}")
     path = Path(path)
@@ -427,5 +449,4 @@ def load_pipeline(path: str | Path, *, ema: bool = False, prediction: str | None
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         pipe.prediction = prediction
-    dev = pick_device(device)
-    return pipe.to(dev, pick_dtype(dtype, dev))
+    return pipe.to("cpu", torch.float32)

@@ -56,6 +56,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # or 'adafactor': a factored second moment and no first (less state than AdamW's 2 copies)
     checkpointing: bool = False  # gradient checkpointing of the UNet's blocks: less memory, ~1 more forward pass
     save_state: bool = True  # write <out>.state.pt (model, optimizer, EMA) for --resume
+    amp: bool = False  # mixed precision: the forward pass under autocast (``amp_dtype``), weights kept in float32
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -122,11 +123,37 @@ def average_gradients(model: torch.nn.Module, d: Dist) -> None:
             p.grad /= d.world
 
 
+def on_main(d: Dist, fn: Callable[[], object]) -> object:
+    """``fn()`` run on rank 0 only, its (picklable) result handed to every rank: a decision all ranks must share."""
+    box = [fn() if d.main else None]
+    if d.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    """Wait until every rank is here (e.g. until rank 0 has written a file the others read next)."""
+    if d.world > 1:
+        dist.barrier()
+
+
 def broadcast_parameters(model: torch.nn.Module, d: Dist) -> None:
     """Start every rank from rank 0's weights."""
     if d.world > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """--amp's autocast dtype: bfloat16 on a CUDA GPU that has it and on a CPU with native bf16 (no loss scaling
+    needed: bf16 has float32's range), else float16, whose small range needs a gradient scaler."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        from .pipeline import native_bf16  # (pipeline imports nothing of training)
+
+        return torch.bfloat16 if native_bf16() else torch.float16
+    return torch.float16
 
 
 def seed_step(seed: int, step: int, rank: int = 0) -> None:
@@ -315,13 +342,15 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
     if hasattr(model, "checkpointing"):
         model.checkpointing = cfg.checkpointing
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    amp = amp_dtype(d.device) if cfg.amp else None
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)  # float16's loss scaling
     start, losses = 0, []
     state_path = Path(f"{out}.state.pt") if out else None
     if out and d.main:
         for name in (out, state_path):  # what a killed run was writing when it died
             remove_stale_temps(name)
     if cfg.resume:
-        start, losses = resume(state_path, model, opt, ema, tag)
+        start, losses = resume(state_path, model, opt, ema, tag, scaler)
     broadcast_parameters(model, d)
     saved_norm = weight_norm(params)  # the divergence guard's reference: the weights at the last save (or start)
     end = cfg.train_steps if cfg.stop_after is None else min(cfg.train_steps, start + cfg.stop_after)
@@ -330,8 +359,9 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
         opt.zero_grad(set_to_none=True)
         logged, finite = 0.0, True
         for micro in range(cfg.accum):
-            loss, value = loss_at(step, micro)
-            (loss / cfg.accum).backward()
+            with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+                loss, value = loss_at(step, micro)
+            scaler.scale(loss.float() / cfg.accum).backward()
             logged += value.item() / cfg.accum
             finite &= bool(torch.isfinite(loss))
         if not (finite and math.isfinite(logged)):
@@ -339,7 +369,8 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
         average_gradients(model, d)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.train_steps)
-        opt.step()
+        scaler.step(opt)  # opt.step(), unless float16's scaled gradients overflowed (then the scale halves)
+        scaler.update()
         if ema is not None:
             ema.update(model, step)
         losses.append(logged)
@@ -354,7 +385,7 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
             if cfg.save_state:
                 save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "step": step + 1, "ema": ema.shadow if ema else {}, "losses": losses,
-                                        "tag": tag})
+                                        "tag": tag, "scaler": scaler.state_dict()})
             if save is not None:
                 with ema_weights(model, ema):
                     save(model, step + 1, losses)
@@ -402,8 +433,8 @@ def last_good(out: str | None) -> str:
 
 
 def resume(state_path: Path | None, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
-           tag: str | dict) -> tuple[int, list]:
-    """Load a resumable state into model, optimizer and EMA; returns (step, losses).
+           tag: str | dict, scaler: torch.amp.GradScaler | None = None) -> tuple[int, list]:
+    """Load a resumable state into model, optimizer, EMA and --amp's gradient scaler; returns (step, losses).
 
     ``tag`` names what the state belongs to (architecture, configuration); a state of anything else is refused.
     """
@@ -423,6 +454,8 @@ def resume(state_path: Path | None, model: torch.nn.Module, opt: torch.optim.Opt
     opt.load_state_dict(state["optimizer"])
     if ema is not None:
         ema.shadow = state["ema"]
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return state["step"], state["losses"]
 
 

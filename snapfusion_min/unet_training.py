@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import diffusion as D
 from .formats.checkpoint import config_dict
-from .pipeline import PREDICTIONS, Pipeline, SamplerConfig, load_pipeline
+from .pipeline import PREDICTIONS, Pipeline, SamplerConfig, read_pipeline
 from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, run_tag, save_with_figures, seed_step
 
 TRAIN = TrainConfig(train_steps=3500, batch_size=32, lr=1e-3, warmup=200)
@@ -39,7 +39,6 @@ class UNetConfig:
     prediction: str = "v"  # v (Eq. 6; fine-tunes an eps --init to v) or eps (Eq. 1)
     keep_prob: float = 1.0  # p of Eq. 5: each block runs with probability p
     cfg_dropout: float = 0.1  # caption dropped to '' with this probability (for CFG at sampling)
-    amp: bool = False  # bfloat16 autocast
     data: str = "toy"  # 'toy' or a folder of captioned images
     skip_bad: bool = False  # leave out unreadable / uncaptioned images of a folder
     resolution: int | None = None  # training image side, saved as the sampler's; None: 64 on toy data, else --init's
@@ -63,7 +62,7 @@ def build_pipeline(cfg: UNetConfig, out: str, fresh: Fresh | None = None) -> Pip
     """The model to train: ``cfg.init``, or ``fresh(cfg, out)``, a new UNet with its text encoder and autoencoder (the
     toy world's: ``toy.teacher.fresh_pipeline``)."""
     if cfg.init:
-        pipe = load_pipeline(cfg.init)
+        pipe = read_pipeline(cfg.init)
         return pipe.with_parts(sampler=dataclasses.replace(pipe.sampler, resolution=cfg.resolution)) \
             if cfg.resolution else pipe
     if fresh is None:
@@ -104,8 +103,7 @@ def train_unet(cfg: UNetConfig, out: str, d: Dist = LOCAL, figures: bool = True,
         with torch.no_grad():
             drop = torch.rand(len(context), device=d.device) < cfg.cfg_dropout
             context = torch.where(drop[:, None, None], empty, context)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            loss = v_loss(pipe, x0, context)
+        loss = v_loss(pipe, x0, context)  # under the loop's autocast with --amp
         return loss, loss
 
     save = save_with_figures(out, pipe, "training loss (Eq. 6)") if figures else \

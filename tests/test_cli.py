@@ -10,10 +10,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ROOT, run_main, run_script, tiny_pipeline
 from PIL import Image
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import load_pipeline, pipeline
 from snapfusion_min.cli import COMMANDS, FLAGS
 from snapfusion_min.pipeline import SamplerConfig
 
@@ -149,15 +150,14 @@ def test_help_shows_defaults(script):
 def test_api_and_every_command_draw_the_same_image(tmp_path):
     """pipe(prompt) with no keyword arguments samples as the checkpoint says (20 steps, guidance 2, 64x64 for the
     bundled toy model), as sample.py does; the installed command and python -m, run from another folder, draw the
-    same bytes and warn about nothing. float32 on both sides: the commands' --dtype auto is bf16 on a CPU with native
-    bf16, the API's default float32 (issue #42 unifies them)."""
+    same bytes and warn about nothing (both in --dtype auto: bf16 on a CPU with native bf16, else float32)."""
     image = load_pipeline(BUNDLED)(PROMPT)[0]
     assert image.size == (64, 64)
     commands = {"sample.py": [sys.executable, str(ROOT / "sample.py")],
                 "installed": [str(Path(sys.executable).parent / "snapfusion-sample")],
                 "module": [sys.executable, "-m", "snapfusion_min", "sample"]}
     for name, command in commands.items():
-        r = subprocess.run([*command, "--prompt", PROMPT, "--dtype", "float32", "--out-dir", str(tmp_path / name)],
+        r = subprocess.run([*command, "--prompt", PROMPT, "--out-dir", str(tmp_path / name)],
                            capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0 and "warning" not in r.stderr, (name, r.stderr)
         (png,) = (tmp_path / name).glob("*.png")
@@ -202,8 +202,7 @@ def test_images_per_prompt(tmp_path, tiny_checkpoint):
     pipe(prompts, num_images_per_prompt=n) in Python; the n images of a prompt differ."""
     prompts = ["a red circle", "a blue square"]
     assert run_main("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", prompts[0], "--prompt", prompts[1],
-                    "--num-images-per-prompt", "2", "--seed", "5", "--out-dir", str(tmp_path), "--device", "cpu",
-                    "--dtype", "float32") == 0  # the API's default (auto is bf16 on a CPU with native bf16: #42)
+                    "--num-images-per-prompt", "2", "--seed", "5", "--out-dir", str(tmp_path)) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["0005-a-red-circle.png", "0006-a-red-circle.png", "0007-a-blue-square.png",
                      "0008-a-blue-square.png"]
@@ -212,6 +211,38 @@ def test_images_per_prompt(tmp_path, tiny_checkpoint):
     assert images[0].tobytes() != images[1].tobytes() and images[2].tobytes() != images[3].tobytes()
     with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
         load_pipeline(tiny_checkpoint)(prompts, num_images_per_prompt=0)
+
+
+@pytest.mark.parametrize("outcome", ["float32", "bfloat16", "float16"])
+def test_api_and_cli_pick_the_same_device_and_dtype(outcome, tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """load_pipeline's defaults are the commands' (device and dtype 'auto'): under each outcome of the detector -- a
+    CPU without native bf16 (float32), one with it (bfloat16), an accelerator (float16; faked on the CPU, as no GPU
+    is here) -- pipe(prompts) draws the bytes sample.py writes, and sample.py's header names the dtype."""
+    monkeypatch.setattr(pipeline, "native_bf16", lambda: outcome == "bfloat16")
+    if outcome == "float16":
+        monkeypatch.setattr(pipeline, "auto_dtype", lambda device: (torch.float16, "auto: float16 on an accelerator"))
+    prompts = ["a red circle", "a blue square"]
+    pipe = load_pipeline(tiny_checkpoint)
+    assert pipe.dtype == getattr(torch, outcome) and pipe.device == pipeline.pick_device()
+    images = pipe(prompts, seed=7)
+    assert run_main("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", prompts[0], "--prompt", prompts[1],
+                    "--seed", "7", "--out-dir", str(tmp_path)) == 0
+    assert f"cpu {outcome}" in capsys.readouterr().err
+    written = [Image.open(tmp_path / n).tobytes() for n in ("0007-a-red-circle.png", "0008-a-blue-square.png")]
+    assert written == [im.tobytes() for im in images]
+
+
+def test_diffusers_spellings_in_the_api(tiny_checkpoint):
+    """pipe(prompt, num_inference_steps=, guidance_scale=) as diffusers spells them (and the commands' flags accept
+    them): the same image as steps= and guidance=; both spellings of one setting at once are refused."""
+    pipe = load_pipeline(tiny_checkpoint, device="cpu", dtype="float32")
+    ours = pipe("a red circle", steps=2, guidance=3.0, seed=1)[0]
+    theirs = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, seed=1)[0]
+    assert ours.tobytes() == theirs.tobytes()
+    assert ours.tobytes() != pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, seed=1)[0].tobytes()
+    with pytest.raises(TypeError, match="num_inference_steps and steps name the same setting"):
+        pipe("a red circle", steps=2, num_inference_steps=3)
+    assert FLAGS["--solver"][2] == ("--sampler",)  # the flag is named as the API's solver=, --sampler still works
 
 
 def test_out_of_domain_requests_warn_in_one_line(tmp_path):

@@ -283,10 +283,10 @@ def test_bundled_toy_model_compresses_within_the_uniform_grid_bound(tmp_path):
     """The bundled (trained) toy model's decoder at 8 bits: k-means1d's palette is the optimal one, so no tensor's
     error exceeds that of 256 evenly spaced levels over its range (|error| <= half a step); the package shrinks."""
     from snapfusion_min.export.compress import compress, package_bytes, weights
-    from snapfusion_min.pipeline import load_pipeline
+    from snapfusion_min.pipeline import read_pipeline
     from snapfusion_min.toy import BUNDLED
 
-    pipe = load_pipeline(BUNDLED / "model.safetensors", device="cpu", dtype="float32")
+    pipe = read_pipeline(BUNDLED / "model.safetensors")
     export(pipe, tmp_path, ["decoder"], log=False)
     fp16 = ct.models.MLModel(str(tmp_path / "decoder.mlpackage"), skip_model_load=True)
     compress(fp16, "pal8")[0].save(str(tmp_path / "pal8.mlpackage"))

@@ -11,7 +11,7 @@ from helpers import ROOT, max_rel_err, run_main, tiny_pipeline
 from safetensors.torch import load_file
 from test_pipeline import reference
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.arch import ArchSpec
 from snapfusion_min.export.diffusers_folder import NotExpressible, save_diffusers
 from snapfusion_min.formats.weights import clip_state
@@ -28,7 +28,7 @@ def test_diffusers_folder_round_trip_is_bitwise(tmp_path):
     configs that matter unchanged. (The text encoder is written with SD-v1.5's 'text_model.' prefix, which
     transformers 4 needs and 5 reads; transformers 5 itself saves without it.)"""
     reference("v_prediction", "trailing", tmp_path / "ref")
-    save_diffusers(load_pipeline(tmp_path / "ref"), tmp_path / "out")
+    save_diffusers(read_pipeline(tmp_path / "ref"), tmp_path / "out")
     for name in FILES:
         want, got = (clip_state(load_file(tmp_path / f / name)) for f in ("ref", "out"))
         assert sorted(got) == sorted(want), name
@@ -52,7 +52,7 @@ def test_diffusers_draws_our_images(tmp_path, sampler):
     """The bundled toy model (v-prediction, leading grid, toy widths, a one-ResNet VAE, a 32-token text encoder) and
     the same model as an 8-step trailing-grid student: diffusers' pipeline loaded from the written folder gives our
     images from the same initial latents, with the guidance scale and steps the folder's user is told to pass."""
-    pipe = load_pipeline(ROOT / "models" / "toy" / "model.safetensors")
+    pipe = read_pipeline(ROOT / "models" / "toy" / "model.safetensors")
     pipe = pipe.with_parts(sampler=sampler) if sampler else pipe
     save_diffusers(pipe, tmp_path / "toy")
     theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "toy")

@@ -3,7 +3,7 @@
 import pytest
 from helpers import run_script, tiny_pipeline
 
-from snapfusion_min.pipeline import load_pipeline
+from snapfusion_min.pipeline import read_pipeline
 
 pytestmark = pytest.mark.slow  # see conftest.py
 
@@ -26,7 +26,7 @@ def test_distill_writes_a_student_that_samples_with_its_own_steps(tmp_path, mode
     r = run("--teacher", str(models / "teacher.safetensors"), "--out", str(out), "--train-steps", "3",
             "--batch-size", "4", "--teacher-steps", "8", "--student-steps", "4", "--cfg-prob", "0.5")
     assert r.returncode == 0, r.stderr[-2000:]
-    student = load_pipeline(out)
+    student = read_pipeline(out)
     assert student.sampler.steps == 4 and student.sampler.spacing == "trailing" and student.sampler.distilled
     assert student.prediction == "v" and student.training["loss"]["cfg_prob"] == 0.5
     assert (tmp_path / "student.safetensors.samples.png").is_file()

@@ -12,7 +12,7 @@ from helpers import randomize, tiny_pipeline
 
 from snapfusion_min import distill as distill_module
 from snapfusion_min.distill import TRAIN, DistillConfig, DistillRun, check_pair, distill
-from snapfusion_min.pipeline import SamplerConfig, load_pipeline
+from snapfusion_min.pipeline import SamplerConfig, read_pipeline
 from snapfusion_min.text_encoder import TextConfig, TextEncoder
 
 FAST = dataclasses.replace(TRAIN, train_steps=2, batch_size=2, lr=1e-3, warmup=0, ema_decay=None, save_every=10**6)
@@ -34,7 +34,7 @@ def test_progressive_chain_saves_each_student_with_its_own_sampler(tmp_path):
                      train=FAST)
     returned = distill(str(teacher_path), str(teacher_path), run, str(out))
     stage = tmp_path / "student.safetensors.stage4.safetensors"
-    final, middle, teacher = load_pipeline(out), load_pipeline(stage), load_pipeline(teacher_path)
+    final, middle, teacher = read_pipeline(out), read_pipeline(stage), read_pipeline(teacher_path)
     assert digest(teacher_path) == before  # the teacher is read, never written
     assert final.sampler == SamplerConfig(steps=2, guidance=2.5, spacing="trailing", resolution=64, distilled=True)
     assert middle.sampler == dataclasses.replace(final.sampler, steps=4)
@@ -49,7 +49,7 @@ def test_guidance_defaults_to_the_teachers_and_stop_after_returns_early(tmp_path
     teacher_path, out = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
     tiny_pipeline().save(teacher_path)  # its sampler's guidance: 3.0
     student = distill(str(teacher_path), str(teacher_path), DistillRun(chain=(8, 4), train=FAST), str(out))
-    assert student.sampler.guidance == 3.0 and load_pipeline(out).sampler.guidance == 3.0
+    assert student.sampler.guidance == 3.0 and read_pipeline(out).sampler.guidance == 3.0
     out.unlink()
     run = DistillRun(chain=(8, 4, 2), train=dataclasses.replace(FAST, stop_after=1))
     distill(str(teacher_path), str(teacher_path), run, str(out))
@@ -146,4 +146,4 @@ def test_resume_refuses_a_state_of_another_configuration(tmp_path):
         distill(str(teacher_path), str(teacher_path), other, str(out))
     same = DistillRun(chain=(8, 4), train=dataclasses.replace(FAST, resume=True))
     distill(str(teacher_path), str(teacher_path), same, str(out))
-    assert load_pipeline(out).sampler.steps == 4
+    assert read_pipeline(out).sampler.steps == 4

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.arch import sd15
 from snapfusion_min.data import unknown_words
 from snapfusion_min.diffusion import timesteps
@@ -57,7 +57,7 @@ def reference(prediction: str, spacing: str, folder):
 def test_ddim_generation_equals_stable_diffusion_pipeline(tmp_path, prediction, spacing):
     """Same initial latents, same prompts: tokenizer, text encoder, CFG, DDIM and decoder end to end."""
     ref = reference(prediction, spacing, tmp_path)
-    ours = load_pipeline(tmp_path)  # the diffusers-folder path
+    ours = read_pipeline(tmp_path)  # the diffusers-folder path
     assert ours.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
     latents = torch.randn(2, 4, 8, 8)
     kw = dict(height=64, width=64, latents=latents)
@@ -77,7 +77,7 @@ def test_dpm_solver_generation_equals_stable_diffusion_pipeline(tmp_path, solver
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
         algorithm_type={"dpm": "dpmsolver", "dpm++": "dpmsolver++"}[solver], solver_order=2, timestep_spacing=spacing,
         final_sigmas_type="zero" if spacing == "trailing" else "sigma_min")
-    ours = load_pipeline(tmp_path)
+    ours = read_pipeline(tmp_path)
     kw = dict(height=64, width=64, latents=torch.randn(2, 4, 8, 8))
     steps = 6
     grid = {"num_inference_steps": steps} if spacing == "trailing" else {"timesteps": timesteps(steps, "leading")[:-1]}
@@ -89,9 +89,9 @@ def test_dpm_solver_generation_equals_stable_diffusion_pipeline(tmp_path, solver
 
 def test_own_checkpoint_round_trip_and_seeds(tmp_path):
     reference("v_prediction", "leading", tmp_path / "sd")
-    pipe = load_pipeline(tmp_path / "sd")
+    pipe = read_pipeline(tmp_path / "sd")
     pipe.save(tmp_path / "own.safetensors")
-    again = load_pipeline(tmp_path / "own.safetensors")
+    again = read_pipeline(tmp_path / "own.safetensors")
     assert again.prediction == "v" and again.unet.spec == pipe.unet.spec
     kw = dict(steps=3, height=64, width=64, output_type="pt")
     a = pipe(PROMPTS, seed=7, **kw)
@@ -104,7 +104,7 @@ def test_own_checkpoint_round_trip_and_seeds(tmp_path):
 
 def test_bad_requests_are_refused(tmp_path):
     reference("epsilon", "leading", tmp_path)
-    pipe = load_pipeline(tmp_path)
+    pipe = read_pipeline(tmp_path)
     with pytest.raises(ValueError, match="multiples of 8"):
         pipe("a cat", height=60, width=64)
     with pytest.raises(ValueError, match="steps must be a positive"):
@@ -159,7 +159,7 @@ def test_bf16_images_match_fp32(which):
     gate): on the bundled toy model (20 steps) and on random weights in SD-v1.5's layout (bench/bf16_psnr.py prints
     the figures)."""
     if which == "bundled toy model":
-        make = lambda: load_pipeline(ROOT / "models" / "toy" / "model.safetensors")  # noqa: E731
+        make = lambda: read_pipeline(ROOT / "models" / "toy" / "model.safetensors")  # noqa: E731
         prompts = ["a large red circle at the top left on a gray background",
                    "a small yellow cross at the bottom right on a black background"]
     else:
@@ -191,7 +191,7 @@ def test_api_mistakes_are_errors_naming_the_argument(tmp_path):
     from deep inside (a generator's overflow, a temporary file's name, a NoneType's attribute)."""
     pipe = tiny_pipeline(sampler=SamplerConfig(steps=1, guidance=1.0, resolution=32))
     with pytest.raises(TypeError, match=r"^path must be a str or a path to a checkpoint, got NoneType$"):
-        load_pipeline(None)
+        read_pipeline(None)
     with pytest.raises(TypeError, match=r"^prompts must be a string or a list of strings, got NoneType$"):
         pipe(None)
     with pytest.raises(TypeError, match=r"^prompts must be a string or a list of strings, got list holding other"):
@@ -219,7 +219,7 @@ def test_a_latent_scale_that_is_not_a_positive_number_names_the_checkpoint(tmp_p
     config = json.loads(meta[META_KEY]) | {"latent_scale": scale}
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={META_KEY: json.dumps(config)})
     with pytest.raises(CheckpointError, match=r"bad.safetensors: its latent scale .* is not a positive number"):
-        load_pipeline(tmp_path / "bad.safetensors")
+        read_pipeline(tmp_path / "bad.safetensors")
 
 
 def test_a_full_disk_leaves_the_file_that_was_there(tmp_path, monkeypatch):

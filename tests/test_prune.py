@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import randomize, tiny_pipeline
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.cost import count_params
 from snapfusion_min.decoder_distill import DecoderConfig, synthetic_latents
 from snapfusion_min.prune import kept_channels, prune_decoder, pruned_config
@@ -96,7 +96,7 @@ def test_pruned_decoder_keeps_output_shape_and_round_trips(tmp_path):
     z = torch.randn(2, 4, 8, 8)
     assert small.decode(z).shape == vae.decode(z).shape == (2, 3, 64, 64)
     tiny_pipeline().with_parts(vae=small).save(tmp_path / "pruned.safetensors")
-    again = load_pipeline(tmp_path / "pruned.safetensors")
+    again = read_pipeline(tmp_path / "pruned.safetensors")
     assert again.vae.cfg == small.cfg
     torch.testing.assert_close(again.vae.decode(z), small.decode(z), rtol=0, atol=0)
     full = tiny_pipeline().with_parts(vae=vae)

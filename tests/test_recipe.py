@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import run_main, run_script
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 
 pytestmark = pytest.mark.slow  # see conftest.py
 
@@ -30,12 +30,12 @@ def test_every_stage_produced_its_output(quick_run):
     for name in [n for n in done if n != "coreml"]:
         assert (work / f"{name}.safetensors").is_file(), name
     assert {p.name for p in (work / "coreml").glob("*.mlpackage")} >= {"unet.mlpackage", "decoder.mlpackage"}
-    final, teacher = load_pipeline(work / "final.safetensors"), load_pipeline(work / "teacher.safetensors")
+    final, teacher = read_pipeline(work / "final.safetensors"), read_pipeline(work / "teacher.safetensors")
     # the final model: evolved (fewer blocks), distilled to 8 trailing steps, with the 50%-pruned decoder
     assert len(final.unet.spec.addresses()) < len(teacher.unet.spec.addresses())
     assert final.sampler.steps == 8 and final.sampler.spacing == "trailing" and final.sampler.distilled
     assert [2 * c for c in final.vae.cfg.decoder_channels] == list(teacher.vae.cfg.decoder_channels)
-    few = load_pipeline(work / "few_mixed.safetensors")  # the few-step students: 1 trailing step, evolved UNet
+    few = read_pipeline(work / "few_mixed.safetensors")  # the few-step students: 1 trailing step, evolved UNet
     assert few.sampler.steps == 1 and few.sampler.distilled and few.unet.spec == final.unet.spec
 
 
@@ -66,7 +66,7 @@ def test_report_has_every_table_and_figure(quick_run):
     for label in ["vanilla (p = 0)", "CFG only (p = 1, w ~ U[1.5, 4])", "mixed (p = 0.5, w ~ U[1.5, 4])",
                   "mixed (p = 0.1, w ~ U[2, 14])", "teacher, 1-step DDIM"]:
         assert f"| {label} | 1 | 2 |" in text, label  # a row of the few-step table
-    assert load_pipeline(work / "wcond8.safetensors").unet.spec.guidance_embed > 0
+    assert read_pipeline(work / "wcond8.safetensors").unet.spec.guidance_embed > 0
 
 
 def test_a_run_with_another_budget_is_refused(quick_run):
@@ -88,8 +88,8 @@ def test_arms_run_each_baseline_at_the_same_budget(quick_run):
         == 0
     arms = work / "arms"
     assert list(json.loads((arms / "arms.json").read_text())["done"]) == ["teacher", *[f"{a}0" for a in ARMS]]
-    robust, evolved = load_pipeline(work / "robust.safetensors"), load_pipeline(work / "evolved.safetensors")
-    models = {a: load_pipeline(arms / f"{a}0.safetensors") for a in ARMS if a != "alg1"}
+    robust, evolved = read_pipeline(work / "robust.safetensors"), read_pipeline(work / "evolved.safetensors")
+    models = {a: read_pipeline(arms / f"{a}0.safetensors") for a in ARMS if a != "alg1"}
     for name in ("random", "slim", "scratch"):  # one training of Alg. 1's whole budget: 1 x 4 robust + 4 steps
         assert models[name].training["train"]["train_steps"] == 8, name
     assert models["scratch"].unet.spec == evolved.unet.spec

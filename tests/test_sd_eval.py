@@ -16,7 +16,7 @@ import torch
 from helpers import CLIP, ROOT, run_main, tiny_pipeline
 from test_metrics import TOY_CLIP_CONFIG, folder_of, register
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.eval.coco import clip_scorer, generate_folder, read_prompt_file, score_folder
 from snapfusion_min.eval.metrics import (
     clip_score,
@@ -79,7 +79,7 @@ def pngs(folder):
 def test_generation_shards_and_resumes_without_duplicates_or_losses(tmp_path, tiny_checkpoint):
     """Two ranks' shares are disjoint and together the whole; a second call makes nothing; the images equal one
     single-rank run's byte for byte; another setting in the same folder is refused."""
-    pipe = load_pipeline(tiny_checkpoint)
+    pipe = read_pipeline(tiny_checkpoint)
     assert generate_folder(pipe, PROMPTS, tmp_path / "one", batch=2, progress=False) == len(PROMPTS)
     made = [generate_folder(pipe, PROMPTS, tmp_path / "two", batch=2, rank=r, world=2, progress=False) for r in (0, 1)]
     assert made == [6, 6] and pngs(tmp_path / "two") == pngs(tmp_path / "one")
@@ -127,7 +127,7 @@ def test_generation_resumes_after_a_kill(tmp_path, tiny_checkpoint):
 def test_score_folder_and_the_evaluate_command(tmp_path, tiny_checkpoint, random_inception, capsys):
     """score_folder's CLIP score is the judge's on the images it reads back, its FID the one of the features; the
     command sweeps guidance into subfolders and prints one row each."""
-    pipe, prompts = load_pipeline(tiny_checkpoint), PROMPTS[:6]
+    pipe, prompts = read_pipeline(tiny_checkpoint), PROMPTS[:6]
     generate_folder(pipe, prompts, tmp_path / "gen", progress=False)
     judge = toy_judge(load_toy_clip(CLIP))
     real = folder_of(real_heldout(6, seed=9)[0], tmp_path / "real")
@@ -185,6 +185,6 @@ def test_alg1_with_an_open_clip_scorer(tmp_path, tiny_checkpoint, capsys):
     log = json.loads((tmp_path / "evolved.safetensors.log.json").read_text())
     assert log["actions"] and all("d_clip" in a for a in log["actions"])
     judge = open_clip_judge("toy-clip-evolve", CLIP)
-    want = clip_scorer(judge, PROMPTS[4:8])(load_pipeline(out))
+    want = clip_scorer(judge, PROMPTS[4:8])(read_pipeline(out))
     assert log["rows"][-1]["clip"] == pytest.approx(want, abs=1e-6)
     assert log["rows"][-1]["fid"] is None and "| - | - | - |" in capsys.readouterr().out

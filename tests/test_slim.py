@@ -119,13 +119,13 @@ def test_time_mlp_reads_the_nearest_frequency():
 def test_slimmed_model_saves_loads_and_runs(tmp_path):
     from helpers import tiny_pipeline
 
-    from snapfusion_min import load_pipeline
+    from snapfusion_min import read_pipeline
 
     small = slim_unet(tiny_unet(2), 0.75)
     assert small.spec.channels == (24, 48, 48, 48)
     pipe = tiny_pipeline().with_parts(unet=small)
     pipe.save(tmp_path / "slim.safetensors")
-    again = load_pipeline(tmp_path / "slim.safetensors").unet.eval()
+    again = read_pipeline(tmp_path / "slim.safetensors").unet.eval()
     assert again.spec == small.spec
     for key, value in small.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key

@@ -17,7 +17,7 @@ from snapfusion_min.arch import tiny
 from snapfusion_min.data import ToyWorld
 from snapfusion_min.evolve import Action, apply
 from snapfusion_min.formats.checkpoint import save_checkpoint
-from snapfusion_min.pipeline import load_pipeline
+from snapfusion_min.pipeline import read_pipeline
 from snapfusion_min.toy.autoencoder import crop_objects, object_mask
 from snapfusion_min.training import load_state
 from snapfusion_min.vae import TOY_VAE, VAE
@@ -48,7 +48,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, autoencoder):
         assert torch.equal(a["model"][key], b["model"][key]), key  # bitwise, Eq. 5 block dropping included
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
-    pipe = load_pipeline(tmp_path / "b.safetensors")  # the checkpoint sample.py reads
+    pipe = read_pipeline(tmp_path / "b.safetensors")  # the checkpoint sample.py reads
     assert pipe.prediction == "v" and pipe.sampler.steps == 2 and pipe.training["keep_prob"] == 0.8
     assert (tmp_path / "b.safetensors.loss.png").is_file() and (tmp_path / "b.safetensors.samples.png").is_file()
 
@@ -73,7 +73,7 @@ def test_bad_input_is_one_line_and_keeps_the_last_checkpoint(tmp_path, autoencod
     nan = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 50, "--lr", "1e30", "--overwrite"))
     assert "loss is nan" in nan or "loss is inf" in nan
     assert (tmp_path / "m.safetensors").read_bytes() == before  # the last good checkpoint is intact
-    load_pipeline(tmp_path / "m.safetensors")
+    read_pipeline(tmp_path / "m.safetensors")
     # finite weights that diverged (lr 1e6) do not overwrite the last good checkpoint either
     diverged = refused(*unet_args(tmp_path / "m.safetensors", autoencoder, 4, "--lr", "1e6", "--save-every", "1",
                                   "--overwrite"))
@@ -191,3 +191,20 @@ def test_eq6_v_loss_written_out(prediction):
     expected = ((net(z.float(), t, context).double() - target) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert 0.05 < expected.item() < 5  # a loss of ordinary size: the comparison above is not between two zeros
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16", "fp16"])
+def test_amp_loss_equals_the_float32_loss_to_its_precision(native, tmp_path, autoencoder, monkeypatch):
+    """--amp: the forward pass under autocast -- bfloat16 on a CPU with native bf16, else float16 with a gradient
+    scaler (whose state the resumable state keeps) -- gives step 0's loss (same batch, same noise) within its
+    precision of the float32 loss, but not bit for bit (autocast ran); the weights stay float32."""
+    from snapfusion_min import pipeline
+
+    monkeypatch.setattr(pipeline, "native_bf16", lambda: native)
+    for name, extra in (("fp32", ()), ("amp", ("--amp",))):
+        assert run_main("train.py", *unet_args(tmp_path / f"{name}.safetensors", autoencoder, 1, *extra)) == 0
+    ref, amp = (load_state(str(tmp_path / f"{n}.safetensors") + ".state.pt") for n in ("fp32", "amp"))
+    assert ref["losses"][0] != amp["losses"][0]
+    assert amp["losses"][0] == pytest.approx(ref["losses"][0], rel=2e-2 if native else 2e-3)
+    assert all(v.dtype == torch.float32 for v in amp["model"].values() if v.is_floating_point())
+    assert bool(amp["scaler"]) == (not native) and not ref["scaler"]  # float16's loss scale, kept for --resume

@@ -14,7 +14,7 @@ from snapfusion_min.arch import ArchSpec, tiny
 from snapfusion_min.distill import TRAIN, DistillConfig, DistillRun, check_pair, distill
 from snapfusion_min.export.diffusers_folder import save_diffusers
 from snapfusion_min.formats.weights import apply_map, unet_source_key
-from snapfusion_min.pipeline import load_pipeline
+from snapfusion_min.pipeline import read_pipeline
 from snapfusion_min.unet import UNet, with_guidance_input
 
 FAST = dataclasses.replace(TRAIN, train_steps=3, batch_size=2, lr=1e-3, warmup=0, ema_decay=None, save_every=10**6)
@@ -86,7 +86,7 @@ def test_distill_makes_a_w_conditioned_student_that_reloads(tmp_path):
     run = DistillRun(chain=(8, 4), loss=DistillConfig(w_min=1.5, w_max=4.0, cfg_prob=1.0, w_conditioned=True),
                      train=FAST)
     distill(str(teacher_path), str(teacher_path), run, str(out))
-    student = load_pipeline(out)
+    student = read_pipeline(out)
     assert student.unet.spec.guidance_embed == 256 and student.unet.w_proj.weight.abs().max() > 0  # it learned w
     assert student.training["loss"]["w_conditioned"] is True
     z, c = torch.randn(1, 4, 8, 8), student.encode_prompts(["a red circle"])
@@ -108,7 +108,7 @@ def test_diffusers_folder_round_trip_keeps_the_w_input(tmp_path):
     pipe.unet.w_proj.weight.data.normal_(std=0.1)
     save_diffusers(pipe, tmp_path / "w")
     theirs = UNet2DConditionModel.from_pretrained(tmp_path / "w" / "unet").eval()
-    again = load_pipeline(tmp_path / "w")
+    again = read_pipeline(tmp_path / "w")
     assert theirs.config.time_cond_proj_dim == 32 and again.unet.spec.guidance_embed == 32
     z, c, w = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32), torch.tensor([2.0, 6.0])
     cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=32)

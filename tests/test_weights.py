@@ -15,7 +15,7 @@ from helpers import max_rel_err, randomize
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from snapfusion_min import CheckpointError, load_pipeline
+from snapfusion_min import CheckpointError, read_pipeline
 from snapfusion_min.arch import sd15
 from snapfusion_min.formats.checkpoint import read_state_dict
 from snapfusion_min.formats.weights import to_ldm
@@ -57,7 +57,7 @@ def ldm_file(tmp_path_factory):
 def test_ldm_single_file_equals_diffusers_converter(ldm_file):
     """The same random LDM file, loaded by us and by diffusers.loaders.single_file_utils, gives equal outputs."""
     path, state = ldm_file
-    pipe = load_pipeline(path)
+    pipe = read_pipeline(path)
     ref_unet = UNet2DConditionModel(**SD15_UNET)
     ref_unet.load_state_dict(convert_ldm_unet_checkpoint(state, ref_unet.config))
     ref_vae = AutoencoderKL(**SD15_VAE)
@@ -77,7 +77,7 @@ def test_ldm_single_file_equals_diffusers_converter(ldm_file):
 @pytest.mark.slow
 def test_ema_weights_are_picked_on_request(ldm_file):
     path, _ = ldm_file
-    plain, averaged = load_pipeline(path), load_pipeline(path, ema=True)
+    plain, averaged = read_pipeline(path), read_pipeline(path, ema=True)
     w = "stages.down1.R0.conv1.weight"
     torch.testing.assert_close(averaged.unet.state_dict()[w], (plain.unet.state_dict()[w] * 0.5).half().float(),
                                rtol=0, atol=0)
@@ -89,7 +89,7 @@ def test_missing_ema_is_a_clear_error(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
                "model.diffusion_model.out.2.bias": torch.zeros(4)}, str(path))
     with pytest.raises(CheckpointError, match="no EMA weights"):
-        load_pipeline(path, ema=True)
+        read_pipeline(path, ema=True)
 
 
 def test_ckpt_is_read_without_unpickling_code(tmp_path):
@@ -106,7 +106,7 @@ def test_ckpt_is_read_without_unpickling_code(tmp_path):
     with open(evil, "wb") as f:
         pickle.dump({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, f)
     with pytest.raises(CheckpointError, match="refused to unpickle"):
-        load_pipeline(evil)
+        read_pipeline(evil)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -117,15 +117,15 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path, ldm_file):
     with open(path, "rb") as f:  # the header and the first tensors, not a 6 GB read
         truncated.write_bytes(f.read(100_000))
     with pytest.raises(CheckpointError, match="not a readable .safetensors"):
-        load_pipeline(truncated)
+        read_pipeline(truncated)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00\x01not a checkpoint" * 10)
     with pytest.raises(CheckpointError, match="corrupt|refused"):
-        load_pipeline(garbage)
+        read_pipeline(garbage)
     other = tmp_path / "vit.safetensors"
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(other))
     with pytest.raises(CheckpointError, match="not a Stable Diffusion v1 checkpoint"):
-        load_pipeline(other)
+        read_pipeline(other)
     # SD-2's UNet in the LDM layout, cut to a few keys (a full copy would be 6 GB): the mis-shaped key is named
     sd2_like = {k: state[k] for k in list(state)[:8] if k.startswith("model.diffusion_model.")}
     sd2_like["cond_stage_model.model.token_embedding.weight"] = torch.zeros(49408, 1024)
@@ -133,6 +133,6 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path, ldm_file):
     sd2 = tmp_path / "sd2.safetensors"
     save_file(sd2_like, str(sd2))
     with pytest.raises(CheckpointError, match=r"mis-shaped: input_blocks\.1\.1\.proj_in\.weight"):
-        load_pipeline(sd2)
+        read_pipeline(sd2)
     with pytest.raises(FileNotFoundError):
-        load_pipeline(tmp_path / "nope.safetensors")
+        read_pipeline(tmp_path / "nope.safetensors")

@@ -31,8 +31,8 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--num-inference-steps": (int, "sampling (DDIM) steps", ("--num_inference_steps",)),
     "--guidance": (float, "CFG scale w of Eq. 3; 1 = no guidance", ("--guidance-scale", "--guidance_scale")),
     "--spacing": (str, "timestep grid: leading (SD-v1.5) or trailing (distilled students, App. D)", ()),
-    "--sampler": (str, "ddim (Eq. 2), dpm (multistep DPM-Solver-2) or dpm++ (DPM-Solver++(2M)); a distilled student "
-                       "was trained for ddim", ()),
+    "--solver": (str, "ddim (Eq. 2), dpm (multistep DPM-Solver-2) or dpm++ (DPM-Solver++(2M)), as the API's solver=; "
+                      "a distilled student was trained for ddim", ("--sampler",)),
     "--train-steps": (int, "optimizer steps", ("--max-train-steps", "--max_train_steps")),
     "--batch-size": (int, "images per batch (a training batch is split over DDP ranks)", ("--batch_size",)),
     "--lr": (float, "peak learning rate (AdamW, weight decay 0.01 as §5; linear warm-up, cosine decay)",
@@ -41,6 +41,8 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--keep-prob": (float, "p of Eq. 5: each block runs with probability p during training", ()),
     "--seed": (int, "same seed, same result", ()),
     "--device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", ()),
+    "--dtype": (str, "auto (float16 on a GPU; on the CPU bfloat16 where it is native, else float32), float32, "
+                     "float16 or bfloat16", ()),
     "--data": (str, "'toy' (the toy world), a folder of captioned images, or WebDataset shards (a folder of .tar, "
                     "a glob, or a brace range like shards/{00000..00999}.tar)", ()),
     "--skip-bad": (None, "leave out (and count) images without a caption, that cannot be read or that have more "
@@ -49,6 +51,9 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
                          "copies of the weights; bench/sd_memory.py)", ()),
     "--checkpointing": (None, "gradient checkpointing: the UNet's blocks recompute their activations in the backward "
                               "pass (less memory, ~1 more forward pass of time)", ()),
+    "--amp": (None, "mixed precision: the forward pass in bfloat16 autocast on a GPU that has it and on a CPU with "
+                    "native bf16, else float16 autocast with a gradient scaler; weights and optimizer stay float32",
+              ()),
     "--no-ema": (None, "keep no EMA copy: checkpoints store the weights as trained (one copy of the weights less in "
                        "memory)", ()),
     "--no-state": (None, "write no <out>.state.pt (no --resume; with AdamW the state is 4x the weights on disk)", ()),

@@ -42,6 +42,7 @@ def build_parser():  # noqa: ANN201
         flag(p, name, default, "per stage when progressive" if name == "--train-steps" else "")
     flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
     flag(p, "--checkpointing")
+    flag(p, "--amp")
     flag(p, "--no-ema")
     flag(p, "--no-state")
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32", help="the frozen teacher's "

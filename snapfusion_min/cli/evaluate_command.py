@@ -49,7 +49,7 @@ from ..eval.coco import (
 )
 from ..eval.metrics import inception, open_clip_judge, save_statistics
 from ..formats.figures import caption_grid, fid_clip_plot, pyplot
-from ..pipeline import pick_device
+from ..pipeline import pick_device, pick_dtype
 from ..toy import BUNDLED
 from ..toy.clip import load_toy_clip, toy_judge
 from ..toy.tables import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
@@ -81,9 +81,11 @@ def build_parser():  # noqa: ANN201
             "; repeat for a table over guidance scales" if name in ("sweep", "coco") else ""), action="append")
         flag(g, "--spacing", more="of undistilled checkpoints (default: each one's own; students keep theirs)",
              choices=SPACINGS)
-        flag(g, "--sampler", more="of undistilled checkpoints (default: each one's own, else ddim; students keep "
+        flag(g, "--solver", more="of undistilled checkpoints (default: each one's own, else ddim; students keep "
              "theirs)", choices=SOLVERS)
         flag(g, "--seed", 1234)
+        flag(g, "--device", "auto")
+        flag(g, "--dtype", "auto", "of generation")
         g.add_argument("--json", action="store_true", help="print the numbers as JSON")
     for name in ("sweep", "coco"):
         m[name].add_argument("--curve", help="write the FID-vs-CLIP curves over guidance (Fig. 4, 6) here")
@@ -106,7 +108,7 @@ def build_parser():  # noqa: ANN201
         g.add_argument("--fid-reference", required=g is not c,
                        help="a folder of real images" + (", or their statistics (.npz)" if g is c else ""))
         g.add_argument("--fid-size", type=int, default=256, help="images are resized to this for FID (0: as they are)")
-        flag(g, "--device", "auto")
+    flag(m["reference"], "--device", "auto")
     m["reference"].add_argument("--save-reference", required=True, help="write the folder's statistics to this .npz")
     return p
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["heldout", *argv]  # the default mode: `python evaluate.py` judges the bundled toy model
     args = build_parser().parse_args(argv)
+    if hasattr(args, "dtype"):
+        pick_dtype(args.dtype, pick_device(args.device))  # a wrong name is refused before any work
     if args.mode == "reference":
         return reference(args)
     if args.mode == "coco":
@@ -133,7 +137,8 @@ def toy(args: argparse.Namespace) -> dict:
     if getattr(args, "curve", None):
         pyplot()  # before any work: the curve needs matplotlib
     names = args.checkpoint or [str(BUNDLED / "model.safetensors")]
-    pipes, clip = {name: load_pipeline(name) for name in names}, load_toy_clip(args.clip)
+    pipes = {name: load_pipeline(name, device=args.device, dtype=args.dtype) for name in names}
+    clip = load_toy_clip(args.clip)
     for pipe in pipes.values():
         own_sampler(pipe, args)
     judge = judge_on_heldout(clip, args.num_prompts, args.seed)
@@ -166,9 +171,9 @@ def toy(args: argparse.Namespace) -> dict:
 
 
 def own_sampler(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001
-    """--spacing and --sampler apply to undistilled checkpoints: a student keeps the grid and solver it learned."""
+    """--spacing and --solver apply to undistilled checkpoints: a student keeps the grid and solver it learned."""
     if not pipe.sampler.distilled:
-        change = {k: v for k, v in (("spacing", args.spacing), ("solver", args.sampler)) if v}
+        change = {k: v for k, v in (("spacing", args.spacing), ("solver", args.solver)) if v}
         pipe.sampler = dataclasses.replace(pipe.sampler, **change)
 
 
@@ -210,7 +215,7 @@ def coco(args: argparse.Namespace) -> dict:
     if d.main:
         print("| checkpoint | steps | guidance | CLIP | FID | images |\n|---|---|---|---|---|---|")
     for name in names:
-        pipe = load_pipeline(name, device=str(d.device))
+        pipe = load_pipeline(name, device=str(d.device), dtype=args.dtype)
         own_sampler(pipe, args)
         for steps, g in itertools.product(args.num_inference_steps or [pipe.sampler.steps],
                                           args.guidance or [pipe.sampler.guidance]):

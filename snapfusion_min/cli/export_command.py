@@ -35,7 +35,7 @@ from ..export.coreml import (
     verify,
 )
 from ..export.diffusers_folder import save_diffusers
-from ..pipeline import SamplerConfig, load_pipeline, random_pipeline
+from ..pipeline import SamplerConfig, random_pipeline, read_pipeline
 from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.arch:
         pipe = random_pipeline(preset(args.arch), source=f"random-{args.arch}", sampler=SamplerConfig())
     else:
-        pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")
+        pipe = read_pipeline(args.checkpoint)
     resolution = pipe.sampler.resolution if args.resolution is None else args.resolution
     check_resolution(pipe, resolution)
     paths = export(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch, options=options)
@@ -104,7 +104,7 @@ def to_diffusers(args: argparse.Namespace) -> None:
                                   ("--compress", args.compress)) if given]
     if ignored:
         raise ValueError(f"{', '.join(ignored)}: Core ML options, not used with --to diffusers")
-    pipe = load_pipeline(args.checkpoint, device="cpu", dtype="float32")  # save_diffusers refuses before writing
+    pipe = read_pipeline(args.checkpoint)  # save_diffusers refuses before writing
     print(f"wrote {save_diffusers(pipe, out)} (diffusers' StableDiffusionPipeline; sample with "
           f"num_inference_steps={pipe.sampler.steps}, guidance_scale={pipe.sampler.guidance:g})")
 

@@ -44,15 +44,14 @@ def build_parser():  # noqa: ANN201
     flag(p, "--num-inference-steps", None, "default: the checkpoint's, else 50")
     flag(p, "--guidance", None, "default: the checkpoint's, else 7.5")
     flag(p, "--spacing", None, "default: the checkpoint's, else leading", choices=SPACINGS)
-    flag(p, "--sampler", None, "default: the checkpoint's, else ddim", choices=SOLVERS)
+    flag(p, "--solver", None, "default: the checkpoint's, else ddim", choices=SOLVERS)
     flag(p, "--seed", 0, "image i uses seed + i")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: checkpoint's, else 512)")
     flag(p, "--batch-size", 4, "prompts per forward pass")
     flag(p, "--out-dir", "samples")
     flag(p, "--device", "auto")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on a GPU; on the CPU bf16 where it is native, else "
-                   "fp32), float32, float16, bfloat16")
+    flag(p, "--dtype", "auto")
     p.add_argument("--ema", action="store_true", help="use the EMA UNet of an SD-v1 .ckpt/.safetensors file")
     p.add_argument("--decoder", help="decode with the (pruned, §3.2) autoencoder of this checkpoint")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the checkpoint's prediction type")
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
         pipe.set_decoder(other.vae, other.latent_scale)
     s = pipe.sampler_with(steps=args.num_inference_steps, guidance=args.guidance, spacing=args.spacing,
-                          solver=args.sampler)
+                          solver=args.solver)
     height, width = (s.resolution if v is None else v for v in (args.height, args.width))
     f = pipe.vae.cfg.factor
     if height % f or width % f or height <= 0 or width <= 0:

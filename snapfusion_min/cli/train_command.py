@@ -57,7 +57,6 @@ def build_parser():  # noqa: ANN201
     u.add_argument("--cfg-dropout", type=float, default=d.cfg_dropout, help="caption dropped to '' with this "
                    "probability (for CFG at sampling)")
     u.add_argument("--accum", type=int, default=1, help="gradient accumulation: micro-batches per step")
-    u.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     flag(u, "--num-inference-steps", d.sampler.steps, "saved as a fresh checkpoint's default")
     flag(u, "--guidance", d.sampler.guidance, "saved as a fresh checkpoint's default (2: the toy world's best)")
     dec = stage(sub, "decoder", "prune the VAE decoder and distill it (§3.2, App. B.2)")
@@ -91,6 +90,7 @@ def common(p, t: TrainConfig, ema: bool = False) -> None:  # noqa: ANN001
                    (", at most 10%% of --train-steps)" if ema else ")"))
     flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
     flag(p, "--no-state")
+    flag(p, "--amp")
     if ema:  # the UNet stage
         flag(p, "--ema-decay", t.ema_decay)
         flag(p, "--no-ema")

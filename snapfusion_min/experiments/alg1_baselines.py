@@ -38,7 +38,7 @@ from ..evolve import EvolveConfig, Scorer, evolve_and_finetune, train
 from ..formats.checkpoint import atomic_write
 from ..formats.figures import arms_plot
 from ..latency import LatencyTable, build_table, measure_unet
-from ..pipeline import Pipeline, load_pipeline
+from ..pipeline import Pipeline, read_pipeline
 from ..toy import BUNDLED
 from ..toy.clip import evaluate_generation, load_toy_clip, real_heldout, toy_clip_scorer, toy_judge
 from ..unet import UNet
@@ -74,11 +74,11 @@ def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg
                               baseline="random" if arm == "random" else None)
     if arm in ("alg1", "dclip", "random"):
         return evolve_and_finetune(start, table, cfg, score, None, out)
-    pipe, log = load_pipeline(alg1 if arm == "scratch" else start), {"config": dataclasses.asdict(cfg)}
+    pipe, log = read_pipeline(alg1 if arm == "scratch" else start), {"config": dataclasses.asdict(cfg)}
     if arm == "scratch":
         pipe.unet = UNet(pipe.unet.spec).to(next(pipe.unet.parameters()).device)
     else:
-        target, latent = load_pipeline(alg1).unet, pipe.sampler.resolution // pipe.vae.cfg.factor
+        target, latent = read_pipeline(alg1).unet, pipe.sampler.resolution // pipe.vae.cfg.factor
         context_len = pipe.text_encoder.cfg.context_length
         with threads(cfg.threads):
             target_ms = measure_unet(target, latent, table.batch, context_len)
@@ -142,14 +142,14 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: tor
     UNet) and judged into ``<work>/<arm><seed>.judged.pt``."""
 
     def judged(name: str, checkpoint: Path) -> None:
-        out = judge(load_pipeline(checkpoint), clip, cfg)
+        out = judge(read_pipeline(checkpoint), clip, cfg)
         atomic_write(work / f"{name}.judged.pt", lambda tmp: torch.save(out, tmp))
 
     def arm(name: str, seed: int) -> Callable:
         def run() -> None:
             out = model_path(p, work, name, seed)
             if out != p["evolved"]:
-                start = load_pipeline(p["robust"])
+                start = read_pipeline(p["robust"])
                 latent = start.sampler.resolution // start.vae.cfg.factor
                 table = build_table(start.unet, latent, 2, start.text_encoder.cfg.context_length, str(p["lut"]))
                 del start
@@ -176,7 +176,7 @@ def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report:
     judged = {"teacher": [work / "teacher.judged.pt"]} | {
         arm: [work / f"{arm}{s}.judged.pt" for s in cfg.seeds] for arm in ARMS}
     facts = measure(cfg, models, judged, clip)
-    robust = load_pipeline(p["robust"])
+    robust = read_pipeline(p["robust"])
     block_ms = LatencyTable.load(p["lut"]).block_ms(robust.unet.spec).values()
     sweep = slim_sweep(robust.unet, robust.sampler.resolution // robust.vae.cfg.factor, 2,
                        robust.text_encoder.cfg.context_length)  # side by side with the models' latencies
@@ -202,7 +202,7 @@ def measure(cfg: ArmsConfig, models: dict[str, list[Path]], judged: dict[str, li
             log = Path(f"{path}.log.json")
             actions = json.loads(log.read_text()).get("actions", []) if log.is_file() else []
             facts[name]["copies"].append([a["action"] for a in actions if a["action"].startswith("+")])
-            pipe = load_pipeline(path)
+            pipe = read_pipeline(path)
             facts[name]["specs"].append(pipe.unet.spec)
             with threads(1):
                 facts[name]["ms"].append(measure_unet(pipe.unet, pipe.sampler.resolution // pipe.vae.cfg.factor, 2,

@@ -15,7 +15,7 @@ from pathlib import Path
 from open_clip.model import CustomTextCLIP
 
 from ..formats.figures import fid_clip_plot, steps_plot
-from ..pipeline import Pipeline, load_pipeline
+from ..pipeline import Pipeline, read_pipeline
 from ..toy.tables import judge_on_heldout, sweep
 from .budget import Budget, few_students
 
@@ -134,7 +134,7 @@ def few_step_section(p: dict[str, Path], teacher: Pipeline, b: Budget, clip: Cus
     n, labels, students = b.few.steps, student_labels(b), few_students(b)
     ddim, base = f"teacher, {n}-step DDIM", "baseline 50-step"
     trailing = teacher.with_parts(sampler=dataclasses.replace(teacher.sampler, spacing="trailing"))
-    pipes = {ddim: trailing} | {labels[name]: load_pipeline(p[name]) for name, _, _ in students}
+    pipes = {ddim: trailing} | {labels[name]: read_pipeline(p[name]) for name, _, _ in students}
     configs = [(label, pipe, n, g) for label, pipe in pipes.items() for g in b.few.guidance]
     table, results = sweep(configs, judge_on_heldout(clip, b.judge.prompts, progress=False))
     rows = {base: baseline} | {label: {} for label in pipes}  # the baseline first: the plot's first colour

@@ -20,7 +20,7 @@ from ..diffusion import SOLVERS
 from ..formats.checkpoint import atomic_write
 from ..formats.figures import caption_grid, fid_clip_plot
 from ..latency import LatencyTable, fig2
-from ..pipeline import Pipeline, load_pipeline
+from ..pipeline import Pipeline, read_pipeline
 from ..toy import BUNDLED
 from ..toy.clip import load_toy_clip
 from ..toy.tables import decoder_table, judge_on_heldout, sweep
@@ -138,7 +138,7 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
 
     ``timings`` / ``cpu``: wall / CPU seconds of each stage."""
     clip = load_toy_clip(BUNDLED / "clip.safetensors")  # one judge for every table, as in the README
-    teacher, final = load_pipeline(p["teacher"]), load_pipeline(p["final"])
+    teacher, final = read_pipeline(p["teacher"]), read_pipeline(p["final"])
     flags = (" --quick" if quick else "") + (" --bundled" if p["teacher"] == BUNDLED / "model.safetensors" else "")
     if quick:
         print("[recipe] " + SMOKE.replace("**", ""))
@@ -148,7 +148,7 @@ def write_report(b: Budget, p: dict[str, Path], report: Path, timings: dict, qui
              "(scores in its own scale: real images score about 0.97, unrelated captions about 0.5). "
              f"{b.judge.prompts} held-out prompts per point. Budget: `{b}`.", ""]
     table1, totals = table1_section(teacher, final, b)
-    table2, t2, noise = table2_section(teacher, final, load_pipeline(p["wcond8"]), b, clip, report)
+    table2, t2, noise = table2_section(teacher, final, read_pipeline(p["wcond8"]), b, clip, report)
     fig6, f6, mixed = fig6_section(p, b, clip, report)
     fig6 += fig6b_section(t2, f6, b, report, noise)
     known = {("leading", BASE_STEPS): t2[f"baseline {BASE_STEPS}-step", BASE_STEPS, G0],
@@ -208,7 +208,7 @@ def table2_section(teacher: Pipeline, final: Pipeline, wcond: Pipeline, b: Budge
     return ["## Table 2 / Fig. 4: FID and CLIP score, final 8-step model vs the baseline and the comparators", "",
             *table, "", f"The 8-step baselines are the undistilled teacher on the trailing grid (the students' grid; "
             "t = 999 first). DPM-Solver-2 is multistep DPM-Solver on eps (Lu et al. 2022), DPM-Solver++(2M) its "
-            "data-prediction form (`--sampler dpm`, `dpm++`). Meng et al.'s student takes w as an input and makes "
+            "data-prediction form (`--solver dpm`, `dpm++`). Meng et al.'s student takes w as an input and makes "
             "one UNet pass per step (`distill.py --w-conditioned`: the CFG-aware targets of Eq. 10, w ~ U"
             f"[{lo:g}, {hi:g}], p = 1, learned in one pass) where ours makes CFG's two. "
             "'Ours' is the final pipeline (evolved, distilled UNet and the pruned decoder); the w-conditioned student "
@@ -282,8 +282,8 @@ def fig6b_section(t2: dict, f6: dict, b: Budget, report: Path, noise: dict) -> l
 
 def fig5_section(p: dict[str, Path], b: Budget, report: Path) -> list[str]:
     print("report: Fig. 5, Fig. 2")
-    robust = load_pipeline(p["robust"])
-    ablation_grid(load_pipeline(p["plain"]), robust, report / "fig5_blocks_removed.png")
+    robust = read_pipeline(p["robust"])
+    ablation_grid(read_pipeline(p["plain"]), robust, report / "fig5_blocks_removed.png")
     fig2(robust.unet, LatencyTable.load(p["lut"]), robust.text_encoder.cfg.context_length, report / "fig2_latency.png")
     return ["## Fig. 5: blocks removed at inference, plain vs robust-trained (Eq. 5)", "",
             f"The teacher trained {b.robust} more steps with every block kept (plain) or kept with p = 0.8 "
@@ -310,10 +310,10 @@ def fig6_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP, report: Pa
     print("report: Fig. 6 (8 steps)")
     lo, hi = b.distill.cfg_range
     mixed = f"mixed (p = 0.1, w ~ U[{lo:g}, {hi:g}])"
-    evolved = load_pipeline(p["evolved"])
+    evolved = read_pipeline(p["evolved"])
     evolved.sampler = dataclasses.replace(evolved.sampler, spacing="trailing")
     table, f6 = judge_all([("evolved, undistilled", evolved, 8, g) for g in b.judge.guidance]
-                          + [(mixed, load_pipeline(p["student8"]), 8, g) for g in b.judge.guidance],
+                          + [(mixed, read_pipeline(p["student8"]), 8, g) for g in b.judge.guidance],
                           clip, b.judge.prompts, report / "fig6_distillation.png",
                           "Fig. 6: the 8-step student, FID vs CLIP")
     return ["## Fig. 6: 16 → 8 steps (teacher: the 16-step distilled baseline; student initialised from the "
@@ -326,7 +326,7 @@ def fig6_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP, report: Pa
 
 def fig8_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP) -> list[str]:
     print("report: Fig. 8")
-    dec = decoder_table(load_pipeline(p["student8"]), clip, [str(p["pruned0"]), str(p["pruned"])], b.judge.prompts,
+    dec = decoder_table(read_pipeline(p["student8"]), clip, [str(p["pruned0"]), str(p["pruned"])], b.judge.prompts,
                         steps=8, guidance=G0)
     lines = ["## Fig. 8: original vs 50%-pruned decoder (same 8-step latents)", "",
              "| decoder | params | PSNR to original (dB) | CLIP | FID | color | shape |",

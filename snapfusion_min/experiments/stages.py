@@ -24,7 +24,7 @@ from ..evolve import EvolveConfig, evolve_and_finetune
 from ..export.coreml import PARTS, export
 from ..formats.checkpoint import atomic_write
 from ..latency import LatencyTable, build_table
-from ..pipeline import load_pipeline, pick_device
+from ..pipeline import pick_device, read_pipeline
 from ..toy import BUNDLED, autoencoder
 from ..toy.clip import ClipConfig, load_toy_clip, toy_clip_scorer, train_clip_stage
 from ..toy.tables import judge_on_heldout
@@ -101,7 +101,7 @@ def evolve_stage(b: Budget, p: dict[str, Path], frozen: Path | None = None) -> N
     """Alg. 1 on the robust-trained UNet, with its lookup table (the report draws it: Fig. 2) and the toy CLIP as
     the scorer. The table is timed here, or is ``frozen``: read as it is, so that two runs evolve alike."""
     torch.manual_seed(0)
-    pipe = load_pipeline(p["robust"])
+    pipe = read_pipeline(p["robust"])
     context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
     if frozen is None:
         table = build_table(pipe.unet, latent, 2, context_len, str(p["lut"]))
@@ -124,13 +124,13 @@ def evolve_config(b: Budget) -> EvolveConfig:
 
 def final_pipeline(p: dict[str, Path]) -> None:
     """The evolved, distilled 8-step UNet with the pruned decoder."""
-    pipe, pruned = load_pipeline(p["student8"]), load_pipeline(p["pruned"])
+    pipe, pruned = read_pipeline(p["student8"]), read_pipeline(p["pruned"])
     pipe.set_decoder(pruned.vae, pruned.latent_scale)
     pipe.save(p["final"])
 
 
 def coreml_stage(checkpoint: Path, out: Path) -> None:
-    pipe = load_pipeline(checkpoint)
+    pipe = read_pipeline(checkpoint)
     export(pipe, out, list(PARTS), resolution=pipe.sampler.resolution, batch=2)
 
 

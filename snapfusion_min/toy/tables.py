@@ -14,7 +14,7 @@ from open_clip.model import CustomTextCLIP
 
 from ..eval.metrics import clip_score, fid, psnr, zero_shot_accuracy
 from ..formats.figures import fid_clip_plot
-from ..pipeline import Pipeline, load_pipeline
+from ..pipeline import Pipeline, read_pipeline
 from .clip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
 
 Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
@@ -120,7 +120,7 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
     print("|---|---|---|---|---|---|---|---|")
     for name in ["original", *decoders]:
         if name != "original":
-            other = load_pipeline(name)
+            other = read_pipeline(name)
             pipe.set_decoder(other.vae, other.latent_scale)
         images = pipe.decode(latents).cpu()
         acc = zero_shot_accuracy(judge, images, truth)
