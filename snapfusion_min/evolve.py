@@ -15,19 +15,19 @@ import dataclasses
 import random
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec, walk
 from .cost import count_params, threads
 from .formats.checkpoint import atomic_write, read_meta
 from .latency import LatencyTable, measure_unet
-from .pipeline import Pipeline, load_pipeline
-from .training import TrainConfig
+from .pipeline import Pipeline, read_pipeline
+from .training import LOCAL, Dist, TrainConfig, barrier, on_main
 from .unet import UNet
 from .unet_training import UNetConfig, train_unet, warmup_for
 
@@ -112,7 +112,8 @@ def candidate_actions(spec: ArchSpec, kind: str) -> list[Action]:
 def evolve_unet(unet: UNet, action: Action) -> UNet:
     """A new UNet of the evolved spec: kept blocks keep their weights, a copy starts as its source."""
     spec, copies = apply(unet.spec, action)
-    new = UNet(spec).to(next(unet.parameters()).device)
+    p = next(unet.parameters())
+    new = UNet(spec).to(p.device, p.dtype)
     old = unet.state_dict()
     state = {}
     for key in new.state_dict():
@@ -161,13 +162,34 @@ class EvolveConfig:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
 
-def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, figures: bool = False) -> Pipeline:
-    """Robust training (keep_prob < 1) or fine-tuning of the checkpoint ``path``, in its own prediction type."""
+@dataclass(frozen=True)
+class Place:
+    """Where Alg. 1 runs: the training loop's ranks and device (``d``), and the dtype the UNet is scored and timed
+    in (training keeps float32 weights; ``TrainConfig.amp`` for mixed precision)."""
+
+    d: Dist = LOCAL
+    dtype: torch.dtype = torch.float32
+
+    def load(self, path: str | Path) -> Pipeline:
+        return read_pipeline(path).to(self.d.device, self.dtype)
+
+    def save(self, pipe: Pipeline, path: str | Path) -> None:
+        """Rank 0 writes ``path``; every rank returns once it is there."""
+        if self.d.main:
+            pipe.save(path)
+        barrier(self.d)
+
+
+def train(path: str, out: str, steps: int, keep_prob: float, cfg: EvolveConfig, figures: bool = False,
+          where: Place = Place()) -> Pipeline:
+    """Robust training (keep_prob < 1) or fine-tuning of the checkpoint ``path``, in its own prediction type, by the
+    one training loop on ``where``'s ranks."""
     prediction = (read_meta(path) or {}).get("prediction", "v")  # from the metadata: no second load of the weights
     unet_cfg = UNetConfig(init=path, prediction=prediction, keep_prob=keep_prob, data=cfg.data,
                           train=dataclasses.replace(cfg.train, train_steps=steps, warmup=warmup_for(steps)))
-    train_unet(unet_cfg, out, figures=figures)
-    return load_pipeline(out)
+    train_unet(unet_cfg, out, where.d, figures=figures)
+    barrier(where.d)
+    return where.load(out)
 
 
 def score_actions(pipe: Pipeline, table: LatencyTable, score: Scorer, criterion: str = "value") -> list[dict]:
@@ -221,18 +243,19 @@ def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: flo
 
 
 def evolve(checkpoint: str, pipe: Pipeline | None, table: LatencyTable, target_ms: float, score: Scorer,
-           cfg: EvolveConfig, work: Path, log: list) -> Pipeline:
+           cfg: EvolveConfig, work: Path, log: list, where: Place = Place()) -> Pipeline:
     """Algorithm 1: alternate robust training (Eq. 5) with evolving steps; every action is appended to ``log``.
-    ``pipe`` is the checkpoint, already loaded (None: load it if it is needed before the first training)."""
+    ``pipe`` is the checkpoint, already loaded (None: load it if it is needed before the first training). On
+    several ranks, they train together and rank 0 scores and chooses the actions, which every rank then applies."""
     current = checkpoint
     if pipe is None and not cfg.robust_steps:
-        pipe = load_pipeline(checkpoint)
+        pipe = where.load(checkpoint)
     for it in range(cfg.iterations):
         if cfg.robust_steps:
             out = str(work / f"robust{it}.safetensors")
-            current, pipe = out, train(current, out, cfg.robust_steps, cfg.keep_prob, cfg)
-        rows = score_actions(pipe, table, score, cfg.criterion)
-        chosen = choose(pipe.unet.spec, rows, table, target_ms, cfg.actions)
+            current, pipe = out, train(current, out, cfg.robust_steps, cfg.keep_prob, cfg, where=where)
+        chosen = on_main(where.d, lambda p=pipe: choose(p.unet.spec, score_actions(p, table, score, cfg.criterion),
+                                                        table, target_ms, cfg.actions))
         if not chosen:
             break
         for action, row in chosen:
@@ -240,17 +263,19 @@ def evolve(checkpoint: str, pipe: Pipeline | None, table: LatencyTable, target_m
             log.append({"iteration": it, "action": str(action), "d_clip": row["d_clip"],
                         "d_latency_ms": row["d_latency_ms"], "value": row["value"],
                         "predicted_ms_after": table.predict(pipe.unet.spec)})
-            print(f"  step {it}: {log[-1]['action']:28s} dCLIP {row['d_clip']:+.4f}  dLatency "
-                  f"{row['d_latency_ms']:.3f} ms  value {row['value']:+.5f}  -> predicted "
-                  f"{log[-1]['predicted_ms_after']:.2f} ms", flush=True)
+            if where.d.main:
+                print(f"  step {it}: {log[-1]['action']:28s} dCLIP {row['d_clip']:+.4f}  dLatency "
+                      f"{row['d_latency_ms']:.3f} ms  value {row['value']:+.5f}  -> predicted "
+                      f"{log[-1]['predicted_ms_after']:.2f} ms", flush=True)
         current = str(work / f"evolved{it}.safetensors")
-        pipe.save(current)
+        where.save(pipe, current)
     return pipe
 
 
-def baseline(pipe: Pipeline, table: LatencyTable, target_ms: float, rule: str, seed: int, log: list) -> Pipeline:
+def baseline(pipe: Pipeline, table: LatencyTable, target_ms: float, rule: str, seed: int, log: list,
+             quiet: bool = False) -> Pipeline:
     """Remove blocks by a fixed rule down to the target: 'random' valid removals, or 'uniform' (stage by stage in
-    turn, the first removable block of each)."""
+    turn, the first removable block of each). Seeded: every rank removes the same blocks."""
     rng, turn = random.Random(seed), 0
     while table.predict(pipe.unet.spec) > target_ms:
         actions = candidate_actions(pipe.unet.spec, "-")
@@ -267,7 +292,8 @@ def baseline(pipe: Pipeline, table: LatencyTable, target_ms: float, rule: str, s
                     break
         pipe.unet = evolve_unet(pipe.unet, action)
         log.append({"action": str(action), "predicted_ms_after": table.predict(pipe.unet.spec)})
-        print(f"  {rule}: {action}  -> predicted {log[-1]['predicted_ms_after']:.2f} ms", flush=True)
+        if not quiet:
+            print(f"  {rule}: {action}  -> predicted {log[-1]['predicted_ms_after']:.2f} ms", flush=True)
     return pipe
 
 
@@ -293,38 +319,46 @@ def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipe
 
 
 def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,
-                        evaluate: Callable[[Pipeline], dict] | None, out: str) -> dict:
+                        evaluate: Callable[[Pipeline], dict] | None, out: str, where: Place = Place()) -> dict:
     """Evolve (or a baseline) to ``cfg.target`` of the start's latency, fine-tune, save ``out``; returns the log:
     every action and a row (latency, parameters, quality unless ``evaluate`` is None) for the start, the evolved UNet
-    and the fine-tuned one.
+    and the fine-tuned one (rows on rank 0 only). Its checkpoints in between go to the folder <out>.work/, which
+    every rank reads (removed at the end).
 
     A baseline gets the evolved run's whole training budget (its robust steps between evolving steps included).
     """
-    pipe = load_pipeline(checkpoint)
+    pipe = where.load(checkpoint)
     target_ms = cfg.target * table.predict(pipe.unet.spec)
     floor = minimum_latency(pipe.unet.spec, table)
     if target_ms < floor:
         raise ValueError(f"target {target_ms:.2f} ms is below {floor:.2f} ms, the latency with every removable block "
                          "removed")
-    rows, log = [row("start", pipe, table, evaluate, cfg, table.batch)], []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if cfg.baseline:
-            pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.train.seed, log)
-        else:
-            loaded = None if cfg.robust_steps else pipe  # robust training comes first: no copy kept meanwhile
-            pipe = None
-            pipe = evolve(checkpoint, loaded, table, target_ms, score, cfg, work, log)
-        if table.predict(pipe.unet.spec) > target_ms:
-            print(f"warning: {cfg.iterations} evolving steps did not reach the target; raise --iterations or "
-                  "--actions", file=sys.stderr)
+    rows, log = ([row("start", pipe, table, evaluate, cfg, table.batch)] if where.d.main else []), []
+    work = Path(f"{out}.work")
+    if where.d.main:
+        shutil.rmtree(work, ignore_errors=True)  # what a killed run left
+        work.mkdir(parents=True)
+    barrier(where.d)
+    if cfg.baseline:
+        pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.train.seed, log, quiet=not where.d.main)
+    else:
+        loaded = None if cfg.robust_steps else pipe  # robust training comes first: no copy kept meanwhile
+        pipe = None
+        pipe = evolve(checkpoint, loaded, table, target_ms, score, cfg, work, log, where)
+    if table.predict(pipe.unet.spec) > target_ms and where.d.main:
+        print(f"warning: {cfg.iterations} evolving steps did not reach the target; raise --iterations or "
+              "--actions", file=sys.stderr)
+    if where.d.main:
         rows.append(row("evolved, before fine-tuning", pipe, table, evaluate, cfg, table.batch))
-        pipe.save(work / "final.safetensors")
-        pipe = None  # the fine-tuning reads it from there: one copy of the weights in memory, not two
-        steps = cfg.finetune_steps + (cfg.iterations * cfg.robust_steps if cfg.baseline else 0)
-        if steps:
-            train(str(work / "final.safetensors"), out, steps, 1.0, cfg, figures=True)
-        else:
-            atomic_write(out, lambda tmp: shutil.copyfile(work / "final.safetensors", tmp))
-    rows.append(row(cfg.baseline or "evolved", load_pipeline(out), table, evaluate, cfg, table.batch))
+    where.save(pipe, work / "final.safetensors")
+    pipe = None  # the fine-tuning reads it from there: one copy of the weights in memory, not two
+    steps = cfg.finetune_steps + (cfg.iterations * cfg.robust_steps if cfg.baseline else 0)
+    if steps:
+        train(str(work / "final.safetensors"), out, steps, 1.0, cfg, figures=True, where=where)
+    elif where.d.main:
+        atomic_write(out, lambda tmp: shutil.copyfile(work / "final.safetensors", tmp))
+    barrier(where.d)
+    if where.d.main:
+        shutil.rmtree(work)
+        rows.append(row(cfg.baseline or "evolved", where.load(out), table, evaluate, cfg, table.batch))
     return {"config": dataclasses.asdict(cfg), "actions": log, "rows": rows}

@@ -154,10 +154,15 @@ def block_costs(unet: UNet, latent: int, batch: int = 2, context_len: int = 77) 
 def build_table(unet: UNet, latent: int, batch: int, context_len: int, path: str | None = None,
                 n_threads: int = 1) -> LatencyTable:
     """Read the table at ``path`` if there is one (it must be of this batch and latent size), time the block
-    configurations it lacks on ``n_threads`` CPU threads, and write it back."""
+    configurations it lacks on ``n_threads`` CPU threads, and write it back. A table is of one device and dtype: one
+    timed elsewhere is refused."""
     table = LatencyTable.load(path) if path and Path(path).is_file() else None
-    if table is not None and (table.batch, table.latent) != (batch, latent):
-        raise ValueError(f"{path} was measured at batch {table.batch}, latent {table.latent}; need {batch}, {latent}")
+    p = next(unet.parameters())
+    if table is not None and (table.batch, table.latent, table.device, table.dtype) != (batch, latent, str(p.device),
+                                                                                        str(p.dtype)):
+        raise ValueError(f"{path} was measured at batch {table.batch}, latent {table.latent} on {table.device} in "
+                         f"{table.dtype}; this run needs batch {batch}, latent {latent} on {p.device} in {p.dtype} "
+                         "(give another --table)")
     with threads(n_threads):
         table = measure_table(unet, latent, batch, context_len, table=table)
     if path:

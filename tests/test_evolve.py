@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import one_line_error, randomize, run_script, tiny_pipeline
+from helpers import ROOT, one_line_error, randomize, run_script, tiny_pipeline
 
-from snapfusion_min import load_pipeline
+from snapfusion_min import read_pipeline
 from snapfusion_min.arch import tiny, walk
 from snapfusion_min.evolve import Action, EvolveConfig, apply, candidate_actions, choose, evolve_unet, score_actions
 from snapfusion_min.latency import LatencyTable, block_keys, measure_table
@@ -99,7 +99,7 @@ def test_a_copy_reproduces_its_source(unet):
 def test_evolved_checkpoint_round_trips(tmp_path, unet):
     evolved = evolve_unet(evolve_unet(unet, Action("-", ("down2.A0",))), Action("+", ("up1.A1",)))
     tiny_pipeline().with_parts(unet=evolved).save(tmp_path / "evolved.safetensors")
-    again = load_pipeline(tmp_path / "evolved.safetensors")
+    again = read_pipeline(tmp_path / "evolved.safetensors")
     assert again.unet.spec == evolved.spec and "A3" in again.unet.spec.stages["up1"]
     z, t, c = inputs()
     with torch.no_grad():
@@ -189,3 +189,37 @@ def test_copies_are_only_actions_candidate_actions_offers(unet):
     for action, _ in chosen:
         assert action in candidate_actions(spec, "+")
         spec = apply(spec, action)[0]
+
+
+def test_the_table_is_timed_in_the_runs_device_and_dtype(tmp_path):
+    """evolve.py --dtype times the lookup table in that dtype (the table says so), and a table timed in another
+    dtype or device is refused in one line rather than mixed into this run's."""
+    from helpers import run_main
+
+    lut = tmp_path / "lut.json"
+    common = ("--checkpoint", str(tmp_path / "m.safetensors"), "--table-only", "--table", str(lut), "--device", "cpu")
+    tiny_pipeline().save(tmp_path / "m.safetensors")
+    assert run_main("evolve.py", *common, "--dtype", "bfloat16") == 0
+    assert LatencyTable.load(lut).dtype == "torch.bfloat16" and LatencyTable.load(lut).device == "cpu"
+    message = run_main("evolve.py", *common, "--dtype", "float32")
+    assert "on cpu in torch.bfloat16; this run needs batch 2, latent 8 on cpu in torch.float32" in str(message)
+
+
+@pytest.mark.slow
+def test_alg1_on_two_ranks(tmp_path):
+    """torchrun, two gloo ranks: robust training and fine-tuning go through the one loop's DDP (the ranks agree after
+    each), rank 0 times the table, scores and chooses, and every rank applies its choice; the output holds the logged
+    action and the work folder is gone."""
+    import json
+
+    out = tmp_path / "e.safetensors"
+    r = run_script("evolve.py", "--checkpoint", str(ROOT / "models" / "toy" / "model.safetensors"), "--target",
+                   "0.95", "--iterations", "1", "--actions", "1", "--robust-steps", "2", "--finetune-steps", "2",
+                   "--batch-size", "4", "--score-prompts", "2", "--num-prompts", "4", "--num-inference-steps", "2",
+                   "--device", "cpu", "--dtype", "float32", "--out", str(out), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("all 2 ranks agree") == 2 and r.stdout.count("lookup table:") == 1
+    (action,) = json.loads(out.with_name("e.safetensors.log.json").read_text())["actions"]
+    kind, addresses = action["action"][0], action["action"][1:].split("+")
+    assert kind == "-" and not set(addresses) & set(read_pipeline(out).unet.spec.addresses())
+    assert not out.with_name("e.safetensors.work").exists()

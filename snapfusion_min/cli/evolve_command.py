@@ -28,15 +28,15 @@ import torch
 
 from ..eval.coco import clip_scorer, read_prompt_file
 from ..eval.metrics import open_clip_judge
-from ..evolve import BASELINES, CRITERIA, TRAIN, EvolveConfig, evolve_and_finetune
+from ..evolve import BASELINES, CRITERIA, TRAIN, EvolveConfig, Place, evolve_and_finetune
 from ..formats.checkpoint import atomic_write
 from ..formats.figures import pyplot
-from ..latency import build_table, fig2
-from ..pipeline import Pipeline, load_pipeline
+from ..latency import LatencyTable, build_table, fig2
+from ..pipeline import Pipeline, pick_device, pick_dtype
 from ..toy import BUNDLED
 from ..toy.clip import load_toy_clip, toy_clip_scorer
 from ..toy.tables import judge_on_heldout
-from ..training import OPTIMIZERS
+from ..training import OPTIMIZERS, on_main, setup_distributed
 from . import check_writable, defaults, flag, from_args, parser, run
 
 
@@ -61,6 +61,7 @@ def build_parser():  # noqa: ANN201
     flag(p, "--data", "toy", "of robust training and fine-tuning")
     flag(p, "--optimizer", e.train.optimizer, "of robust training and fine-tuning", choices=OPTIMIZERS)
     flag(p, "--checkpointing", more="in robust training and fine-tuning")
+    flag(p, "--amp", more="in robust training and fine-tuning")
     flag(p, "--no-ema", more="in robust training and fine-tuning")
     p.add_argument("--clip", default=str(BUNDLED / "clip.safetensors"),
                    help="the judge: a toy CLIP file, or with --clip-weights an open_clip model name")
@@ -78,6 +79,9 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--lut-batch", type=int, default=2, help="UNet batch of the lookup table (2: one CFG step)")
     p.add_argument("--threads", type=int, default=e.threads, help="CPU threads while timing (1: stable medians)")
     flag(p, "--seed", e.train.seed)
+    flag(p, "--device", "auto", "where the table is timed, actions scored and the UNet trained (torchrun: one GPU "
+         "per rank)")
+    flag(p, "--dtype", "auto", "of the timing and scoring (training keeps float32 weights; --amp)")
     return p
 
 
@@ -87,27 +91,23 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only and not args.out:
         p.error("--out is required unless --table-only")
     train = replace(TRAIN, lr=args.lr, batch_size=args.batch_size, seed=args.seed, optimizer=args.optimizer,
-                    checkpointing=args.checkpointing, ema_decay=None if args.no_ema else TRAIN.ema_decay)
+                    checkpointing=args.checkpointing, amp=args.amp, ema_decay=None if args.no_ema else TRAIN.ema_decay)
     cfg = from_args(EvolveConfig, args, train=train)
     for path in (args.out, args.table, args.figure):
         if path:
             check_writable(path)
     if args.figure:
         pyplot()  # before any work: the figure needs matplotlib
+    device = pick_device(args.device)
+    where = Place(setup_distributed(device), pick_dtype(args.dtype, device))
     torch.manual_seed(args.seed)
-    pipe = load_pipeline(args.checkpoint)
-    context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
-    table = build_table(pipe.unet, latent, args.lut_batch, context_len, args.table, args.threads)
-    print(f"lookup table: {len(table.ms)} block configurations; predicted {table.predict(pipe.unet.spec):.2f} ms "
-          f"per step, measured {next(reversed(table.measured_ms.values())):.2f} ms (batch {table.batch}, "
-          f"{table.device})")
-    if args.figure:
-        fig2(pipe.unet, table, context_len, args.figure)
+    table = on_main(where.d, lambda: lookup_table(args, where))  # timed once, on rank 0's device
     if args.table_only:
         return
-    del pipe  # evolving reads the checkpoint itself: one copy in memory, not two (3.4 GB each at SD-v1.5's size)
-    score, evaluate = judges(args)
-    log = evolve_and_finetune(args.checkpoint, table, cfg, score, evaluate, args.out)
+    score, evaluate = judges(args, where.d.device)
+    log = evolve_and_finetune(args.checkpoint, table, cfg, score, evaluate, args.out, where)
+    if not where.d.main:
+        return
     print("\n| model | latency / step measured (predicted) | params | CLIP | FID | color | shape |\n|---|---|---|---|"
           "---|---|---|")
     for r in log["rows"]:
@@ -121,7 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(args.out + ".log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
 
 
-def judges(args: argparse.Namespace) -> tuple[Callable[[Pipeline], float], Callable[[Pipeline], dict]]:
+def lookup_table(args: argparse.Namespace, where: Place) -> LatencyTable:
+    """§2.2's table of the checkpoint's UNet on this device and dtype (read from --table if it has them), and Fig. 2."""
+    pipe = where.load(args.checkpoint)
+    context_len, latent = pipe.text_encoder.cfg.context_length, pipe.sampler.resolution // pipe.vae.cfg.factor
+    table = build_table(pipe.unet, latent, args.lut_batch, context_len, args.table, args.threads)
+    print(f"lookup table: {len(table.ms)} block configurations; predicted {table.predict(pipe.unet.spec):.2f} ms "
+          f"per step, measured {next(reversed(table.measured_ms.values())):.2f} ms (batch {table.batch}, "
+          f"{table.device} {table.dtype.removeprefix('torch.')})")
+    if args.figure:
+        fig2(pipe.unet, table, context_len, args.figure)
+    return table  # the pipeline goes: evolving reads the checkpoint itself (3.4 GB a copy at SD-v1.5's size)
+
+
+def judges(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[Pipeline], float],
+                                                                    Callable[[Pipeline], dict]]:
     """dCLIP's scorer and the report's judge: the toy CLIP on toy prompts, or an open_clip model on a prompt file."""
     if not args.clip_weights:
         clip = load_toy_clip(args.clip)
@@ -132,7 +146,7 @@ def judges(args: argparse.Namespace) -> tuple[Callable[[Pipeline], float], Calla
     if not args.prompts_file:
         raise ValueError("--clip-weights needs --prompts-file (the prompts dCLIP is measured on)")
     prompts = read_prompt_file(args.prompts_file, args.score_prompts + args.num_prompts, args.seed)
-    judge = open_clip_judge(args.clip, args.clip_weights)
+    judge = open_clip_judge(args.clip, args.clip_weights, device)
     score = clip_scorer(judge, prompts[:args.score_prompts], steps=args.num_inference_steps, guidance=args.guidance)
     report = clip_scorer(judge, prompts[args.score_prompts:], guidance=args.guidance)
     return score, lambda pipe: {"clip_score": report(pipe)}
