@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -76,7 +77,8 @@ class DecoderConfig:
 
 @torch.no_grad()
 def synthetic_latents(pipe: Pipeline, init: str, cfg: DecoderConfig, out: str, d: Dist) -> torch.Tensor:
-    """The distillation data: prompts -> the teacher UNet's DDIM output, fresh noise each.
+    """The distillation data: prompts -> the teacher UNet's DDIM output, fresh noise each; on several ranks, each
+    makes its share and they exchange them (the same latents as one process makes).
 
     Cached in ``cfg.latent_cache`` (the expensive part); a cache made with other settings is made again.
     """
@@ -93,16 +95,20 @@ def synthetic_latents(pipe: Pipeline, init: str, cfg: DecoderConfig, out: str, d
             return saved["latents"]
     data = make_dataset(cfg.data, 64 if cfg.data == "toy" else pipe.sampler.resolution, seed, cfg.skip_bad)
     guidance = pipe.sampler.guidance if cfg.guidance is None else cfg.guidance
-    res, chunk, found = pipe.sampler.resolution, 64, []
+    res, chunk, found = pipe.sampler.resolution, 64, {}
     every = captions(data, cfg.latents, seed)
-    for i in tqdm(range(0, cfg.latents, chunk), desc="teacher latents", disable=not d.main):
-        n = min(chunk, cfg.latents - i)
+    for i in tqdm(range(d.rank * chunk, cfg.latents, chunk * d.world), desc="teacher latents", disable=not d.main):
+        n = min(chunk, cfg.latents - i)  # chunk i: its prompts and its noise (seeded by i) on whichever rank
         prompts = every[i:i + n]
         z = pipe.initial_latents(n, res, res, seed=10**6 * (seed + 1) + i)
         context, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * n)
-        found.append(pipe.denoise(z, context, uncond, cfg.teacher_steps, guidance, pipe.sampler.spacing,
-                                  solver=pipe.sampler.solver).cpu())
-    latents = torch.cat(found)
+        found[i] = pipe.denoise(z, context, uncond, cfg.teacher_steps, guidance, pipe.sampler.spacing,
+                                solver=pipe.sampler.solver).cpu()
+    if d.world > 1:  # each rank made every world-th chunk; all of them, in order, on every rank
+        parts: list[dict] = [{}] * d.world
+        dist.all_gather_object(parts, found)
+        found = {i: z for part in parts for i, z in part.items()}
+    latents = torch.cat([found[i] for i in sorted(found)])
     if d.main:
         atomic_write(cache, lambda tmp: torch.save({"tag": tag, "latents": latents}, tmp))
     return latents

@@ -107,20 +107,43 @@ def setup_distributed(device: torch.device) -> Dist:
     return Dist(rank, world, device)
 
 
+BUCKET_BYTES = 25 * 2**20  # gradients all-reduced together, as DistributedDataParallel's default bucket
+
+
+def buckets(grads: list[torch.Tensor], limit: int = BUCKET_BYTES) -> Iterator[list[torch.Tensor]]:
+    """``grads`` in order, in runs of one dtype and device of at most ``limit`` bytes (a larger tensor goes alone)."""
+    run: list[torch.Tensor] = []
+    for g in grads:
+        if run and (g.dtype != run[0].dtype or g.device != run[0].device
+                    or sum(t.numel() * t.element_size() for t in run) + g.numel() * g.element_size() > limit):
+            yield run
+            run = []
+        run.append(g)
+    if run:
+        yield run
+
+
 def average_gradients(model: torch.nn.Module, d: Dist) -> None:
-    """All-reduce mean of gradients (blocks dropped by Eq. 5 have none: they count as zero on that rank).
+    """All-reduce mean of gradients, bucketed: ~25 MB a call (114 calls a step for SD-v1.5's UNet, not one
+    per parameter: 686). Blocks dropped by Eq. 5 have no gradient: they count as zero on that rank.
 
     Used instead of DistributedDataParallel because a block skipped on one rank but not another would leave DDP
     waiting for gradients that never come; every rank runs this on every parameter, so nothing can deadlock.
     """
     if d.world == 1:
         return
+    grads = []
     for p in model.parameters():
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= d.world
+            grads.append(p.grad)
+    for run in buckets(grads, BUCKET_BYTES):
+        flat = torch.cat([g.reshape(-1) for g in run])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= d.world
+        for g, part in zip(run, flat.split([g.numel() for g in run]), strict=True):
+            g.copy_(part.view_as(g))
 
 
 def on_main(d: Dist, fn: Callable[[], object]) -> object:
@@ -354,7 +377,9 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
     broadcast_parameters(model, d)
     saved_norm = weight_norm(params)  # the divergence guard's reference: the weights at the last save (or start)
     end = cfg.train_steps if cfg.stop_after is None else min(cfg.train_steps, start + cfg.stop_after)
-    for step in tqdm(range(start, end), desc=desc, disable=not d.main, initial=start, total=cfg.train_steps):
+    bar = tqdm(range(start, end), desc=desc, disable=not d.main, initial=start, total=cfg.train_steps)
+    smooth = None  # the progress bar's loss: an exponential moving average over ~50 steps
+    for step in bar:
         seed_step(cfg.seed, step, d.rank)
         opt.zero_grad(set_to_none=True)
         logged, finite = 0.0, True
@@ -374,6 +399,8 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
         if ema is not None:
             ema.update(model, step)
         losses.append(logged)
+        smooth = logged if smooth is None else 0.98 * smooth + 0.02 * logged
+        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
         if out and d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
             if not all(torch.isfinite(p).all() for p in params):
                 raise FloatingPointError(f"weights are not finite after step {step}; {last_good(out)}")
