@@ -8,8 +8,12 @@ TOY := models/toy
 
 .PHONY: sample test test-fast lint mutate bench toy recipe evaluate clean
 
+# TORCH_INDEX: install torch from another PyTorch wheel index first (README, 'Install'), e.g. the CPU-only build
+TORCH_INDEX ?=
+
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import snapfusion_min"
 	touch $@

@@ -87,7 +87,25 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
+    if (driver := nvidia_driver()) is not None:
+        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        warnings.warn(f"an NVIDIA GPU is here (driver {driver}) but this torch {torch.__version__} cannot use it "
+                      f"({build}; a driver older than that CUDA needs another build: README, 'Install'); running on "
+                      "the CPU", UserWarning, stacklevel=2)
     return torch.device("cpu")
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version if this (Linux) machine has one loaded ('unknown' if it cannot be read), else
+    None."""
+    version = Path("/proc/driver/nvidia/version")
+    if not version.exists() and not Path("/dev/nvidia0").exists():
+        return None
+    try:
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9.]+)", version.read_text())
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from snapfusion_min.pipeline import SamplerConfig
 SCRIPTS = ["train.py", "distill.py", "evolve.py", "sample.py", "export.py", "evaluate.py", "recipe.py"]
 BUNDLED = ROOT / "models" / "toy" / "model.safetensors"
 PROMPT = "a large red circle at the top left on a gray background"
+SD_SCALE = (ROOT / "docs" / "sd_scale.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +271,46 @@ def test_the_package_never_imports_the_oracles():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[0]) >= 30 and r.stdout.endswith("(64, 64)\n"), r.stdout
+
+
+@pytest.mark.parametrize("script,stage", [("train.py", "unet"), ("train.py", "decoder"), ("distill.py", "distill"),
+                                          ("evolve.py", "evolve")])
+def test_preset_fills_what_the_command_line_leaves(script, stage):
+    """--preset sd15 sets each of the stage's values (docs/sd_scale.md lists them with their sources) unless the flag
+    is given, in any of its spellings; the stage's config accepts them all."""
+    from snapfusion_min.cli.presets import PRESETS, apply_preset, subcommand
+
+    module = importlib.import_module(f"snapfusion_min.cli.{script.removesuffix('.py')}_command")
+    p = module.build_parser()
+    head = [stage] if script == "train.py" else []
+    argv = [*head, "--preset", "sd15", "--learning_rate", "3e-5", "--out", "x", *(
+        ["--init", "m"] if stage == "decoder" else ["--teacher", "t"] if stage == "distill" else
+        ["--checkpoint", "c"] if stage == "evolve" else [])]
+    args = p.parse_args(argv)
+    apply_preset(args, argv, subcommand(p, stage) if head else p, stage)
+    table = PRESETS["sd15"][stage]
+    assert args.lr == 3e-5  # given (as --learning_rate): the command line wins
+    for name, (value, source) in table.items():
+        if name != "--lr":
+            assert getattr(args, name.removeprefix("--").replace("-", "_")) == value, name
+        cell = f"`{name}`" if value is True else f"`{name} {value}`"
+        assert f"| {cell} | {source} |" in SD_SCALE, name
+
+
+def test_a_gpu_torch_cannot_use_is_named_in_one_warning(monkeypatch):
+    """--device auto on a machine with an NVIDIA driver but a torch that cannot use it (a CPU build, or CUDA newer
+    than the driver) runs on the CPU and says why, once; with no GPU, nothing is said."""
+    import warnings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(pipeline, "nvidia_driver", lambda: "470.57.02")
+    with pytest.warns(UserWarning) as caught:
+        assert pipeline.pick_device("auto") == torch.device("cpu")
+    (w,) = caught
+    assert str(w.message).startswith("an NVIDIA GPU is here (driver 470.57.02) but this torch")
+    assert "README, 'Install'" in str(w.message) and "\n" not in str(w.message)
+    monkeypatch.setattr(pipeline, "nvidia_driver", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipeline.pick_device("auto") == torch.device("cpu")

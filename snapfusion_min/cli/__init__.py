@@ -37,6 +37,8 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--batch-size": (int, "images per batch (a training batch is split over DDP ranks)", ("--batch_size",)),
     "--lr": (float, "peak learning rate (AdamW, weight decay 0.01 as §5; linear warm-up, cosine decay)",
              ("--learning-rate", "--learning_rate")),
+    "--accum": (int, "gradient accumulation: micro-batches per optimizer step (each of batch-size / (ranks x accum) "
+                     "images)", ()),
     "--ema-decay": (float, "decay of the exponential moving average that checkpoints store", ()),
     "--keep-prob": (float, "p of Eq. 5: each block runs with probability p during training", ()),
     "--seed": (int, "same seed, same result", ()),

@@ -12,10 +12,13 @@ checkpoint whose sampler defaults are its own N steps on the trailing grid, so s
 
 from __future__ import annotations
 
+import sys
+
 from ..distill import TRAIN, DistillConfig, DistillRun, distill
 from ..pipeline import pick_device
 from ..training import OPTIMIZERS, TrainConfig, setup_distributed
 from . import check_writable, defaults, flag, from_args, parser, run
+from .presets import add_preset_flag, apply_preset
 
 
 def build_parser():  # noqa: ANN201
@@ -43,6 +46,8 @@ def build_parser():  # noqa: ANN201
     flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
     flag(p, "--checkpointing")
     flag(p, "--amp")
+    flag(p, "--accum", t.accum)
+    add_preset_flag(p)
     flag(p, "--no-ema")
     flag(p, "--no-state")
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32", help="the frozen teacher's "
@@ -50,7 +55,9 @@ def build_parser():  # noqa: ANN201
     return p
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    apply_preset(args, sys.argv[1:] if argv is None else argv, p, "distill")
     try:
         chain = tuple(int(s) for s in args.progressive.split(",")) if args.progressive else (args.teacher_steps,
                                                                                             args.student_steps)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from ..toy.clip import load_toy_clip, toy_clip_scorer
 from ..toy.tables import judge_on_heldout
 from ..training import OPTIMIZERS, on_main, setup_distributed
 from . import check_writable, defaults, flag, from_args, parser, run
+from .presets import add_preset_flag, apply_preset
 
 
 def build_parser():  # noqa: ANN201
@@ -62,6 +64,8 @@ def build_parser():  # noqa: ANN201
     flag(p, "--optimizer", e.train.optimizer, "of robust training and fine-tuning", choices=OPTIMIZERS)
     flag(p, "--checkpointing", more="in robust training and fine-tuning")
     flag(p, "--amp", more="in robust training and fine-tuning")
+    flag(p, "--accum", e.train.accum, "in robust training and fine-tuning")
+    add_preset_flag(p)
     flag(p, "--no-ema", more="in robust training and fine-tuning")
     p.add_argument("--clip", default=str(BUNDLED / "clip.safetensors"),
                    help="the judge: a toy CLIP file, or with --clip-weights an open_clip model name")
@@ -88,10 +92,12 @@ def build_parser():  # noqa: ANN201
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
+    apply_preset(args, sys.argv[1:] if argv is None else argv, p, "evolve")
     if not args.table_only and not args.out:
         p.error("--out is required unless --table-only")
     train = replace(TRAIN, lr=args.lr, batch_size=args.batch_size, seed=args.seed, optimizer=args.optimizer,
-                    checkpointing=args.checkpointing, amp=args.amp, ema_decay=None if args.no_ema else TRAIN.ema_decay)
+                    checkpointing=args.checkpointing, amp=args.amp, accum=args.accum,
+                    ema_decay=None if args.no_ema else TRAIN.ema_decay)
     cfg = from_args(EvolveConfig, args, train=train)
     for path in (args.out, args.table, args.figure):
         if path:

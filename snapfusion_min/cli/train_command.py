@@ -14,6 +14,7 @@ Every stage writes its checkpoint atomically every --save-every steps, with a re
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 from .. import decoder_distill, unet_training
@@ -23,6 +24,7 @@ from ..toy.clip import ClipConfig, train_clip_stage
 from ..toy.teacher import fresh_pipeline
 from ..training import OPTIMIZERS, TrainConfig, setup_distributed
 from . import HelpFormatter, check_writable, defaults, flag, from_args, parser, run
+from .presets import add_preset_flag, apply_preset, subcommand
 
 
 def build_parser():  # noqa: ANN201
@@ -56,7 +58,6 @@ def build_parser():  # noqa: ANN201
                    "data, else --init's)")
     u.add_argument("--cfg-dropout", type=float, default=d.cfg_dropout, help="caption dropped to '' with this "
                    "probability (for CFG at sampling)")
-    u.add_argument("--accum", type=int, default=1, help="gradient accumulation: micro-batches per step")
     flag(u, "--num-inference-steps", d.sampler.steps, "saved as a fresh checkpoint's default")
     flag(u, "--guidance", d.sampler.guidance, "saved as a fresh checkpoint's default (2: the toy world's best)")
     dec = stage(sub, "decoder", "prune the VAE decoder and distill it (§3.2, App. B.2)")
@@ -81,6 +82,7 @@ def stage(sub, name: str, text: str):  # noqa: ANN001, ANN201
 def common(p, t: TrainConfig, ema: bool = False) -> None:  # noqa: ANN001
     """The flags of the one training loop, with this stage's defaults."""
     flag(p, "--out", required=True)
+    add_preset_flag(p)
     for name, default in (("--train-steps", t.train_steps), ("--batch-size", t.batch_size), ("--lr", t.lr),
                           ("--seed", t.seed), ("--device", "auto"), ("--data", "toy"), ("--skip-bad", None),
                           ("--workers", 0), ("--save-every", t.save_every), ("--resume", None),
@@ -88,6 +90,7 @@ def common(p, t: TrainConfig, ema: bool = False) -> None:  # noqa: ANN001
         flag(p, name, default)
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default: {t.warmup}" +
                    (", at most 10%% of --train-steps)" if ema else ")"))
+    flag(p, "--accum", t.accum)
     flag(p, "--optimizer", t.optimizer, choices=OPTIMIZERS)
     flag(p, "--no-state")
     flag(p, "--amp")
@@ -105,7 +108,10 @@ def train_config(args, t: TrainConfig) -> TrainConfig:  # noqa: ANN001
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.stage != "clip":
+        apply_preset(args, sys.argv[1:] if argv is None else argv, subcommand(p, args.stage), args.stage)
     check_writable(args.out)
     if args.stage == "clip":
         return train_clip_stage(from_args(ClipConfig, args), args.out)
