@@ -181,7 +181,8 @@ def test_alg1_with_an_open_clip_scorer(tmp_path, tiny_checkpoint, capsys):
     assert run_main("evolve.py", "--checkpoint", str(tiny_checkpoint), "--clip", "toy-clip-evolve", "--clip-weights",
                     str(CLIP), "--prompts-file", str(tmp_path / "p.txt"), "--score-prompts", "4", "--num-prompts",
                     "4", "--iterations", "1", "--actions", "1", "--robust-steps", "1", "--finetune-steps", "1",
-                    "--batch-size", "2", "--target", "0.95", "--num-inference-steps", "2", "--out", str(out)) == 0
+                    "--batch-size", "2", "--target", "0.95", "--num-inference-steps", "2", "--dtype", "float32",
+                    "--out", str(out)) == 0  # float32: the scores below are read_pipeline's
     log = json.loads((tmp_path / "evolved.safetensors.log.json").read_text())
     assert log["actions"] and all("d_clip" in a for a in log["actions"])
     judge = open_clip_judge("toy-clip-evolve", CLIP)
