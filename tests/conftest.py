@@ -23,6 +23,17 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # torch may have started before t
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The longest files first (docs/testing.md's slowest tests): --dist loadfile hands files to the two workers in the
+# order collected, so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_recipe.py", "test_coreml_ship.py", "test_shards.py", "test_metrics.py", "test_export.py",
+                 "test_evolve.py", "test_cli.py", "test_sd_eval.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ test_evolve.py)."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,15 +21,19 @@ from snapfusion_min.unet import UNet
 TOY = ROOT / "models" / "toy" / "model.safetensors"
 
 
-def on_two_ranks(job: str, folder: Path) -> None:
-    """Run ``job`` (a function of this module: rank, world, folder) on two gloo ranks; they write into ``folder``."""
-    mp.spawn(_rank, args=(job, str(folder)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    """Both jobs below, run once on two spawned gloo ranks (one start-up for the module); the folder they wrote."""
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank, args=(str(folder),), nprocs=2, join=True)
+    return folder
 
 
-def _rank(rank: int, job: str, folder: str) -> None:
+def _rank(rank: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     try:
-        globals()[job](rank, Path(folder))
+        _average_job(rank, Path(folder))
+        _latents_job(rank, Path(folder))
     finally:
         dist.destroy_process_group()
 
@@ -55,12 +60,11 @@ def _average_job(rank: int, folder: Path) -> None:
         (folder / "average.json").write_text(json.dumps({"grads": got, "calls": calls}))
 
 
-def test_bucketed_average_is_the_mean_over_ranks(tmp_path):
+def test_bucketed_average_is_the_mean_over_ranks(ranks):
     """average_gradients all-reduces ~BUCKET_BYTES at a time -- fewer calls than parameters, covering every element
     once -- and leaves each gradient the mean over ranks: (i + 1) * 1.5, and for the parameter one rank dropped
     (counted as zero there) 4 / 2."""
-    on_two_ranks("_average_job", tmp_path)
-    out = json.loads((tmp_path / "average.json").read_text())
+    out = json.loads((ranks / "average.json").read_text())
     params = list(UNet(tiny()).parameters())
     want = [2.0 if i == 3 else (i + 1) * 1.5 for i in range(len(params))]
     assert [g for g, _ in out["grads"]] == want and [g for _, g in out["grads"]] == want
@@ -77,12 +81,11 @@ def _latents_job(rank: int, folder: Path) -> None:
     torch.save({"latents": latents, "made": made}, folder / f"rank{rank}.pt")
 
 
-def test_synthetic_latents_split_over_ranks_equal_one_process(tmp_path):
+def test_synthetic_latents_split_over_ranks_equal_one_process(ranks, tmp_path):
     """The decoder stage's synthetic latents on two ranks: each makes its share of the chunks (64, 64 and 2 latents:
     rank 0 the first and third, rank 1 the second), and both end with the latents one process makes, bit for bit."""
-    on_two_ranks("_latents_job", tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["made"] == [64, 2] and ranks[1]["made"] == [64]
+    made = [torch.load(ranks / f"rank{r}.pt") for r in (0, 1)]
+    assert made[0]["made"] == [64, 2] and made[1]["made"] == [64]
     cfg = DecoderConfig(latents=130, teacher_steps=2, latent_cache=str(tmp_path / "alone.pt"))
     alone = synthetic_latents(read_pipeline(TOY), str(TOY), cfg, str(tmp_path / "unused"), Dist())
-    assert torch.equal(ranks[0]["latents"], alone) and torch.equal(ranks[1]["latents"], alone)
+    assert torch.equal(made[0]["latents"], alone) and torch.equal(made[1]["latents"], alone)
