@@ -39,7 +39,7 @@ test: $(VENV)/.dev lint  ## install, lint, run the test suite (two workers; then
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not full_size"
 	$(PY) -m pytest -q -m full_size
 
-test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (under 2 minutes)
+test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (about 2 minutes)
 	$(PY) -m pytest -q -m "not slow and not full_size" -n 2 --dist loadfile
 
 mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on diffusion.py + distill.py (long: docs/testing.md)
