@@ -88,11 +88,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     if (driver := nvidia_driver()) is not None:
-        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        warnings.warn(f"an NVIDIA GPU is here (driver {driver}) but this torch {torch.__version__} cannot use it "
-                      f"({build}; a driver older than that CUDA needs another build: README, 'Install'); running on "
-                      "the CPU", UserWarning, stacklevel=2)
+        warn_unusable_gpu(driver)
     return torch.device("cpu")
+
+
+@functools.cache
+def warn_unusable_gpu(driver: str) -> None:
+    """Once a process: a GPU is here but this torch cannot use it (a command picks its device more than once)."""
+    build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    warnings.warn(f"an NVIDIA GPU is here (driver {driver}) but this torch {torch.__version__} cannot use it "
+                  f"({build}; a driver older than that CUDA needs another build: README, 'Install'); running on "
+                  "the CPU", UserWarning, stacklevel=3)
 
 
 def nvidia_driver() -> str | None:

@@ -305,8 +305,10 @@ def test_a_gpu_torch_cannot_use_is_named_in_one_warning(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(pipeline, "nvidia_driver", lambda: "470.57.02")
+    pipeline.warn_unusable_gpu.cache_clear()
     with pytest.warns(UserWarning) as caught:
         assert pipeline.pick_device("auto") == torch.device("cpu")
+        assert pipeline.pick_device("auto") == torch.device("cpu")  # a command asks more than once: one warning
     (w,) = caught
     assert str(w.message).startswith("an NVIDIA GPU is here (driver 470.57.02) but this torch")
     assert "README, 'Install'" in str(w.message) and "\n" not in str(w.message)
