@@ -382,13 +382,7 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
     for step in bar:
         seed_step(cfg.seed, step, d.rank)
         opt.zero_grad(set_to_none=True)
-        logged, finite = 0.0, True
-        for micro in range(cfg.accum):
-            with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
-                loss, value = loss_at(step, micro)
-            scaler.scale(loss.float() / cfg.accum).backward()
-            logged += value.item() / cfg.accum
-            finite &= bool(torch.isfinite(loss))
+        logged, finite = backward(loss_at, step, cfg.accum, d.device, amp, scaler)
         if not (finite and math.isfinite(logged)):
             raise FloatingPointError(f"loss is {logged} at step {step}; {last_good(out)}")
         average_gradients(model, d)
@@ -422,6 +416,20 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
         swap_ema(model, ema)  # for good: the model returned holds the EMA weights
         model.eval()
     return model, losses
+
+
+def backward(loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], step: int, accum: int,
+             device: torch.device, amp: torch.dtype | None, scaler: torch.amp.GradScaler) -> tuple[float, bool]:
+    """Step ``step``'s ``accum`` micro-batches: each loss under autocast (``amp``; None: off), scaled and
+    backpropagated; returns (the logged value averaged over them, whether every loss was finite)."""
+    logged, finite = 0.0, True
+    for micro in range(accum):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss, value = loss_at(step, micro)
+        scaler.scale(loss.float() / accum).backward()
+        logged += value.item() / accum
+        finite &= bool(torch.isfinite(loss))
+    return logged, finite
 
 
 # how a run is driven, not what it computes: the fields a resumed run may change

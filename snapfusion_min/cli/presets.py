@@ -17,18 +17,22 @@ DIFFUSERS_AMP = "diffusers' example: mixed precision (ours picks bf16 on an A100
 DIFFUSERS_CKPT = "diffusers' example: gradient checkpointing"
 ACCUM = "ours: 8 GPUs x 32 micro-batches of 8 = 2,048; with N GPUs use 256 / N"
 
-UNET = {  # train.py unet: the v-prediction fine-tune (§4.1) and robust training (Eq. 5)
+LOOP = {  # the training loop's settings, the same for the UNet stage and distillation
     "--batch-size": (2048, PAPER_BATCH),
     "--accum": (32, ACCUM),
     "--lr": (1e-5, DIFFUSERS_LR),
-    "--warmup": (500, "diffusers' example: lr_warmup_steps default 500"),
     "--train-steps": (15000, DIFFUSERS_STEPS),
     "--ema-decay": (0.9999, "diffusers' EMAModel default decay"),
     "--amp": (True, DIFFUSERS_AMP),
     "--checkpointing": (True, DIFFUSERS_CKPT),
+    "--save-every": (500, "diffusers' example: checkpointing_steps 500"),
+}
+
+UNET = {  # train.py unet: the v-prediction fine-tune (§4.1) and robust training (Eq. 5)
+    **LOOP,
+    "--warmup": (500, "diffusers' example: lr_warmup_steps default 500"),
     "--resolution": (512, "SD-v1.5's training resolution"),
     "--cfg-dropout": (0.1, "SD's caption dropout for CFG (ours, as the toy world)"),
-    "--save-every": (500, "diffusers' example: checkpointing_steps 500"),
 }
 
 DISTILL = {  # distill.py: CFG-aware step distillation (§4, App. C-D)
@@ -38,15 +42,8 @@ DISTILL = {  # distill.py: CFG-aware step distillation (§4, App. C-D)
     "--w-max": (14.0, "§4, Eq. 10"),
     "--cfg-prob": (0.1, "Fig. 7(a): CFG probability 0.1"),
     "--gamma": (0.2, "Fig. 7(b): dynamic scaling 0.2 of L_ori (Eq. 11)"),
-    "--batch-size": (2048, PAPER_BATCH),
-    "--accum": (32, ACCUM),
-    "--lr": (1e-5, DIFFUSERS_LR),
-    "--train-steps": (15000, DIFFUSERS_STEPS),
-    "--ema-decay": (0.9999, "diffusers' EMAModel default decay"),
-    "--amp": (True, DIFFUSERS_AMP),
-    "--checkpointing": (True, DIFFUSERS_CKPT),
+    **LOOP,
     "--teacher-dtype": ("bfloat16", "ours: the frozen teacher in half the memory"),
-    "--save-every": (500, "diffusers' example: checkpointing_steps 500"),
 }
 
 EVOLVE = {  # evolve.py: Alg. 1
