@@ -243,17 +243,20 @@ def choose(spec: ArchSpec, rows: list[dict], table: LatencyTable, target_ms: flo
 
 
 def evolve(checkpoint: str, pipe: Pipeline | None, table: LatencyTable, target_ms: float, score: Scorer,
-           cfg: EvolveConfig, work: Path, log: list, where: Place = Place()) -> Pipeline:
+           cfg: EvolveConfig, work: Path, log: list, where: Place = Place()) -> tuple[Pipeline, int]:
     """Algorithm 1: alternate robust training (Eq. 5) with evolving steps; every action is appended to ``log``.
     ``pipe`` is the checkpoint, already loaded (None: load it if it is needed before the first training). On
-    several ranks, they train together and rank 0 scores and chooses the actions, which every rank then applies."""
-    current = checkpoint
+    several ranks, they train together and rank 0 scores and chooses the actions, which every rank then applies.
+    Returns the evolved pipeline and the robust steps it trained (fewer than ``iterations x robust_steps`` when
+    an iteration finds nothing left to do)."""
+    current, trained = checkpoint, 0
     if pipe is None and not cfg.robust_steps:
         pipe = where.load(checkpoint)
     for it in range(cfg.iterations):
         if cfg.robust_steps:
             out = str(work / f"robust{it}.safetensors")
             current, pipe = out, train(current, out, cfg.robust_steps, cfg.keep_prob, cfg, where=where)
+            trained += cfg.robust_steps
         chosen = on_main(where.d, lambda p=pipe: choose(p.unet.spec, score_actions(p, table, score, cfg.criterion),
                                                         table, target_ms, cfg.actions))
         if not chosen:
@@ -269,7 +272,7 @@ def evolve(checkpoint: str, pipe: Pipeline | None, table: LatencyTable, target_m
                       f"{log[-1]['predicted_ms_after']:.2f} ms", flush=True)
         current = str(work / f"evolved{it}.safetensors")
         where.save(pipe, current)
-    return pipe
+    return pipe, trained
 
 
 def baseline(pipe: Pipeline, table: LatencyTable, target_ms: float, rule: str, seed: int, log: list,
@@ -319,13 +322,16 @@ def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipe
 
 
 def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,
-                        evaluate: Callable[[Pipeline], dict] | None, out: str, where: Place = Place()) -> dict:
+                        evaluate: Callable[[Pipeline], dict] | None, out: str, where: Place = Place(),
+                        budget: int | None = None) -> dict:
     """Evolve (or a baseline) to ``cfg.target`` of the start's latency, fine-tune, save ``out``; returns the log:
-    every action and a row (latency, parameters, quality unless ``evaluate`` is None) for the start, the evolved UNet
-    and the fine-tuned one (rows on rank 0 only). Its checkpoints in between go to the folder <out>.work/, which
-    every rank reads (removed at the end).
+    every action, the steps trained in all (``train_steps``) and a row (latency, parameters, quality unless
+    ``evaluate`` is None) for the start, the evolved UNet and the fine-tuned one (rows on rank 0 only). Its
+    checkpoints in between go to the folder <out>.work/, which every rank reads (removed at the end).
 
-    A baseline gets the evolved run's whole training budget (its robust steps between evolving steps included).
+    ``budget``: the training steps in all, robust ones included (an evolved run's ``train_steps``, so that a
+    comparison trains every arm equally); fine-tuning takes what the robust steps leave. None: a baseline gets
+    ``iterations x robust_steps + finetune_steps``, an evolving run its robust steps + ``finetune_steps``.
     """
     pipe = where.load(checkpoint)
     target_ms = cfg.target * table.predict(pipe.unet.spec)
@@ -340,11 +346,13 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
         work.mkdir(parents=True)
     barrier(where.d)
     if cfg.baseline:
-        pipe = baseline(pipe, table, target_ms, cfg.baseline, cfg.train.seed, log, quiet=not where.d.main)
+        pipe, robust = baseline(pipe, table, target_ms, cfg.baseline, cfg.train.seed, log, quiet=not where.d.main), 0
+        nominal = cfg.iterations * cfg.robust_steps + cfg.finetune_steps
     else:
         loaded = None if cfg.robust_steps else pipe  # robust training comes first: no copy kept meanwhile
         pipe = None
-        pipe = evolve(checkpoint, loaded, table, target_ms, score, cfg, work, log, where)
+        pipe, robust = evolve(checkpoint, loaded, table, target_ms, score, cfg, work, log, where)
+        nominal = robust + cfg.finetune_steps
     if table.predict(pipe.unet.spec) > target_ms and where.d.main:
         print(f"warning: {cfg.iterations} evolving steps did not reach the target; raise --iterations or "
               "--actions", file=sys.stderr)
@@ -352,7 +360,7 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
         rows.append(row("evolved, before fine-tuning", pipe, table, evaluate, cfg, table.batch))
     where.save(pipe, work / "final.safetensors")
     pipe = None  # the fine-tuning reads it from there: one copy of the weights in memory, not two
-    steps = cfg.finetune_steps + (cfg.iterations * cfg.robust_steps if cfg.baseline else 0)
+    steps = max(0, (nominal if budget is None else budget) - robust)
     if steps:
         train(str(work / "final.safetensors"), out, steps, 1.0, cfg, figures=True, where=where)
     elif where.d.main:
@@ -361,4 +369,4 @@ def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig,
     if where.d.main:
         shutil.rmtree(work)
         rows.append(row(cfg.baseline or "evolved", where.load(out), table, evaluate, cfg, table.batch))
-    return {"config": dataclasses.asdict(cfg), "actions": log, "rows": rows}
+    return {"config": dataclasses.asdict(cfg), "actions": log, "train_steps": robust + steps, "rows": rows}

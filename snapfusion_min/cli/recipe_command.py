@@ -40,7 +40,8 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run in minutes")
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
     p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
-                   "equal latency (snapfusion_min/experiments/alg1_baselines.py), 3 seeds each, -> "
+                   "its latency or size, trained as long (snapfusion_min/experiments/alg1_baselines.py), 3 seeds "
+                   "each, -> "
                    "<report-dir>/evolving.md (its cost is on that page)")
     p.add_argument("--latency-table", help="evolve with this measured lookup table (a run's <work-dir>/lut.json) as it "
                    "is, not timed again: two runs then evolve alike, bit for bit")
