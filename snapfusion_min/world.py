@@ -30,7 +30,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 9.0, "large": 12.5}  # circumradius in pixels of a 64x64 image
 TEXTURES = ("solid", "striped")
 CROSS_WIDTH = 0.35  # a cross's bars' half-width per unit circumradius
-STRIPE_PERIOD, STRIPE_DARK = 6, 0.5  # pixels per dark + bright band; a dark band's brightness
+STRIPE_PERIOD, STRIPE_DARK = 8, 0.5  # pixels per dark + bright band; a dark band's brightness
 CENTRES = (15, 32, 49)  # pixel centre of a grid cell, per row and column
 PLACES = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center",
           (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
@@ -234,6 +234,75 @@ class World(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         image, _, said = self.sample(i)
         return to_tensor(image), said.caption
+
+
+# ---- captions that differ in one attribute: hard negatives and zero-shot questions --------------------------------
+VALUES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "texture": TEXTURES,
+          "place": tuple(PLACES.values()), "background": tuple(BACKGROUNDS)}
+
+
+def alternatives(said: Said, attribute: str) -> list[Said]:
+    """The captions that change only ``attribute`` of ``said`` (one it names): every other value; for 'count', one
+    object instead of two; for 'other', the other object's other shapes."""
+    if attribute not in said.named():
+        raise ValueError(f"{said.caption!r} does not name its {attribute}")
+    if attribute == "count":
+        return [dataclasses.replace(said, count=1)]
+    if attribute == "other":
+        color, shape = said.other
+        return [dataclasses.replace(said, other=(color, s)) for s in SHAPES if s != shape]
+    return [dataclasses.replace(said, **{attribute: v}) for v in VALUES[attribute] if v != getattr(said, attribute)]
+
+
+def twin(scene: Scene, said: Said, rng: np.random.Generator) -> tuple[Scene, Said]:
+    """The scene and its caption changed in one attribute the caption names (not the count), drawn at random: a hard
+    negative for the toy CLIP, which must then tell that word apart. A place moves to a free cell."""
+    main, *rest = scene.things
+    named = [a for a in said.named() if a != "count" and not (a == "place" and not _free_cells(main, rest))]
+    attribute = named[rng.integers(len(named))]
+    if attribute == "background":
+        new = [v for v in BACKGROUNDS if v != said.background][0]
+        return dataclasses.replace(scene, background=new), dataclasses.replace(said, background=new)
+    if attribute == "other":
+        shape = str(rng.choice([s for s in SHAPES if s != rest[0].shape]))
+        return (dataclasses.replace(scene, things=(main, dataclasses.replace(rest[0], shape=shape))),
+                dataclasses.replace(said, other=(said.other[0], shape)))
+    if attribute == "place":
+        free = _free_cells(main, rest)
+        cell = free[rng.integers(len(free))]
+        return (dataclasses.replace(scene, things=(dataclasses.replace(main, cell=cell), *rest)),
+                dataclasses.replace(said, place=PLACES[cell]))
+    value = str(rng.choice([v for v in VALUES[attribute] if v != getattr(main, attribute)]))
+    both = said.count == 2  # "two red circles": what is said is said of both
+    things = tuple(dataclasses.replace(t, **{attribute: value}) if t is main or both else t for t in scene.things)
+    return dataclasses.replace(scene, things=things), dataclasses.replace(said, **{attribute: value})
+
+
+def _free_cells(main: Thing, rest: list[Thing]) -> list[tuple[int, int]]:
+    return [c for c in PLACES if c != main.cell and all(max(abs(c[0] - t.cell[0]), abs(c[1] - t.cell[1])) > 1
+                                                        for t in rest)]
+
+
+class Twins(torch.utils.data.Dataset):
+    """Training pairs for the toy CLIP: item 2k is sample k captioned by ``naming``, item 2k + 1 its ``twin`` (drawn
+    with the same jitter), so each batch of even size holds captions that differ in one word."""
+
+    def __init__(self, length: int, seed: int = 0, naming: Naming = THOROUGH, resolution: int = 64):
+        self.length, self.seed, self.naming, self.resolution = length, seed, naming, resolution
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        scene, said, rng = draw(self.seed, "train", i // 2, self.naming)
+        if i % 2:
+            other = np.random.default_rng([self.seed, i // 2, 3])
+            for _ in range(20):  # a twin whose caption is held out is drawn again
+                changed = twin(scene, said, other)
+                if not is_heldout(changed[1].caption):
+                    scene, said = changed
+                    break
+        return to_tensor(render(scene, rng, self.resolution)), said.caption
 
 
 # ---- the vocabulary and the spread ------------------------------------------------------------------------------

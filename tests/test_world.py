@@ -123,3 +123,48 @@ def test_caption_accuracy_counts_only_named_attributes():
     acc = pixel_judge.caption_accuracy(images, flipped)
     assert acc["background"] == 0.0 and acc["shape"] == 1.0
     assert sum(s.place is not None for s in saids) > 0 and len(PLACES) == 9
+
+
+def test_a_twin_changes_one_named_attribute_in_scene_and_caption():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        scene = world.draw_scene(rng)
+        said = world.say(scene, rng, world.THOROUGH)
+        new_scene, new_said = world.twin(scene, said, rng)
+        changed = [f.name for f in dataclasses.fields(Said) if getattr(said, f.name) != getattr(new_said, f.name)]
+        assert len(changed) == 1 and changed[0] in said.named() and new_said.caption != said.caption
+        (attribute,) = changed
+        if attribute == "background":
+            assert new_scene.things == scene.things and new_scene.background == new_said.background
+        else:
+            moved = [(a, b) for a, b in zip(scene.things, new_scene.things) if a != b]
+            assert moved and len(moved) == (said.count if attribute != "other" else 1)
+            a, b = moved[0]
+            if attribute == "place":
+                assert b.place == new_said.place and a.place == said.place
+            elif attribute == "other":
+                assert b.shape == new_said.other[1] != a.shape
+            else:
+                assert getattr(b, attribute) == getattr(new_said, attribute) != getattr(a, attribute)
+        assert pixel_judge.check_caption(new_said, new_scene) == dict.fromkeys(new_said.named(), True)
+
+
+def test_twins_pair_each_sample_with_its_twin():
+    pairs = world.Twins(8, seed=1)
+    for k in range(4):
+        (x, a), (y, b) = pairs[2 * k], pairs[2 * k + 1]
+        assert a != b and not world.is_heldout(a) and not world.is_heldout(b)
+        assert (x - y).abs().gt(0.1).any()
+    assert pairs[5][1] == world.Twins(8, seed=1)[5][1]
+
+
+def test_alternatives_change_only_the_attribute_asked():
+    said = Said("circle", "red", "small", "striped", "top left", other=("blue", "square"), background="dark")
+    for attribute, n in (("color", 5), ("shape", 3), ("size", 1), ("texture", 1), ("place", 8), ("other", 3),
+                         ("background", 1)):
+        alts = world.alternatives(said, attribute)
+        assert len(alts) == n == len({a.caption for a in alts}) and said not in alts
+        assert all(dataclasses.replace(a, **{attribute: getattr(said, attribute)}) == said for a in alts)
+    assert world.alternatives(Said("cross", count=2), "count") == [Said("cross")]
+    with pytest.raises(ValueError, match="does not name its place"):
+        world.alternatives(Said("cross"), "place")
