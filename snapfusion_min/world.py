@@ -227,12 +227,17 @@ class World(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, i: int) -> tuple[Image.Image, Scene, Said]:
+    def scene(self, i: int) -> tuple[Image.Image, Scene, Said]:
+        """Sample i: its image, the scene drawn and what its caption says."""
         scene, said, rng = draw(self.seed, self.split, i, self.naming)
         return render(scene, rng, self.resolution), scene, said
 
+    def sample(self, i: int) -> tuple[Image.Image, Said]:
+        image, _, said = self.scene(i)
+        return image, said
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        image, _, said = self.sample(i)
+        image, said = self.sample(i)
         return to_tensor(image), said.caption
 
 
@@ -320,7 +325,7 @@ def conditional_spread(n: int = 20_000, seed: int = 0, resolution: int = 32) -> 
     groups: dict[str, list] = defaultdict(list)
     world = World("train", n, seed, resolution)
     for i in range(n):
-        image, scene, said = world.sample(i)
+        image, scene, said = world.scene(i)
         groups[said.caption].append((scene, np.asarray(image, dtype=np.float64) / 255))
     common = [g[:30] for g in groups.values() if len(g) >= 30]
     if not common:

@@ -24,8 +24,8 @@ def test_a_sample_is_a_pure_function_of_seed_split_and_index():
 
 
 def test_heldout_captions_never_reach_training():
-    train = {World("train").sample(i)[2].caption for i in range(1500)}
-    held = {World("heldout").sample(i)[2].caption for i in range(300)}
+    train = {World("train").sample(i)[1].caption for i in range(1500)}
+    held = {World("heldout").sample(i)[1].caption for i in range(300)}
     assert not any(world.is_heldout(c) for c in train) and all(world.is_heldout(c) for c in held)
     assert not train & held
 
@@ -78,7 +78,7 @@ def test_the_pixel_judge_reads_1000_rendered_heldout_scenes():
     data, hits = World("heldout", seed=5), {k: [] for k in ("count", "color", "shape", "size", "texture", "place",
                                                              "background")}
     for i in range(1000):
-        image, scene, _ = data.sample(i)
+        image, scene, _ = data.scene(i)
         got = pixel_judge.read_scene(to_tensor(image))
         hits["count"].append(len(got.things) == len(scene.things))
         hits["background"].append(got.background == scene.background)
@@ -114,7 +114,7 @@ def test_captions_are_judged_on_the_object_they_describe():
 
 def test_caption_accuracy_counts_only_named_attributes():
     data = World("heldout", seed=2)
-    samples = [data.sample(i) for i in range(20)]
+    samples = [data.scene(i) for i in range(20)]
     images = torch.stack([to_tensor(image) for image, _, _ in samples])
     saids = [s for _, _, s in samples]
     assert set(pixel_judge.caption_accuracy(images, saids).values()) == {1.0}
