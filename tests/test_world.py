@@ -168,3 +168,35 @@ def test_alternatives_change_only_the_attribute_asked():
     assert world.alternatives(Said("cross", count=2), "count") == [Said("cross")]
     with pytest.raises(ValueError, match="does not name its place"):
         world.alternatives(Said("cross"), "place")
+
+
+class BagOfWords:
+    """A judge that reads captions as bags of words, and 'images' (indices) as the bag of their true caption's words,
+    less the words it is blind to."""
+
+    def __init__(self, truth, blind=()):
+        self.truth, self.blind = truth, set(blind)
+        self.vocabulary = sorted(world.WORDS)
+
+    def text_features(self, captions):
+        bags = torch.zeros(len(captions), len(self.vocabulary))
+        for row, caption in enumerate(captions):
+            for w in caption.split():
+                if w not in self.blind:
+                    bags[row, self.vocabulary.index(w)] += 1
+        return torch.nn.functional.normalize(bags, dim=-1)
+
+    def image_features(self, images):
+        return self.text_features([self.truth[int(i)].caption for i in images])
+
+
+def test_caption_zero_shot_asks_each_named_attribute_against_its_alternatives():
+    from snapfusion_min.eval.metrics import caption_zero_shot
+
+    truth = [World("heldout", seed=4).sample(i)[1] for i in range(200)]
+    images = torch.arange(len(truth))
+    assert set(caption_zero_shot(BagOfWords(truth), images, truth).values()) == {1.0}
+    blind = caption_zero_shot(BagOfWords(truth, blind=["top", "bottom", "left", "right", "center", "at", "on", "in", "the"]), images, truth)
+    assert blind["place"] == 0.0 and blind["color"] == blind["shape"] == 1.0
+    named = {a for said in truth for a in said.named()}
+    assert set(blind) == named and {"count", "other", "texture"} <= named

@@ -28,6 +28,7 @@ from ..data import ALL_COMBOS, ATTRIBUTES, Combo
 from ..formats.checkpoint import atomic_write, read_state_dict
 from ..formats.images import IMAGE_SUFFIXES, center_crop, to_rgb
 from ..formats.weights import CheckpointError
+from ..world import Said, alternatives
 
 
 class Judge:
@@ -144,6 +145,21 @@ def zero_shot_accuracy(judge: Judge, images: torch.Tensor, truth: Sequence[Combo
     probs = attribute_probabilities(judge, images)
     return {attr: (probs[attr].argmax(-1) == torch.tensor([values.index(getattr(c, attr)) for c in truth]))
             .float().mean().item() for attr, values in ATTRIBUTES.items()}
+
+
+def caption_zero_shot(judge: Judge, images: torch.Tensor, truth: Sequence[Said]) -> dict[str, float]:
+    """Zero-shot per attribute in the world whose captions name a subset (``world.py``): for each attribute a
+    caption names, is its image closer to the true caption than to every caption that changes only that attribute
+    (``world.alternatives``)? The share of such questions answered right, per attribute."""
+    questions = [(i, a, [said, *alternatives(said, a)]) for i, said in enumerate(truth) for a in said.named()]
+    captions = list(dict.fromkeys(c.caption for _, _, options in questions for c in options))
+    text = dict(zip(captions, judge.text_features(captions)))
+    image = judge.image_features(images)
+    hits: dict[str, list[bool]] = {}
+    for i, a, options in questions:
+        scores = torch.stack([text[o.caption] for o in options]) @ image[i]
+        hits.setdefault(a, []).append(bool(scores[0] > scores[1:].max()))
+    return {a: float(np.mean(v)) for a, v in sorted(hits.items())}
 
 
 # ---- FID at SD scale: Inception-v3 pool features (torch-fidelity) ------------------------------------------------
