@@ -196,7 +196,8 @@ def test_caption_zero_shot_asks_each_named_attribute_against_its_alternatives():
     truth = [World("heldout", seed=4).sample(i)[1] for i in range(200)]
     images = torch.arange(len(truth))
     assert set(caption_zero_shot(BagOfWords(truth), images, truth).values()) == {1.0}
-    blind = caption_zero_shot(BagOfWords(truth, blind=["top", "bottom", "left", "right", "center", "at", "on", "in", "the"]), images, truth)
+    place_words = ["top", "bottom", "left", "right", "center", "at", "on", "in", "the"]
+    blind = caption_zero_shot(BagOfWords(truth, blind=place_words), images, truth)
     assert blind["place"] == 0.0 and blind["color"] == blind["shape"] == 1.0
     named = {a for said in truth for a in said.named()}
     assert set(blind) == named and {"count", "other", "texture"} <= named
