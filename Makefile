@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= a large red circle at the top left on a gray background
+PROMPT ?= a large red striped circle at the top left and a blue square on a dark background
 
 TOY := models/toy
 

@@ -74,7 +74,7 @@ def median_times(fns: dict[str, Callable[[], object]], warmup: int = 1, repeat: 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-PROMPT = "a large red circle at the top left on a gray background"
+PROMPT = "a large red striped circle at the top left and a blue square on a dark background"
 
 
 @torch.no_grad()

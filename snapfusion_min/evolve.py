@@ -310,15 +310,21 @@ def minimum_latency(spec: ArchSpec, table: LatencyTable) -> float:
 def row(name: str, pipe: Pipeline, table: LatencyTable, evaluate: Callable[[Pipeline], dict] | None,
         cfg: EvolveConfig, batch: int) -> dict:
     """One line of the result table: measured and predicted latency per step, parameters, quality (``evaluate``
-    gives 'clip_score', and where it has them 'fid' and the toy world's 'accuracy'; None: no quality)."""
+    gives 'clip_score', and where it has them 'fid' and the toy world's per-attribute 'accuracy' (the toy CLIP's
+    zero-shot) and 'judged' (the pixel judge's), each kept as its mean over attributes; None: no quality)."""
     latent = pipe.sampler.resolution // pipe.vae.cfg.factor
     with threads(cfg.threads):
         measured = measure_unet(pipe.unet, latent, batch, pipe.text_encoder.cfg.context_length)
     r = evaluate(pipe) if evaluate else {"clip_score": None}
     return {"name": name, "measured_ms": measured, "predicted_ms": table.predict(pipe.unet.spec),
             "params": count_params(pipe.unet), "clip": r["clip_score"], "fid": r.get("fid"),
-            "color": r.get("accuracy", {}).get("color"), "shape": r.get("accuracy", {}).get("shape"),
+            "zero_shot": _mean(r.get("accuracy")), "judged": _mean(r.get("judged")),
             "blocks": pipe.unet.spec.summary()}
+
+
+def _mean(accuracy: dict[str, float] | None) -> float | None:
+    """The mean over attributes of a per-attribute accuracy (None: not judged)."""
+    return sum(accuracy.values()) / len(accuracy) if accuracy else None
 
 
 def evolve_and_finetune(checkpoint: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from . import diffusion as D
 from .arch import ArchSpec, sd15
-from .data import unknown_words
 from .formats.checkpoint import positive_number, read_meta, read_state_dict, regular_file, save_checkpoint
 from .formats.weights import CheckpointError, apply_map, load_diffusers, load_ldm
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .unet import UNet
 from .vae import VAE, VAE_SCALE, VAEConfig
+from .world import unknown_words
 
 PREDICTIONS = ("eps", "v")
 
@@ -255,8 +255,8 @@ class Pipeline:
             unknown = list(dict.fromkeys(w for p in prompts for w in unknown_words(p)))
             if unknown:
                 warnings.warn(f"words a toy-world model has never seen: {', '.join(unknown)} (its captions read like "
-                              f"'a small red circle at the top left on a gray background')", OutOfDomainWarning,
-                              stacklevel=3)
+                              "'a small red striped circle at the top left and a blue square on a dark background')",
+                              OutOfDomainWarning, stacklevel=3)
         room = self.tokenizer.context_length - 2  # start and end tokens
         cut = [(len(ids), p) for p in prompts if len(ids := self.tokenizer.bpe.encode(p)) > room]
         if cut:

@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .data import CaptionedFolder, ToyWorld
+from .data import CaptionedFolder
 from .formats.checkpoint import atomic_write, config_dict, remove_stale_temps, writer_lock
 from .formats.figures import caption_grid, loss_plot
 from .formats.shards import Shards, is_shards
+from .world import World
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -230,7 +231,7 @@ def make_dataset(data: str, resolution: int, seed: int = 0, skip_bad: bool = Fal
     a stream of them (bad samples always skipped and counted; ``workers`` data-loader processes decode); else a
     folder of captioned images."""
     if data == "toy":
-        return ToyWorld("train", length=10**9, seed=seed, resolution=resolution)
+        return World("train", length=10**9, seed=seed, resolution=resolution)
     if is_shards(data):
         shards = Shards(data, resolution, workers)
         shards.window(0, 1, 0, 1, seed)  # one usable sample, or the reason there is none, before any work
@@ -311,7 +312,7 @@ def write_figures(out: str, losses: list[float], pipe: Pipeline, title: str = "t
         print(f"skipped {out}.loss.png: {e}")
     if (pipe.training or {}).get("data", "toy") != "toy":  # held-out toy prompts say nothing of another world
         return
-    prompts = [ToyWorld("heldout", seed=5).sample(i)[1].caption for i in range(8)]
+    prompts = [World("heldout", seed=5).sample(i)[1].caption for i in range(8)]
     images = pipe(prompts)  # the pipeline's own sampler settings
     grid = caption_grid(images, prompts, cols=8)
     atomic_write(out + ".samples.png", lambda tmp: grid.save(tmp, format="PNG"))

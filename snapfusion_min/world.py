@@ -316,6 +316,11 @@ WORDS = frozenset({"a", "an", "two", "and", "on", "at", "in", "the", "background
                    *(w for p in PLACES.values() for w in p.split())})
 
 
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` that no caption of this world has (a toy model has never seen them), in order."""
+    return [w for w in prompt.lower().replace(",", " ").split() if w not in WORDS]
+
+
 def conditional_spread(n: int = 20_000, seed: int = 0, resolution: int = 32) -> dict:
     """How much one caption leaves to chance, over ``n`` training samples grouped by caption, on the captions drawn
     at least 30 times (30 samples each): the distinct scenes among a caption's 30 (a scene is its discrete content:

@@ -20,7 +20,7 @@ from snapfusion_min.pipeline import SamplerConfig
 
 SCRIPTS = ["train.py", "distill.py", "evolve.py", "sample.py", "export.py", "evaluate.py", "recipe.py"]
 BUNDLED = ROOT / "models" / "toy" / "model.safetensors"
-PROMPT = "a large red circle at the top left on a gray background"
+PROMPT = "a large red striped circle at the top left and a blue square on a dark background"
 SD_SCALE = (ROOT / "docs" / "sd_scale.md").read_text()
 
 
@@ -144,7 +144,7 @@ def test_help_shows_defaults(script):
     assert all("(default:" in text for text in texts[1:])
     if script == "train.py":
         unet = next(t for t in texts if "--cfg-dropout" in t)  # the unet stage
-        assert "(default: 3500)" in unet and "(default: 0.999)" in unet
+        assert "(default: 8000)" in unet and "(default: 0.999)" in unet
 
 
 @pytest.mark.slow
@@ -254,7 +254,8 @@ def test_out_of_domain_requests_warn_in_one_line(tmp_path):
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if "warning" in line]
     assert warned == ["sample.py: warning: words a toy-world model has never seen: pink, star, cat, mat (its "
-                      "captions read like 'a small red circle at the top left on a gray background')",
+                      "captions read like 'a small red striped circle at the top left and a blue square on a dark "
+                      "background')",
                       "sample.py: warning: sampling at 128x128, but the checkpoint was trained at 64x64"], r.stderr
 
 

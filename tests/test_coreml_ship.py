@@ -69,7 +69,7 @@ def test_apple_sampling_loop_draws_our_images():
     """Apple's Swift loop (CFG batch [uncond; cond], eps from the UNet, DDIM here on the checkpoint's own grid, the
     decoder fed latent / 0.18215) with the Apple-layout wrappers equals our pipeline, for a v-prediction model."""
     pipe = tiny_pipeline(seed=7, prediction="v", sampler=SAMPLER)
-    prompt, w = "a small red circle at the top left on a gray background", SAMPLER.guidance
+    prompt, w = "a small red circle at the top left on a dark background", SAMPLER.guidance
     want = pipe(prompt, seed=3, output_type="pt")
     text, unet, decoder = TextEncoderPart(pipe), UNetPart(pipe, apple=True), DecoderPart(pipe, apple=True)
     with torch.no_grad():

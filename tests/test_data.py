@@ -1,4 +1,4 @@
-"""The toy world and the captioned-folder loader."""
+"""The captioned-folder loader (the toy world: test_world.py)."""
 
 import io
 import json
@@ -6,34 +6,12 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from helpers import bomb_png
 from PIL import Image
 
-from snapfusion_min.data import ALL_COMBOS, CaptionedFolder, ToyWorld, combos, is_heldout, to_rgb
+from snapfusion_min.data import CaptionedFolder
+from snapfusion_min.formats.images import to_rgb
 from snapfusion_min.training import make_dataset
-
-
-def test_toy_world_is_deterministic_by_seed():
-    a, b, c = ToyWorld(seed=0), ToyWorld(seed=0), ToyWorld(seed=1)
-    for i in (0, 5, 999_999):
-        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
-    assert any(a[i][1] != c[i][1] or not torch.equal(a[i][0], c[i][0]) for i in range(4))
-    image, caption = a[3]
-    assert image.shape == (3, 64, 64) and -1 <= image.min() and image.max() <= 1
-    assert caption.startswith("a ") and caption.endswith(" background")
-
-
-def test_heldout_combinations_never_appear_in_training():
-    train, heldout = combos("train"), combos("heldout")
-    assert len(ALL_COMBOS) == 900 and len(train) + len(heldout) == 900 and 60 < len(heldout) < 120
-    assert not {c.caption for c in train} & {c.caption for c in heldout}
-    data = ToyWorld("train", seed=3)
-    assert not any(is_heldout(data.sample(i)[1]) for i in range(3000))
-    assert all(is_heldout(ToyWorld("heldout", seed=3).sample(i)[1]) for i in range(200))
-    # every single attribute value still occurs in training: held-out tests combinations, not new words
-    for attr in ("color", "shape", "size", "position", "background"):
-        assert {getattr(c, attr) for c in train} == {getattr(c, attr) for c in ALL_COMBOS}
 
 
 def make_folder(root, n=3):

@@ -60,7 +60,7 @@ def test_diffusers_draws_our_images(tmp_path, sampler):
     s = pipe.sampler
     assert (theirs.scheduler.config.timestep_spacing, theirs.scheduler.config.prediction_type) == (
         s.spacing, "v_prediction")
-    prompts = ["a large red circle at the top left on a gray background", "a small blue square in the center"]
+    prompts = ["a large red circle at the top left on a dark background", "a small blue square in the center"]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     want = pipe(prompts, latents=latents, output_type="pt")
     got = theirs(prompts, num_inference_steps=s.steps, guidance_scale=s.guidance, height=64, width=64,
@@ -91,7 +91,7 @@ def test_what_diffusers_cannot_express_is_refused_before_writing(tmp_path):
 
 def test_export_to_diffusers_command(tmp_path, capsys):
     assert run_main("export.py", "--to", "diffusers", "--out-dir", str(tmp_path / "toy")) == 0
-    assert "num_inference_steps=20, guidance_scale=2)" in capsys.readouterr().out
+    assert "num_inference_steps=20, guidance_scale=3)" in capsys.readouterr().out
     assert json.loads((tmp_path / "toy" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     again = run_main("export.py", "--to", "diffusers", "--out-dir", str(tmp_path / "toy"))
     assert again == f"export.py: error: --out-dir {tmp_path / 'toy'} is not empty; a diffusers folder needs a new or " \

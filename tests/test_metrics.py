@@ -12,7 +12,6 @@ import torch
 from helpers import CLIP, randomize
 from torchvision.transforms.functional import to_pil_image
 
-from snapfusion_min.data import to_tensor
 from snapfusion_min.eval import metrics
 from snapfusion_min.eval.metrics import (
     clip_score,
@@ -27,6 +26,7 @@ from snapfusion_min.eval.metrics import (
     read_images,
     save_statistics,
 )
+from snapfusion_min.formats.images import to_tensor
 from snapfusion_min.toy.clip import load_toy_clip, real_heldout, toy_judge
 
 
@@ -189,20 +189,3 @@ def test_fid_on_inception_features_of_folders_and_statistics(random_inception, t
         load_statistics(tmp_path / "nosigma.npz")
 
 
-def test_zero_shot_classifier_features_are_cached_per_model_and_weights():
-    """The 900 captions of the zero-shot classifier are encoded once per model, and again once its weights change."""
-    from snapfusion_min.data import ALL_COMBOS
-    from snapfusion_min.eval.metrics import classifier_features
-
-    clip = load_toy_clip(CLIP)
-    judge, captions = toy_judge(clip), [c.caption for c in ALL_COMBOS]
-    calls = []
-    encode = judge.text_features
-    judge.text_features = lambda c: calls.append(len(c)) or encode(c)
-    first = classifier_features(judge, captions)
-    again = classifier_features(toy_judge(clip), captions)  # a new Judge of the same model: still cached
-    assert calls == [900] and again is first and torch.equal(first, encode(captions))
-    with torch.no_grad():
-        next(clip.text.parameters()).add_(0.01)  # the text tower trained further: the old features are stale
-    changed = classifier_features(judge, captions)
-    assert calls == [900, 900] and not torch.equal(changed, first) and torch.equal(changed, encode(captions))

@@ -22,12 +22,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from snapfusion_min import read_pipeline
 from snapfusion_min.arch import sd15
-from snapfusion_min.data import unknown_words
 from snapfusion_min.diffusion import timesteps
 from snapfusion_min.eval.metrics import psnr
 from snapfusion_min.formats.checkpoint import META_KEY
 from snapfusion_min.formats.weights import CheckpointError
 from snapfusion_min.pipeline import OutOfDomainWarning, SamplerConfig
+from snapfusion_min.world import unknown_words
 
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=4,
                  norm_num_groups=8, layers_per_block=2)
@@ -35,7 +35,7 @@ TINY_VAE = dict(block_out_channels=(32, 64, 64, 64), norm_num_groups=8, layers_p
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
                            hidden_act="quick_gelu")
-PROMPTS = ["a small red triangle at the top left", "two blue circles on a gray background"]
+PROMPTS = ["a small red triangle at the top left", "two blue circles on a dark background"]
 
 
 def reference(prediction: str, spacing: str, folder):
@@ -132,7 +132,7 @@ def test_out_of_domain_requests_warn():
     the negative prompt, whatever the case and commas -- and any model about a resolution it was not trained at;
     in-domain requests warn about nothing."""
     pipe = tiny_pipeline(sampler=SamplerConfig(steps=2, guidance=2.0, resolution=32))
-    caption = "A small red circle, at the top left on a gray background"
+    caption = "A small red circle, at the top left on a dark background"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("an astronaut riding a horse")  # not a toy-world model: any words
@@ -149,8 +149,8 @@ def test_out_of_domain_requests_warn():
     with pytest.warns(OutOfDomainWarning, match=r"^1 prompt\(s\) longer than the text encoder reads \(18 tokens, "
                       r"e\.g\. 'a red circle a red circle a red circle a'\.\.\.\): cut to its first 14$"):
         pipe(["a red circle", long])
-    assert unknown_words("a large purple cross in the center on a black background") == []
-    assert unknown_words("a large purple crosses, near the center") == ["crosses", "near"]
+    assert unknown_words("two large purple striped crosses and a circle on a dark background") == []
+    assert unknown_words("a large purple diamond, near the center") == ["diamond", "near"]
 
 
 @pytest.mark.parametrize("which", ["bundled toy model", "random SD-v1.5 layout"])
@@ -160,8 +160,8 @@ def test_bf16_images_match_fp32(which):
     the figures)."""
     if which == "bundled toy model":
         make = lambda: read_pipeline(ROOT / "models" / "toy" / "model.safetensors")  # noqa: E731
-        prompts = ["a large red circle at the top left on a gray background",
-                   "a small yellow cross at the bottom right on a black background"]
+        prompts = ["a large red circle at the top left on a dark background",
+                   "a small yellow cross at the bottom right on a light background"]
     else:
         make, prompts = tiny_pipeline, PROMPTS
     fp32, bf16 = make(), make().to(dtype=torch.bfloat16)

@@ -33,7 +33,7 @@ from snapfusion_min.pipeline import SamplerConfig
 from snapfusion_min.toy.clip import load_toy_clip, real_heldout, toy_judge
 
 COCO = {i: [f"image {i} caption {k}" for k in range(1 + i % 5)] for i in range(40, 60)}  # 1 to 5 captions each
-PROMPTS = [f"a {c} {s} in the center on a gray background" for c in ("red", "blue", "green") for s in
+PROMPTS = [f"a {c} {s} in the center on a dark background" for c in ("red", "blue", "green") for s in
            ("circle", "square", "triangle", "cross")]
 
 

@@ -16,10 +16,10 @@ import webdataset as wds
 from helpers import CLIP, run_script
 from PIL import Image
 
-from snapfusion_min.data import ToyWorld
 from snapfusion_min.formats.shards import Shards, index_shard, is_shards, shard_paths
 from snapfusion_min.training import Dist, batch_at, captions, make_dataset
 from snapfusion_min.vae import TOY_VAE
+from snapfusion_min.world import World
 
 N_SHARDS, PER_SHARD = 4, 6
 BAD = {"shard-00001.tar:000007": "unreadable (UnidentifiedImageError)", "shard-00002.tar:000015": "empty caption"}
@@ -29,7 +29,7 @@ BAD = {"shard-00001.tar:000007": "unreadable (UnidentifiedImageError)", "shard-0
 def shards(tmp_path_factory):
     """4 shards of 6 toy samples: .jpg + .txt + .json in even shards, .png + .json (caption inside) in odd ones."""
     folder = tmp_path_factory.mktemp("shards")
-    toy = ToyWorld("train", seed=3)
+    toy = World("train", seed=3)
     for s in range(N_SHARDS):
         with wds.TarWriter(str(folder / f"shard-{s:05d}.tar")) as sink:
             for k in range(PER_SHARD):

@@ -8,10 +8,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from snapfusion_min.data import ToyWorld, to_tensor
 from snapfusion_min.eval.metrics import clip_score, zero_shot_accuracy
+from snapfusion_min.formats.images import to_tensor
 from snapfusion_min.text_encoder import Tokenizer
 from snapfusion_min.toy.clip import build_toy_clip, text_encoder_from_clip, toy_judge
+from snapfusion_min.world import World
 
 CLIP = Path(__file__).resolve().parents[1] / "models" / "toy" / "clip.safetensors"
 
@@ -25,19 +26,19 @@ def clip():
 
 @pytest.fixture(scope="module")
 def heldout():
-    data = ToyWorld("heldout", length=300, seed=99)
+    data = World("heldout", length=300, seed=99)
     samples = [data.sample(i) for i in range(300)]
     return (torch.stack([to_tensor(im) for im, _ in samples]) + 1) / 2, [c for _, c in samples]
 
 
 def test_zero_shot_accuracy_on_heldout_real_images(clip, heldout):
     images, truth = heldout
-    accuracy = zero_shot_accuracy(toy_judge(clip), images, truth)
-    assert accuracy["color"] >= 0.95 and accuracy["shape"] >= 0.95, accuracy
-    assert min(accuracy.values()) >= 0.9, accuracy
-    with safe_open(str(CLIP), "pt") as f:  # the figures the training command recorded
+    accuracy = zero_shot_accuracy(toy_judge(clip), images, truth)  # each named attribute against its alternatives
+    assert accuracy["color"] >= 0.9 and accuracy["shape"] >= 0.9, accuracy
+    assert min(accuracy.values()) >= 0.65, accuracy  # place, the hardest: 9 values, chance 11%
+    with safe_open(str(CLIP), "pt") as f:  # the figures the training command recorded, on another held-out set
         recorded = json.loads(f.metadata()["snapfusion_min_toy_clip"])["zero_shot_accuracy_heldout"]
-    assert recorded["color"] >= 0.95 and recorded["shape"] >= 0.95
+    assert set(recorded) == set(accuracy) and all(abs(recorded[k] - accuracy[k]) < 0.1 for k in accuracy)
 
 
 def test_clip_score_prefers_matching_captions(clip, heldout):
@@ -53,7 +54,7 @@ def test_text_encoder_is_the_clip_text_tower(clip):
     """Our TextEncoder over the toy CLIP's weights: its hidden state at the first <|endoftext|>, projected, is CLIP's
     own text embedding (open_clip pools the argmax token = first <|endoftext|>, since we pad with it)."""
     encoder = text_encoder_from_clip(clip)
-    tokens = Tokenizer(32)(["a small red circle in the center on a gray background", "a large blue cross"])
+    tokens = Tokenizer(32)(["a small red circle in the center on a dark background", "a large blue cross"])
     with torch.no_grad():
         hidden = encoder(tokens)
         pooled = hidden[torch.arange(2), tokens.argmax(-1)] @ clip.text.text_projection

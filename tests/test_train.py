@@ -8,15 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import CLIP, ROOT, run_main
 from torchvision.transforms.functional import to_pil_image
 
+from snapfusion_min import world
 from snapfusion_min.arch import tiny
-from snapfusion_min.data import ToyWorld
 from snapfusion_min.evolve import Action, apply
 from snapfusion_min.formats.checkpoint import save_checkpoint
+from snapfusion_min.formats.images import to_tensor
 from snapfusion_min.pipeline import read_pipeline
 from snapfusion_min.toy.autoencoder import crop_objects, object_mask
 from snapfusion_min.training import load_state
@@ -105,7 +107,7 @@ def test_resume_refuses_a_changed_run_naming_the_setting(tmp_path, autoencoder):
     args = unet_args(out, autoencoder, 2, "--stop-after", "1")
     assert run_main("train.py", *args) == 0
     (tmp_path / "folder").mkdir()
-    image, caption = ToyWorld("train", length=1, seed=0)[0]
+    image, caption = world.World("train", length=1, seed=0)[0]
     to_pil_image(image.add(1).div(2)).save(tmp_path / "folder" / "a.png")
     (tmp_path / "folder" / "a.txt").write_text(caption)
     shutil.copyfile(autoencoder, tmp_path / "other.safetensors")
@@ -147,20 +149,30 @@ def test_one_writer_per_output(tmp_path, autoencoder):
     assert run_main("train.py", *unet_args(out, autoencoder, 2, "--seed", "1", "--overwrite")) == 0
 
 
-def test_autoencoder_crops_are_grid_aligned_windows_around_the_object():
-    data = ToyWorld("train", length=100, seed=0, resolution=64)
-    x = torch.stack([data[i][0] for i in range(32)])
+def test_autoencoder_crops_are_grid_aligned_windows_around_each_object():
+    """A crop is a window of its image on the 8-pixel latent grid holding object pixels; over many draws, both
+    objects of a scene with one in each far corner are seen (a crop centred on the objects' centroid saw neither)."""
+    rng = np.random.default_rng(0)
+    things = (world.Thing("red", "circle", "large", "solid", (0, 0)),
+              world.Thing("blue", "square", "large", "striped", (2, 2)))
+    image = to_tensor(world.render(world.Scene(things, "dark"), rng))
+    x = image[None].repeat(64, 1, 1, 1)
     torch.manual_seed(0)
     crops = crop_objects(x, 40, 8)
-    assert crops.shape == (32, 3, 40, 40)
-    mask = object_mask(x)[:, 0]
-    for image, crop, m in zip(x, crops, mask):
+    assert crops.shape == (64, 3, 40, 40)
+    mask = object_mask(image[None])[0, 0]
+    ys, xs = mask.nonzero(as_tuple=True)
+    objects = {"top left": (ys < 32) & (xs < 32), "bottom right": (ys >= 32) & (xs >= 32)}
+    seen = set()
+    for crop in crops:
         windows = [(top, left) for top in range(0, 25, 8) for left in range(0, 25, 8)
                    if torch.equal(image[:, top:top + 40, left:left + 40], crop)]
         assert windows, "a crop is not a window of its image on the 8-pixel latent grid"
-        ys, xs = m.nonzero(as_tuple=True)
-        cy, cx = ys.float().mean().item(), xs.float().mean().item()
-        assert any(top <= cy < top + 40 and left <= cx < left + 40 for top, left in windows)
+        assert object_mask(crop[None]).any()
+        seen |= {name for name, pixels in objects.items() for top, left in windows
+                 if ((ys[pixels] >= top) & (ys[pixels] < top + 40) & (xs[pixels] >= left) & (xs[pixels] < left + 40))
+                 .all()}
+    assert seen == {"top left", "bottom right"}  # each whole object, in some crop
 
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])

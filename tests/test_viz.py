@@ -20,7 +20,7 @@ def texts(svg_path) -> list[str]:
 
 def test_fid_clip_curves_label_every_point_and_each_model_once(tmp_path):
     judge = lambda pipe, steps, g: {"clip_score": 0.9 + g / 100, "fid": 10 - g + steps / 100,  # noqa: E731
-                                    "accuracy": {"color": 1.0, "shape": 1.0}}
+                                    "accuracy": {"color": 1.0, "shape": 1.0}, "judged": {"color": 1.0}}
     configs = [("ours, 8 steps", None, 8, g) for g in (1.5, 2.0, 4.0)] + \
               [("baseline", None, 50, g) for g in (1.5, 2.0, 4.0)] + [("baseline", None, 8, 2.0)] + \
               [("teacher 50-step", None, 50, 2.0)]

@@ -190,14 +190,14 @@ class BagOfWords:
         return self.text_features([self.truth[int(i)].caption for i in images])
 
 
-def test_caption_zero_shot_asks_each_named_attribute_against_its_alternatives():
-    from snapfusion_min.eval.metrics import caption_zero_shot
+def test_zero_shot_accuracy_asks_each_named_attribute_against_its_alternatives():
+    from snapfusion_min.eval.metrics import zero_shot_accuracy
 
     truth = [World("heldout", seed=4).sample(i)[1] for i in range(200)]
     images = torch.arange(len(truth))
-    assert set(caption_zero_shot(BagOfWords(truth), images, truth).values()) == {1.0}
+    assert set(zero_shot_accuracy(BagOfWords(truth), images, truth).values()) == {1.0}
     place_words = ["top", "bottom", "left", "right", "center", "at", "on", "in", "the"]
-    blind = caption_zero_shot(BagOfWords(truth, blind=place_words), images, truth)
+    blind = zero_shot_accuracy(BagOfWords(truth, blind=place_words), images, truth)
     assert blind["place"] == 0.0 and blind["color"] == blind["shape"] == 1.0
     named = {a for said in truth for a in said.named()}
     assert set(blind) == named and {"count", "other", "texture"} <= named

@@ -10,8 +10,9 @@
         --ablate none --ablate down1.A0 --ablate mid.A0,up1.R1 --num-prompts 200   # Fig. 5 as a table
     python evaluate.py decoders --decoder pruned0.safetensors --decoder pruned.safetensors   # Fig. 8
 
-``heldout`` prints per-attribute zero-shot accuracy (generated, and real images as the ceiling), CLIP score and FID
-(toy-CLIP image features, generated vs real), and can write a grid of the first samples with their prompts.
+``heldout`` prints per-attribute accuracy by both judges (the pixel judge, the toy CLIP's zero-shot; generated, and
+real images as the ceiling), CLIP score and FID (toy-CLIP image features, generated vs real), and can write a grid of
+the first samples with their prompts.
 
 At SD scale (§5's protocol; see docs/sd_scale.md), ``coco`` generates one image per prompt into --images-dir
 (resumable; shards over `torchrun --nproc_per_node N` ranks), then scores CLIP with any open_clip model and FID on
@@ -37,7 +38,6 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 
 from .. import load_pipeline
-from ..data import ToyWorld
 from ..diffusion import SOLVERS, SPACINGS
 from ..eval.coco import (
     check_reference,
@@ -54,6 +54,7 @@ from ..toy import BUNDLED
 from ..toy.clip import load_toy_clip, toy_judge
 from ..toy.tables import ablation_table, decoder_table, judge_on_heldout, remove_blocks, sweep_table
 from ..training import setup_distributed
+from ..world import World
 from . import HelpFormatter, check_writable, flag, parser, run
 
 MODES = {"heldout": "one checkpoint on held-out toy prompts: accuracy per attribute, CLIP score, FID",
@@ -156,17 +157,20 @@ def toy(args: argparse.Namespace) -> dict:
     r = one(pipe, None, None)
     images = r.pop("images")
     if args.grid:
-        prompts = [ToyWorld("heldout", length=16, seed=args.seed).sample(i)[1].caption for i in range(16)]
+        prompts = [World("heldout", length=16, seed=args.seed).sample(i)[1].caption for i in range(16)]
         caption_grid([to_pil_image(x) for x in images[:16]], prompts, cols=8).save(args.grid)
     if args.json:
         print(json.dumps(r))
         return r
     print(f"{names[0]}: {r['steps']} steps, guidance {r['guidance']}, {r['n']} held-out prompts"
           + (f", removed {args.remove}" if args.remove else ""))
-    print(f"{'':12s}" + "".join(f"{a:>11s}" for a in r["accuracy"]) + f"{'CLIP':>8s}{'FID':>8s}")
+    attributes = list(r["judged"])
+    print(f"{'':24s}" + "".join(f"{a:>11s}" for a in attributes) + f"{'CLIP':>8s}{'FID':>8s}")
     for label, suffix, fid in (("generated", "", r["fid"]), ("real", "_real", 0.0), ("autoencoded", "_decoded", None)):
-        print(f"{label:12s}" + "".join(f"{v:11.1%}" for v in r["accuracy" + suffix].values())
-              + f"{r['clip_score' + suffix]:8.4f}" + ("" if fid is None else f"{fid:8.3f}"))
+        for judge, key in (("pixel judge", "judged"), ("zero-shot", "accuracy")):
+            acc = r[key + suffix]
+            print(f"{label + ', ' + judge:24s}" + "".join(f"{acc.get(a, float('nan')):11.1%}" for a in attributes)
+                  + f"{r['clip_score' + suffix]:8.4f}" + ("" if fid is None else f"{fid:8.3f}"))
     return r
 
 

@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     log = evolve_and_finetune(args.checkpoint, table, cfg, score, evaluate, args.out, where)
     if not where.d.main:
         return
-    print("\n| model | latency / step measured (predicted) | params | CLIP | FID | color | shape |\n|---|---|---|---|"
-          "---|---|---|")
+    print("\n| model | latency / step measured (predicted) | params | CLIP | FID | zero-shot (CLIP) | pixel judge |\n"
+          "|---|---|---|---|---|---|---|")
     for r in log["rows"]:
-        rest = [f"{r[k]:{f}}" if r[k] is not None else "-" for k, f in (("fid", ".2f"), ("color", ".0%"),
-                                                                        ("shape", ".0%"))]
+        rest = [f"{r[k]:{f}}" if r[k] is not None else "-" for k, f in (("fid", ".2f"), ("zero_shot", ".0%"),
+                                                                        ("judged", ".0%"))]
         print(f"| {r['name']} | {r['measured_ms']:.2f} ms ({r['predicted_ms']:.2f}) | {r['params'] / 1e6:.2f}M | "
               f"{r['clip']:.4f} | {' | '.join(rest)} |")
     start, final = log["rows"][0], log["rows"][-1]

@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..arch import sd15
-from ..data import ToyWorld
 from ..formats.checkpoint import atomic_write
 from ..formats.weights import to_ldm
 from ..pipeline import random_pipeline
+from ..world import World
 from . import distill_command, evolve_command, export_command, sample_command, train_command
 
 COMMANDS = {"train": train_command, "distill": distill_command, "evolve": evolve_command, "export": export_command,
@@ -69,7 +69,7 @@ def peak_gib() -> float:
 def write_data(folder: Path, n: int, resolution: int) -> str:
     """n toy images with .txt captions: a captioned folder for the training stages."""
     folder.mkdir(parents=True, exist_ok=True)
-    toy = ToyWorld("train", seed=0, resolution=resolution)
+    toy = World("train", seed=0, resolution=resolution)
     for i in range(n):
         image, combo = toy.sample(i)
         image.save(folder / f"{i:03d}.png")
@@ -118,7 +118,7 @@ def prepare(c: SmokeConfig, work: Path) -> str:
     """Random SD-v1.5 weights in the single-file layout, a captioned image folder, a random open_clip ViT-B-32 (the
     scorer's shape; ViT-g-14 in earnest) and a prompt file."""
     write_data(work / "data", 8, c.resolution)
-    (work / "prompts.txt").write_text("\n".join(ToyWorld("heldout", seed=1).sample(i)[1].caption for i in range(4)))
+    (work / "prompts.txt").write_text("\n".join(World("heldout", seed=1).sample(i)[1].caption for i in range(4)))
     torch.save(open_clip.create_model("ViT-B-32").state_dict(), work / "clip.pt")
     pipe = random_pipeline(sd15())
     state = to_ldm(pipe.unet, pipe.vae, pipe.text_encoder)

@@ -59,7 +59,7 @@ def build_parser():  # noqa: ANN201
     u.add_argument("--cfg-dropout", type=float, default=d.cfg_dropout, help="caption dropped to '' with this "
                    "probability (for CFG at sampling)")
     flag(u, "--num-inference-steps", d.sampler.steps, "saved as a fresh checkpoint's default")
-    flag(u, "--guidance", d.sampler.guidance, "saved as a fresh checkpoint's default (2: the toy world's best)")
+    flag(u, "--guidance", d.sampler.guidance, "saved as a fresh checkpoint's default (3: the toy world's best CLIP)")
     dec = stage(sub, "decoder", "prune the VAE decoder and distill it (§3.2, App. B.2)")
     common(dec, decoder_distill.TRAIN)
     k = defaults(decoder_distill.DecoderConfig)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import tempfile
-import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data import ALL_COMBOS, ATTRIBUTES, Combo
 from ..formats.checkpoint import atomic_write, read_state_dict
 from ..formats.images import IMAGE_SUFFIXES, center_crop, to_rgb
 from ..formats.weights import CheckpointError
@@ -112,42 +110,7 @@ def fid(features1: torch.Tensor, features2: torch.Tensor) -> float:
     return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
-_CLASSIFIERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(captions, weights): features}
-
-
-def classifier_features(judge: Judge, captions: Sequence[str]) -> torch.Tensor:
-    """``judge.text_features(captions)`` of a fixed caption set (the zero-shot classifier's 900 captions), kept per
-    model while its weights are unchanged (a checksum of them is part of the key): every evaluation asks for them."""
-    with torch.no_grad():
-        weights = float(sum(p.detach().sum().item() for p in judge.model.parameters()))
-    cache = _CLASSIFIERS.setdefault(judge.model, {})
-    key = (tuple(captions), weights)
-    if key not in cache:
-        cache.clear()
-        cache[key] = judge.text_features(captions)
-    return cache[key]
-
-
-def attribute_probabilities(judge: Judge, images: torch.Tensor, combos: Sequence[Combo] = ALL_COMBOS,
-                            temperature: float = 100.0) -> dict[str, torch.Tensor]:
-    """Zero-shot: softmax over the captions of all combinations, marginalised per attribute -> {attr: [B, values]}."""
-    logits = temperature * judge.image_features(images) @ classifier_features(judge, [c.caption for c in combos]).T
-    probs = logits.softmax(-1)
-    out = {}
-    for attr, values in ATTRIBUTES.items():
-        index = torch.tensor([values.index(getattr(c, attr)) for c in combos])
-        out[attr] = torch.zeros(len(images), len(values)).index_add_(1, index, probs)
-    return out
-
-
-def zero_shot_accuracy(judge: Judge, images: torch.Tensor, truth: Sequence[Combo]) -> dict[str, float]:
-    """Fraction of images whose most probable value of each attribute is the true one."""
-    probs = attribute_probabilities(judge, images)
-    return {attr: (probs[attr].argmax(-1) == torch.tensor([values.index(getattr(c, attr)) for c in truth]))
-            .float().mean().item() for attr, values in ATTRIBUTES.items()}
-
-
-def caption_zero_shot(judge: Judge, images: torch.Tensor, truth: Sequence[Said]) -> dict[str, float]:
+def zero_shot_accuracy(judge: Judge, images: torch.Tensor, truth: Sequence[Said]) -> dict[str, float]:
     """Zero-shot per attribute in the world whose captions name a subset (``world.py``): for each attribute a
     caption names, is its image closer to the true caption than to every caption that changes only that attribute
     (``world.alternatives``)? The share of such questions answered right, per attribute."""

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 class Scratch:
     """Optimizer steps of the bundled models when the recipe trains them itself (no ``--bundled``)."""
 
-    clip: int = 1000
-    autoencoder: int = 3000
-    teacher: int = 3500
+    clip: int = 2500
+    autoencoder: int = 4000
+    teacher: int = 8000
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Distilling:
     """The 32 -> 16 and 16 -> 8 step distillations (Eq. 11)."""
 
     steps: int = 600
-    cfg_range: tuple[float, float] = (1.5, 4.0)  # Eq. 10's w range, around the toy world's best guidance (2)
+    cfg_range: tuple[float, float] = (1.5, 4.0)  # Eq. 10's w range, around the first toy world's best guidance (2)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from open_clip.model import CustomTextCLIP
 from torchvision.transforms.functional import to_pil_image
 
 from ..cost import count_params, table1_times, threads
-from ..data import ToyWorld
 from ..diffusion import SOLVERS
 from ..formats.checkpoint import atomic_write
 from ..formats.figures import caption_grid, fid_clip_plot
@@ -24,11 +23,12 @@ from ..pipeline import Pipeline, read_pipeline
 from ..toy import BUNDLED
 from ..toy.clip import load_toy_clip
 from ..toy.tables import decoder_table, judge_on_heldout, sweep
+from ..world import World
 from .budget import Budget
 from .few_step_report import ddim_steps_section, few_step_section
 
 ABLATE = ["none", "down1.A0", "up2.A2", "up3.A1", "up1.A0,up1.A1,up1.A2"]  # Fig. 5: blocks removed at inference
-BASE_STEPS, G0 = 50, 2.0  # the baseline's steps; the guidance the goal is judged at (the toy world's best)
+BASE_STEPS, G0 = 50, 2.0  # the baseline's steps; the goal's guidance (the first world's best; #40 redoes it)
 SAMPLER_NAME = {"ddim": "DDIM", "dpm": "DPM-Solver-2", "dpm++": "DPM-Solver++(2M)"}
 MENG = "Meng et al.: w-conditioned, 8 steps"
 PAPER_TABLE2 = {  # method -> (FID, CLIP) of the paper's Table 2 (SD-v1.5 scale, MS-COCO 2017 5K, 8 steps)
@@ -297,10 +297,10 @@ def fig5_section(p: dict[str, Path], b: Budget, report: Path) -> list[str]:
 def evolve_section(p: dict[str, Path], b: Budget) -> list[str]:
     log = json.loads(Path(f"{p['evolved']}.log.json").read_text())
     lines = [f"Evolving (Alg. 1) to {b.evolve.target:.0%} of the start's predicted latency, then fine-tuned:", "",
-             "| model | latency / step, measured (predicted) | params | CLIP | FID | color | shape |",
+             "| model | latency / step, measured (predicted) | params | CLIP | FID | zero-shot (CLIP) | pixel judge |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['measured_ms']:.2f} ms ({r['predicted_ms']:.2f}) | {r['params'] / 1e6:.2f}M | "
-              f"{r['clip']:.4f} | {r['fid']:.2f} | {r['color']:.0%} | {r['shape']:.0%} |" for r in log["rows"]]
+              f"{r['clip']:.4f} | {r['fid']:.2f} | {r['zero_shot']:.0%} | {r['judged']:.0%} |" for r in log["rows"]]
     return lines + ["", "Actions: " + ", ".join(f"`{a['action']}`" for a in log["actions"]), ""]
 
 
@@ -329,19 +329,19 @@ def fig8_section(p: dict[str, Path], b: Budget, clip: CustomTextCLIP) -> list[st
     dec = decoder_table(read_pipeline(p["student8"]), clip, [str(p["pruned0"]), str(p["pruned"])], b.judge.prompts,
                         steps=8, guidance=G0)
     lines = ["## Fig. 8: original vs 50%-pruned decoder (same 8-step latents)", "",
-             "| decoder | params | PSNR to original (dB) | CLIP | FID | color | shape |",
+             "| decoder | params | PSNR to original (dB) | CLIP | FID | zero-shot (CLIP) | pixel judge |",
              "|---|---|---|---|---|---|---|"]
     for name, label in (("original", "original"), (str(p["pruned0"]), "pruned, not distilled"),
                         (str(p["pruned"]), f"pruned + data distillation ({b.decoder.steps} steps)")):
         r = dec[name]
         psnr = "-" if name == "original" else f"{r['psnr']:.2f}"
         lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {psnr} | "
-                     f"{r['clip']:.4f} | {r['fid']:.2f} | {r['color']:.0%} | {r['shape']:.0%} |")
+                     f"{r['clip']:.4f} | {r['fid']:.2f} | {r['zero_shot']:.0%} | {r['judged']:.0%} |")
     return lines
 
 
 def samples_section(final: Pipeline, report: Path) -> list[str]:
-    prompts = [ToyWorld("heldout", length=16, seed=1234).sample(i)[1].caption for i in range(16)]
+    prompts = [World("heldout", length=16, seed=1234).sample(i)[1].caption for i in range(16)]
     x = final(prompts, steps=8, guidance=G0, seed=1234, height=64, width=64, spacing="trailing", output_type="pt")
     grid = caption_grid([to_pil_image(v) for v in x], prompts, cols=8)
     atomic_write(report / "samples.png", lambda tmp: grid.save(tmp, format="PNG"))

@@ -117,7 +117,7 @@ def index_shard(path: Path) -> tuple[list[Sample], str]:
             head = f.read(6)
         kind = next((k for magic, k in COMPRESSED.items() if head.startswith(magic)), None)
         problem = (f"{kind}-compressed, not a tar (decompress it first)" if kind and not samples
-                   else f"unreadable tar after {len(samples)} samples ({e})")
+                   else f"{'damaged: ' if samples else ''}unreadable tar after {len(samples)} samples ({e})")
     return [tuple(s) for s in samples.values()], problem  # type: ignore[misc]
 
 

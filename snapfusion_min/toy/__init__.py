@@ -2,7 +2,8 @@
 
 ``clip`` (the toy CLIP: text encoder of the toy models, and the judge: CLIP score, FID features, zero-shot accuracy),
 ``autoencoder`` (the toy KL autoencoder's training), ``teacher`` (a fresh UNet on those two), ``tables`` (the toy
-world's evaluation tables). The world itself -- images and captions -- is the paper-level ``snapfusion_min.data``.
+world's evaluation tables), ``pixel_judge`` (the second judge, reading scenes back from pixels). The world itself --
+images and captions -- is ``snapfusion_min.world``.
 """
 
 from pathlib import Path

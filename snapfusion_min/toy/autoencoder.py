@@ -20,7 +20,7 @@ from ..formats.weights import CheckpointError, apply_map
 from ..training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, run_tag, seed_step
 from ..vae import TOY_VAE, VAE, VAEConfig
 
-TRAIN = TrainConfig(train_steps=3000, batch_size=32, lr=2e-3, warmup=100, ema_decay=None)
+TRAIN = TrainConfig(train_steps=4000, batch_size=32, lr=2e-3, warmup=100, ema_decay=None)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class AutoencoderConfig:
 
 
 def crop_objects(x: torch.Tensor, size: int, factor: int) -> torch.Tensor:
-    """size x size crops around each image's object, at a random offset of up to one latent cell, on the latent grid.
+    """size x size crops centred on a random object pixel of each image (so each object of a scene, corners
+    included, is seen), at a random offset of up to one latent cell, on the latent grid.
 
     Full images spend most of the autoencoder's compute on flat background; it is convolutional, so it learns the
     same maps from crops, about 4x more object views per second.
@@ -55,7 +56,8 @@ def crop_objects(x: torch.Tensor, size: int, factor: int) -> torch.Tensor:
     crops = []
     for image, mask in zip(x, object_mask(x)[:, 0]):
         ys, xs = mask.nonzero(as_tuple=True)
-        cy, cx = (ys.float().mean().item(), xs.float().mean().item()) if len(ys) else (h / 2, w / 2)
+        k = int(torch.randint(len(ys), ())) if len(ys) else None
+        cy, cx = (ys[k].item(), xs[k].item()) if k is not None else (h / 2, w / 2)
         jitter = torch.randint(-1, 2, (2,)).tolist()
         top = min(max(0, factor * (round((cy - size / 2) / factor) + jitter[0])), h - size)
         left = min(max(0, factor * (round((cx - size / 2) / factor) + jitter[1])), w - size)

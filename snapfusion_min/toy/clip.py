@@ -20,11 +20,13 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..data import ToyWorld, to_tensor
 from ..eval.metrics import Judge, clip_score, fid, zero_shot_accuracy
 from ..formats.checkpoint import atomic_write, config_dict, read_state_dict
+from ..formats.images import to_tensor
 from ..formats.weights import CheckpointError, apply_map
 from ..text_encoder import TextConfig, TextEncoder, Tokenizer
+from ..world import Said, Twins, World
+from .pixel_judge import caption_accuracy
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -59,14 +61,15 @@ def text_encoder_from_clip(model: CustomTextCLIP) -> TextEncoder:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    train_steps: int = 1000  # contrastive training steps
+    train_steps: int = 2500  # contrastive training steps
     batch_size: int = 128  # image-caption pairs per step (CLIP's loss wants large batches)
     lr: float = 2e-3  # peak of the one-cycle schedule
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.train_steps < 1 or self.batch_size < 2 or not self.lr > 0:
-            raise ValueError("the toy CLIP needs train-steps >= 1, batch-size >= 2 and lr > 0")
+        if self.train_steps < 1 or self.batch_size < 2 or self.batch_size % 2 or not self.lr > 0:
+            raise ValueError("the toy CLIP needs train-steps >= 1, an even batch-size >= 2 (a sample and its twin) and "
+                             "lr > 0")
 
 
 def train_clip_stage(cfg: ClipConfig, out: str | Path) -> dict[str, float]:
@@ -78,13 +81,15 @@ def train_clip_stage(cfg: ClipConfig, out: str | Path) -> dict[str, float]:
     return accuracy
 
 
-def train_toy_clip(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_toy_clip(steps: int = 2500, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                    log: bool = True) -> CustomTextCLIP:
-    """Contrastive training (open_clip's ClipLoss) on freshly rendered toy samples; AdamW with cosine decay."""
+    """Contrastive training (open_clip's ClipLoss) on freshly rendered toy samples, each beside its twin that
+    differs in one named word (``world.Twins``: hard negatives, without which the text tower never tells places
+    and textures apart); captions name more than people's do (``world.THOROUGH``). AdamW with cosine decay."""
     torch.manual_seed(seed)
     model = build_toy_clip()
     tokenizer = Tokenizer(TOY_TEXT.context_length)
-    data = ToyWorld("train", length=steps * batch, seed=seed)
+    data = Twins(steps * batch, seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -105,7 +110,8 @@ def train_toy_clip(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: 
 
 
 def evaluate_toy_clip(model: CustomTextCLIP, n: int = 1000, seed: int = 1234) -> dict[str, float]:
-    """Zero-shot accuracy per attribute on ``n`` real images of held-out attribute combinations."""
+    """Zero-shot accuracy per attribute on ``n`` real images of held-out captions (each attribute a caption names,
+    against the captions that change only it)."""
     images, truth = real_heldout(n, seed)
     return zero_shot_accuracy(toy_judge(model), images, truth)
 
@@ -140,9 +146,9 @@ def toy_clip_scorer(clip: CustomTextCLIP, n: int = 64, steps: int = 10, guidance
     return score
 
 
-def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list]:
-    """``n`` real held-out images in [0, 1] and their attribute combinations."""
-    data = ToyWorld("heldout", length=n, seed=seed)
+def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list[Said]]:
+    """``n`` real held-out images in [0, 1] and what their captions say."""
+    data = World("heldout", length=n, seed=seed)
     samples = [data.sample(i) for i in range(n)]
     return (torch.stack([to_tensor(image) for image, _ in samples]) + 1) / 2, [c for _, c in samples]
 
@@ -153,9 +159,10 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, s
                         reference: bool = True, progress: bool = False) -> dict:
     """Generate images for ``n`` held-out prompts and judge them against real images of the same prompts.
 
-    Returns zero-shot accuracy per attribute and CLIP score of the generated images, and with ``reference`` also of
-    real images and of their autoencoder round trip (the ceilings), and FID between generated and real images on the
-    toy CLIP's image features.
+    Returns, by both judges, per attribute the captions name: the toy CLIP's zero-shot accuracy ('accuracy') and the
+    pixel judge's ('judged', ``pixel_judge.caption_accuracy``), and the CLIP score of the generated images; with
+    ``reference`` the same of real images and of their autoencoder round trip (the ceilings), and FID between
+    generated and real images on the toy CLIP's image features.
     """
     real, truth = real_heldout(n, seed)
     steps = pipe.sampler.steps if steps is None else steps
@@ -170,7 +177,8 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, s
     bar.close()
     generated = torch.cat(generated)
     judge = toy_judge(clip)
-    out = {"accuracy": zero_shot_accuracy(judge, generated, truth), "clip_score": clip_score(judge, generated, prompts),
+    out = {"accuracy": zero_shot_accuracy(judge, generated, truth),
+           "judged": caption_accuracy(generated * 2 - 1, truth), "clip_score": clip_score(judge, generated, prompts),
            "steps": steps, "guidance": guidance, "n": n, "images": generated}
     if not reference:
         return out
@@ -180,7 +188,9 @@ def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, s
                              for x in real.split(batch)])
     return {**out,
             "accuracy_real": zero_shot_accuracy(judge, real, truth),
+            "judged_real": caption_accuracy(real * 2 - 1, truth),
             "clip_score_real": clip_score(judge, real, prompts),
             "accuracy_decoded": zero_shot_accuracy(judge, decoded, truth),
+            "judged_decoded": caption_accuracy(decoded * 2 - 1, truth),
             "clip_score_decoded": clip_score(judge, decoded, prompts),
             "fid": fid(judge.image_features(generated, normalize=False), judge.image_features(real, normalize=False))}

@@ -1,6 +1,7 @@
-"""Judging toy-world pipelines on held-out prompts (§5's protocol at toy scale): tables of CLIP score, FID and
-zero-shot accuracy over checkpoints, steps and guidance (Table 2, Fig. 4, 6), over removed blocks (Fig. 5), and over
-decoders on the same latents (Fig. 8). ``evaluate.py`` and the recipe's report print these tables.
+"""Judging toy-world pipelines on held-out prompts (§5's protocol at toy scale): tables of CLIP score, FID and both
+judges' accuracy on what the captions name (the toy CLIP's zero-shot, the pixel judge's reading; each the mean over
+attributes) over checkpoints, steps and guidance (Table 2, Fig. 4, 6), over removed blocks (Fig. 5), and over decoders
+on the same latents (Fig. 8). ``evaluate.py`` and the recipe's report print these tables.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from ..eval.metrics import clip_score, fid, psnr, zero_shot_accuracy
 from ..formats.figures import fid_clip_plot
 from ..pipeline import Pipeline, read_pipeline
 from .clip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
+from .pixel_judge import caption_accuracy
 
 Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
+
+
+def mean(accuracy: dict[str, float]) -> float:
+    """A per-attribute accuracy's mean over the attributes (what a table's one column shows)."""
+    return sum(accuracy.values()) / len(accuracy)
 
 
 def judge_on_heldout(clip: CustomTextCLIP, n: int, seed: int = 1234, progress: bool = True) -> Judge:
@@ -37,12 +44,13 @@ def remove_blocks(pipe: Pipeline, removed: Sequence[str]) -> None:
 
 def sweep(configs: list[tuple[str, Pipeline, int, float]], judge: Judge, curve: str | Path | None = None,
           title: str = "", first: str = "model") -> tuple[list[str], list[dict]]:
-    """Markdown table over (label, pipeline, steps, guidance): CLIP score, FID, color / shape accuracy (Fig. 4, 6),
+    """Markdown table over (label, pipeline, steps, guidance): CLIP score, FID, both judges (Fig. 4, 6),
     rows printed as they come; with ``curve``, FID-vs-CLIP curves over guidance, one per (label, steps).
 
     Returns the table's lines and one result per configuration, in order.
     """
-    lines = [f"| {first} | steps | guidance | CLIP | FID | color | shape |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| {first} | steps | guidance | CLIP | FID | zero-shot (CLIP) | pixel judge |",
+             "|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     results, curves = [], {}
     several = len({c[2] for c in configs}) > 1  # step counts differ: a curve's name says its steps
@@ -54,7 +62,7 @@ def sweep(configs: list[tuple[str, Pipeline, int, float]], judge: Judge, curve: 
         name = label if named or not several else f"{label} ({steps} steps)"
         curves.setdefault(name, []).append((r["clip_score"], r["fid"], guidance))
         lines.append(f"| {label} | {steps} | {guidance:g} | {r['clip_score']:.4f} | {r['fid']:.3f} | "
-                     f"{r['accuracy']['color']:.0%} | {r['accuracy']['shape']:.0%} |")
+                     f"{mean(r['accuracy']):.0%} | {mean(r['judged']):.0%} |")
         print(lines[-1], flush=True)
     if curve:
         fid_clip_plot(curves, curve, title, "CLIP score (toy CLIP; higher is better)",
@@ -81,9 +89,9 @@ def sweep_table(pipes: dict[str, Pipeline], steps: list[int] | None, guidance: l
 
 
 def ablation_table(pipes: dict[str, Pipeline], rows: list[str], judge: Judge) -> dict:
-    """Markdown table (Fig. 5): CLIP score and color / shape accuracy per checkpoint and removed set of blocks."""
+    """Markdown table (Fig. 5): CLIP score and both judges per checkpoint and removed set of blocks."""
     results = {}
-    header = "| removed | " + " | ".join(f"{Path(n).stem}: CLIP / color / shape" for n in pipes) + " |"
+    header = "| removed | " + " | ".join(f"{Path(n).stem}: CLIP / zero-shot / pixel judge" for n in pipes) + " |"
     print(header + "\n|" + "---|" * (len(pipes) + 1))
     for removed in rows:
         cells = []
@@ -92,7 +100,7 @@ def ablation_table(pipes: dict[str, Pipeline], rows: list[str], judge: Judge) ->
             r = judge(pipe, None, None)
             r.pop("images")
             results[(name, removed)] = r
-            cells.append(f"{r['clip_score']:.4f} / {r['accuracy']['color']:.0%} / {r['accuracy']['shape']:.0%}")
+            cells.append(f"{r['clip_score']:.4f} / {mean(r['accuracy']):.0%} / {mean(r['judged']):.0%}")
         print(f"| {removed} | " + " | ".join(cells) + " |", flush=True)
     return results
 
@@ -101,7 +109,7 @@ def ablation_table(pipes: dict[str, Pipeline], rows: list[str], judge: Judge) ->
 def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: int, seed: int = 1234,
                   steps: int | None = None, guidance: float | None = None) -> dict:
     """The same generated latents decoded by the pipeline's decoder and by each of ``decoders`` (§3.2, Fig. 8): PSNR
-    to the original decoder's images, CLIP score, FID to real images, color / shape accuracy."""
+    to the original decoder's images, CLIP score, FID to real images, both judges."""
     real, truth = real_heldout(n, seed)
     prompts = [c.caption for c in truth]
     steps = pipe.sampler.steps if steps is None else steps
@@ -116,20 +124,20 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
     judge = toy_judge(clip)
     real_features = judge.image_features(real, normalize=False)
     original, results = pipe.decode(latents).cpu(), {}
-    print("| decoder | widths | params | PSNR to original (dB) | CLIP | FID | color | shape |")
+    print("| decoder | widths | params | PSNR to original (dB) | CLIP | FID | zero-shot (CLIP) | pixel judge |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ["original", *decoders]:
         if name != "original":
             other = read_pipeline(name)
             pipe.set_decoder(other.vae, other.latent_scale)
         images = pipe.decode(latents).cpu()
-        acc = zero_shot_accuracy(judge, images, truth)
-        r = {"psnr": psnr(images, original), "clip": clip_score(judge, images, prompts), "color": acc["color"],
-             "shape": acc["shape"],
+        r = {"psnr": psnr(images, original), "clip": clip_score(judge, images, prompts),
+             "zero_shot": mean(zero_shot_accuracy(judge, images, truth)),
+             "judged": mean(caption_accuracy(images * 2 - 1, truth)),
              "fid": fid(judge.image_features(images, normalize=False), real_features),
              "params": sum(p.numel() for p in pipe.vae.decoder.parameters())}
         results[name] = r
         psnr_text = "-" if name == "original" else f"{r['psnr']:.2f}"
         print(f"| {Path(name).name} | {pipe.vae.cfg.decoder_channels} | {r['params'] / 1e6:.3f}M | {psnr_text} | "
-              f"{r['clip']:.4f} | {r['fid']:.3f} | {r['color']:.0%} | {r['shape']:.0%} |", flush=True)
+              f"{r['clip']:.4f} | {r['fid']:.3f} | {r['zero_shot']:.0%} | {r['judged']:.0%} |", flush=True)
     return results
