@@ -14,14 +14,17 @@ to 0 mod 10; training never draws them (a drawn scene whose caption is held out 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .formats.figures import caption_grid
 from .formats.images import to_tensor
 
 COLORS = {"red": (215, 40, 40), "orange": (245, 140, 25), "yellow": (230, 210, 40), "green": (40, 170, 60),
@@ -361,11 +364,6 @@ SPREAD_CAPTIONS = ("a red circle", "two blue squares", "a yellow striped triangl
 
 def main() -> None:
     """python -m snapfusion_min.world docs/world_spread.png: captions and six of the images each allows."""
-    import sys
-    from pathlib import Path
-
-    from .formats.figures import caption_grid
-
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/world_spread.png")
     images = [image for caption in SPREAD_CAPTIONS for image in samples_of(caption, 6)]
     captions = [caption if j == 0 else "" for caption in SPREAD_CAPTIONS for j in range(6)]
