@@ -6,6 +6,7 @@ pruned decoder (``prune.py``) is the same class with smaller numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,16 @@ class VAEConfig:
 
 
 TOY_VAE = VAEConfig(channels=(16, 32, 64, 64), decoder_channels=(64, 64, 32, 16), layers=1, groups=8)  # f = 8, 0.6M
+
+
+def toy_vae(factor: int = 8) -> VAEConfig:
+    """The toy autoencoder with downsampling factor 8 (``TOY_VAE``) or 4 (its last level left out: a 16x16 latent
+    for 64x64 images)."""
+    if factor not in (4, 8):
+        raise ValueError(f"the toy autoencoder's factor must be 4 or 8, got {factor}")
+    levels = 4 if factor == 8 else 3
+    return dataclasses.replace(TOY_VAE, channels=TOY_VAE.channels[:levels],
+                               decoder_channels=TOY_VAE.decoder_channels[-levels:])
 
 
 def _res(c_in: int, c_out: int, groups: int) -> ResBlock:

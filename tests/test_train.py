@@ -20,9 +20,9 @@ from snapfusion_min.evolve import Action, apply
 from snapfusion_min.formats.checkpoint import save_checkpoint
 from snapfusion_min.formats.images import to_tensor
 from snapfusion_min.pipeline import read_pipeline
-from snapfusion_min.toy.autoencoder import crop_objects, object_mask
+from snapfusion_min.toy.autoencoder import crop_objects, load_autoencoder, object_mask
 from snapfusion_min.training import load_state
-from snapfusion_min.vae import TOY_VAE, VAE
+from snapfusion_min.vae import TOY_VAE, VAE, toy_vae
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,21 @@ def test_autoencoder_crops_are_grid_aligned_windows_around_each_object():
                  if ((ys[pixels] >= top) & (ys[pixels] < top + 40) & (xs[pixels] >= left) & (xs[pixels] < left + 40))
                  .all()}
     assert seen == {"top left", "bottom right"}  # each whole object, in some crop
+
+
+def test_the_toy_autoencoder_at_factor_4_writes_16x16_latents(tmp_path):
+    """``train.py autoencoder --factor 4``: the encoder's last level left out, so a 64x64 image is a 16x16x4 latent
+    and the checkpoint says so (the UNet and sampler read the factor from it)."""
+    assert toy_vae(8) == TOY_VAE
+    out = tmp_path / "ae4.safetensors"
+    assert run_main("train.py", "autoencoder", "--factor", "4", "--train-steps", "2", "--batch-size", "4",
+                    "--device", "cpu", "--out", str(out)) == 0
+    vae, _ = load_autoencoder(str(out))
+    assert vae.cfg.factor == 4 and vae.cfg.channels == TOY_VAE.channels[:3]
+    z = vae.encode(torch.zeros(1, 3, 64, 64))
+    assert z.shape == (1, 4, 16, 16) and vae.decode(z).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="factor"):
+        toy_vae(2)
 
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])

@@ -35,13 +35,15 @@ def build_parser():  # noqa: ANN201
     for name, default in (("--out", None), ("--train-steps", c.train_steps), ("--batch-size", c.batch_size),
                           ("--lr", c.lr), ("--seed", c.seed)):
         flag(clip, name, default, required=name == "--out")
-    ae = stage(sub, "autoencoder", "a toy KL autoencoder with f = 8")
+    ae = stage(sub, "autoencoder", "a toy KL autoencoder with f = 8 (or 4)")
     common(ae, autoencoder.TRAIN)
     a = defaults(autoencoder.AutoencoderConfig)
     ae.add_argument("--kl", type=float, default=a.kl, help="KL weight, as SD's VAE")
+    ae.add_argument("--factor", type=int, choices=(4, 8), default=a.factor,
+                    help="downsampling factor f: 8 (SD's: an 8x8x4 latent for a 64x64 image) or 4 (16x16x4)")
     ae.add_argument("--object-weight", type=float,
                     help="extra loss weight of pixels unlike the image border (default: 8 on toy data, 0 on a folder)")
-    ae.add_argument("--crop", type=int, help="train on crops of this side around the object, a multiple of 8 "
+    ae.add_argument("--crop", type=int, help="train on crops of this side around the object, a multiple of the factor "
                     "(default: 40 on toy data, 0 = whole images on a folder)")
     ae.add_argument("--edge-weight", type=float, default=a.edge_weight, help="L1 loss on image gradients (edges)")
     u = stage(sub, "unet", "the denoising UNet (Eq. 6), with robust training (Eq. 5)")

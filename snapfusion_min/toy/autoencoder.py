@@ -1,5 +1,5 @@
-"""The toy world's KL autoencoder (f = 8): LDM's recipe without the GAN and LPIPS terms, which need weights we cannot
-download. SD-v1.5 ships its VAE; only the toy world trains one.
+"""The toy world's KL autoencoder (f = 8, or 4): LDM's recipe without the GAN and LPIPS terms, which need weights we
+cannot download. SD-v1.5 ships its VAE; only the toy world trains one.
 
 Its reconstruction loss is our stand-in for LDM's perceptual loss: a toy object covers 4-15% of the image, so a plain
 mean lets an autoencoder trade the object's colour and corners for a cleaner background. The decoder's data
@@ -18,7 +18,7 @@ from ..decoder_distill import default_object_weight, object_mask, object_weights
 from ..formats.checkpoint import config_dict, positive_number, read_meta, read_state_dict, save_checkpoint
 from ..formats.weights import CheckpointError, apply_map
 from ..training import LOCAL, Dist, TrainConfig, batch_at, fit, make_dataset, run_tag, seed_step
-from ..vae import TOY_VAE, VAE, VAEConfig
+from ..vae import VAE, VAEConfig, toy_vae
 
 TRAIN = TrainConfig(train_steps=4000, batch_size=32, lr=2e-3, warmup=100, ema_decay=None)
 
@@ -26,6 +26,7 @@ TRAIN = TrainConfig(train_steps=4000, batch_size=32, lr=2e-3, warmup=100, ema_de
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kl: float = 1e-6  # KL weight, as SD's VAE
+    factor: int = 8  # downsampling factor f: 8 (SD's; an 8x8 latent for the toy world's 64x64 images) or 4
     object_weight: float | None = None  # extra weight of object pixels; None: 8 on toy data, 0 on a folder
     crop: int | None = None  # train on crops of this side around the object; None: 40 on toy data, 0 (whole) else
     edge_weight: float = 1.0  # L1 on the error's image gradients: keeps edges sharp
@@ -37,8 +38,9 @@ class AutoencoderConfig:
         toy = self.data == "toy"
         object.__setattr__(self, "object_weight", default_object_weight(self.object_weight, self.data))
         object.__setattr__(self, "crop", (40 if toy else 0) if self.crop is None else self.crop)
-        if self.crop % TOY_VAE.factor or not 0 <= self.crop <= 64:
-            raise ValueError(f"crop must be a multiple of {TOY_VAE.factor} in [0, 64], got {self.crop}")
+        toy_vae(self.factor)  # ValueError for a factor other than 4 or 8
+        if self.crop % self.factor or not 0 <= self.crop <= 64:
+            raise ValueError(f"crop must be a multiple of the factor {self.factor} in [0, 64], got {self.crop}")
         if self.train.train_steps < 1:
             raise ValueError(f"train-steps must be >= 1, got {self.train.train_steps}")
         if self.kl < 0 or self.edge_weight < 0 or self.object_weight < 0:
@@ -73,14 +75,15 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def train_autoencoder(cfg: AutoencoderConfig, out: str, d: Dist = LOCAL) -> VAE:
     """Train the toy autoencoder and write it to ``out`` with its latent scale (SD's 0.18215 plays that role)."""
     seed_step(cfg.train.seed, -1)
-    vae = VAE(TOY_VAE).to(d.device)
+    vae_cfg = toy_vae(cfg.factor)
+    vae = VAE(vae_cfg).to(d.device)
     with torch.no_grad():  # a narrow posterior from the start (std e^-3): a wide one teaches the decoder to blur
-        vae.encoder.quant_conv.bias[TOY_VAE.latent_channels:] = -6.0
+        vae.encoder.quant_conv.bias[vae_cfg.latent_channels:] = -6.0
     data = make_dataset(cfg.data, 64, cfg.train.seed, cfg.skip_bad, cfg.train.workers)
 
     def loss_at(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, _ = batch_at(data, step, cfg.train.batch_size, d, cfg.train.seed)
-        x = (crop_objects(x, cfg.crop, TOY_VAE.factor) if cfg.crop else x).to(d.device)
+        x = (crop_objects(x, cfg.crop, cfg.factor) if cfg.crop else x).to(d.device)
         mean, logvar = vae.encoder(x).chunk(2, dim=1)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar.clamp(-30, 20))
         rec = vae.decode(z)
@@ -94,7 +97,7 @@ def train_autoencoder(cfg: AutoencoderConfig, out: str, d: Dist = LOCAL) -> VAE:
         with torch.no_grad():  # scale latents to unit variance for the UNet
             x, _ = batch_at(data, cfg.train.train_steps, 256, Dist(device=d.device), cfg.train.seed + 1)
             scale = 1.0 / model.encode(x.to(d.device)).std().item()
-        save_checkpoint(out, {"vae": model}, {"vae": dataclasses.asdict(TOY_VAE), "latent_scale": scale,
+        save_checkpoint(out, {"vae": model}, {"vae": dataclasses.asdict(vae_cfg), "latent_scale": scale,
                                                "training": config_dict(cfg)})
         if step == cfg.train.train_steps:
             print(f"latent scale {scale:.4f}; wrote {out}")
