@@ -1,5 +1,6 @@
 """The bundled toy CLIP (models/toy/clip.safetensors): a real judge, and the toy diffusion model's text encoder."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,11 +11,13 @@ from safetensors.torch import load_file
 
 from snapfusion_min.eval.metrics import clip_score, zero_shot_accuracy
 from snapfusion_min.formats.images import to_tensor
+from snapfusion_min.pipeline import read_pipeline
 from snapfusion_min.text_encoder import Tokenizer
-from snapfusion_min.toy.clip import build_toy_clip, text_encoder_from_clip, toy_judge
+from snapfusion_min.toy.clip import Heldout, build_toy_clip, evaluate_generation, text_encoder_from_clip, toy_judge
 from snapfusion_min.world import World
 
-CLIP = Path(__file__).resolve().parents[1] / "models" / "toy" / "clip.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT / "models" / "toy" / "clip.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +62,23 @@ def test_text_encoder_is_the_clip_text_tower(clip):
         hidden = encoder(tokens)
         pooled = hidden[torch.arange(2), tokens.argmax(-1)] @ clip.text.text_projection
         torch.testing.assert_close(pooled, clip.text(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_a_tables_rows_share_one_heldout_reference(clip):
+    """``judge_on_heldout`` works out the real images' scores once a table: each row's numbers equal a call of its
+    own, the round trip is per autoencoder, and a held-out set of other prompts is refused."""
+    pipe = read_pipeline(ROOT / "models" / "toy" / "model.safetensors")
+    other = pipe.with_parts(vae=copy.deepcopy(pipe.vae))
+    with torch.no_grad():
+        other.vae.decoder.conv_out.bias.add_(0.3)  # another autoencoder: its round trip scores differently
+    heldout, calls = Heldout(clip, 8), []
+    scores = heldout.scores
+    heldout.scores = lambda images: calls.append(len(images)) or scores(images)
+    for p, steps in ((pipe, 2), (pipe, 3), (other, 2)):
+        alone = evaluate_generation(p, clip, n=8, steps=steps)
+        shared = evaluate_generation(p, clip, n=8, steps=steps, heldout=heldout)
+        assert alone.pop("images").equal(shared.pop("images")) and alone == shared
+    assert len(calls) == 3 + 1 + 2  # three generated sets, the real images once, two autoencoders' round trips
+    assert shared["clip_score_decoded"] != evaluate_generation(pipe, clip, n=8, steps=2)["clip_score_decoded"]
+    with pytest.raises(ValueError, match="held-out set of 8 prompts"):
+        evaluate_generation(pipe, clip, n=4, heldout=heldout)

@@ -79,7 +79,7 @@ def test_the_pixel_judge_reads_1000_rendered_heldout_scenes():
                                                              "background")}
     for i in range(1000):
         image, scene, _ = data.scene(i)
-        got = pixel_judge.read_scene(to_tensor(image))
+        got = pixel_judge.read_scene((to_tensor(image) + 1) / 2)
         hits["count"].append(len(got.things) == len(scene.things))
         hits["background"].append(got.background == scene.background)
         for thing in scene.things:
@@ -115,7 +115,7 @@ def test_captions_are_judged_on_the_object_they_describe():
 def test_caption_accuracy_counts_only_named_attributes():
     data = World("heldout", seed=2)
     samples = [data.scene(i) for i in range(20)]
-    images = torch.stack([to_tensor(image) for image, _, _ in samples])
+    images = (torch.stack([to_tensor(image) for image, _, _ in samples]) + 1) / 2
     saids = [s for _, _, s in samples]
     assert set(pixel_judge.caption_accuracy(images, saids).values()) == {1.0}
     flipped = [dataclasses.replace(s, background="light" if s.background == "dark" else "dark")

@@ -153,44 +153,73 @@ def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list[Said]]:
     return (torch.stack([to_tensor(image) for image, _ in samples]) + 1) / 2, [c for _, c in samples]
 
 
+class Heldout:
+    """``n`` real held-out images in [0, 1] and what their captions say; on first use, what the judges read in them
+    and in their autoencoder round trip (the ceilings of a table's rows): worked out once a table, not once a row."""
+
+    def __init__(self, clip: CustomTextCLIP, n: int, seed: int = 1234) -> None:
+        self.clip, self.n, self.seed = clip, n, seed
+        self.images, self.truth = real_heldout(n, seed)
+        self.prompts = [c.caption for c in self.truth]
+        self._real: dict | None = None
+        self._decoded: list[tuple[torch.nn.Module, dict]] = []  # (autoencoder, its round trip's scores)
+
+    def scores(self, images: torch.Tensor) -> dict:
+        """Both judges' accuracy per attribute the captions name, and the CLIP score, of ``images`` ([0, 1])."""
+        judge = toy_judge(self.clip)
+        return {"accuracy": zero_shot_accuracy(judge, images, self.truth),
+                "judged": caption_accuracy(images, self.truth), "clip_score": clip_score(judge, images, self.prompts)}
+
+    def real(self) -> dict:
+        """The real images' scores and toy-CLIP features (for FID)."""
+        if self._real is None:
+            features = toy_judge(self.clip).image_features(self.images, normalize=False)
+            self._real = {**self.scores(self.images), "features": features}
+        return self._real
+
+    @torch.no_grad()
+    def decoded(self, vae: torch.nn.Module, batch: int = 100) -> dict:
+        """The scores of the real images after ``vae``'s round trip (the posterior's mean): the best a latent model
+        can do."""
+        for known, scores in self._decoded:
+            if known is vae:
+                return scores
+        device = next(vae.parameters()).device
+        images = torch.cat([vae.decode(vae.encode(x.to(device) * 2 - 1, sample=False)).add(1).div(2).clamp(0, 1).cpu()
+                            for x in self.images.split(batch)])
+        self._decoded.append((vae, self.scores(images)))
+        return self._decoded[-1][1]
+
+
 @torch.no_grad()
 def evaluate_generation(pipe: Pipeline, clip: CustomTextCLIP, *, n: int = 500, steps: int | None = None,
                         guidance: float | None = None, seed: int = 1234, batch: int = 100,
-                        reference: bool = True, progress: bool = False) -> dict:
+                        reference: bool = True, progress: bool = False, heldout: Heldout | None = None) -> dict:
     """Generate images for ``n`` held-out prompts and judge them against real images of the same prompts.
 
     Returns, by both judges, per attribute the captions name: the toy CLIP's zero-shot accuracy ('accuracy') and the
     pixel judge's ('judged', ``pixel_judge.caption_accuracy``), and the CLIP score of the generated images; with
-    ``reference`` the same of real images and of their autoencoder round trip (the ceilings), and FID between
-    generated and real images on the toy CLIP's image features.
+    ``reference`` the same of real images and of their autoencoder round trip (the ceilings, '_real' and '_decoded'),
+    and FID between generated and real images on the toy CLIP's image features. ``heldout``: the prompts and their
+    reference scores of an earlier call (the same ``n``, ``seed`` and judge), not worked out again.
     """
-    real, truth = real_heldout(n, seed)
+    heldout = heldout or Heldout(clip, n, seed)
+    if (heldout.n, heldout.seed, heldout.clip) != (n, seed, clip):
+        raise ValueError(f"held-out set of {heldout.n} prompts (seed {heldout.seed}) given for {n} (seed {seed})")
     steps = pipe.sampler.steps if steps is None else steps
     guidance = pipe.sampler.guidance if guidance is None else guidance
-    prompts = [c.caption for c in truth]
     bar = tqdm(total=n, unit="image", desc=f"{steps} steps, w={guidance:g}", disable=not progress, leave=False)
     generated = []
     for i in range(0, n, batch):
-        generated.append(pipe(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=TOY_IMAGE,
-                              width=TOY_IMAGE, output_type="pt").cpu())
+        generated.append(pipe(heldout.prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i,
+                              height=TOY_IMAGE, width=TOY_IMAGE, output_type="pt").cpu())
         bar.update(len(generated[-1]))
     bar.close()
     generated = torch.cat(generated)
-    judge = toy_judge(clip)
-    out = {"accuracy": zero_shot_accuracy(judge, generated, truth),
-           "judged": caption_accuracy(generated * 2 - 1, truth), "clip_score": clip_score(judge, generated, prompts),
-           "steps": steps, "guidance": guidance, "n": n, "images": generated}
+    out = {**heldout.scores(generated), "steps": steps, "guidance": guidance, "n": n, "images": generated}
     if not reference:
         return out
-    with torch.no_grad():  # the autoencoder's round trip: the best a latent model can do
-        device = next(pipe.vae.parameters()).device
-        decoded = torch.cat([pipe.vae.decode(pipe.vae.encode(x.to(device) * 2 - 1)).add(1).div(2).clamp(0, 1).cpu()
-                             for x in real.split(batch)])
-    return {**out,
-            "accuracy_real": zero_shot_accuracy(judge, real, truth),
-            "judged_real": caption_accuracy(real * 2 - 1, truth),
-            "clip_score_real": clip_score(judge, real, prompts),
-            "accuracy_decoded": zero_shot_accuracy(judge, decoded, truth),
-            "judged_decoded": caption_accuracy(decoded * 2 - 1, truth),
-            "clip_score_decoded": clip_score(judge, decoded, prompts),
-            "fid": fid(judge.image_features(generated, normalize=False), judge.image_features(real, normalize=False))}
+    real, decoded = heldout.real(), heldout.decoded(pipe.vae, batch)
+    features = toy_judge(clip).image_features(generated, normalize=False)
+    return {**out, **{f"{k}_real": v for k, v in real.items() if k != "features"},
+            **{f"{k}_decoded": v for k, v in decoded.items()}, "fid": fid(features, real["features"])}

@@ -91,10 +91,10 @@ def _thing(piece: np.ndarray, color: str, value: np.ndarray, side: int) -> Thing
 
 
 def read_scene(image: torch.Tensor | np.ndarray) -> Scene:
-    """A scene from one image ([3, H, W] in [-1, 1], or [H, W, 3] uint8): its objects (largest first) and
-    background."""
+    """A scene from one image ([3, H, W] in [0, 1] as every judge here takes, or [H, W, 3] uint8): its objects
+    (largest first) and background."""
     if isinstance(image, torch.Tensor):
-        x = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        x = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
     else:
         x = np.asarray(image, dtype=np.float64) / 255
     hue, saturation, value = _hsv(x)
@@ -137,7 +137,7 @@ def check_caption(said: Said, scene: Scene) -> dict[str, bool]:
 
 
 def caption_accuracy(images: torch.Tensor, saids: list[Said]) -> dict[str, float]:
-    """Per attribute, the share of images that show it among those whose caption names it."""
+    """Per attribute, the share of images ([N, 3, H, W] in [0, 1]) that show it among those whose caption names it."""
     hits: dict[str, list[bool]] = {}
     for image, said in zip(images, saids):
         for k, ok in check_caption(said, read_scene(image)).items():

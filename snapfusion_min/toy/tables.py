@@ -16,7 +16,7 @@ from open_clip.model import CustomTextCLIP
 from ..eval.metrics import clip_score, fid, psnr, zero_shot_accuracy
 from ..formats.figures import fid_clip_plot
 from ..pipeline import Pipeline, read_pipeline
-from .clip import TOY_IMAGE, evaluate_generation, real_heldout, toy_judge
+from .clip import TOY_IMAGE, Heldout, evaluate_generation, real_heldout, toy_judge
 from .pixel_judge import caption_accuracy
 
 Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
@@ -30,8 +30,9 @@ def mean(accuracy: dict[str, float]) -> float:
 def judge_on_heldout(clip: CustomTextCLIP, n: int, seed: int = 1234, progress: bool = True) -> Judge:
     """``evaluate_generation`` on ``n`` held-out prompts, steps and guidance given (None: the pipeline's own), with a
     progress bar of the images generated."""
+    heldout = Heldout(clip, n, seed)  # the real images' scores, worked out for the first row and kept
     return lambda pipe, steps, guidance: evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance,
-                                                             seed=seed, progress=progress)
+                                                             seed=seed, progress=progress, heldout=heldout)
 
 
 def remove_blocks(pipe: Pipeline, removed: Sequence[str]) -> None:
@@ -133,7 +134,7 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
         images = pipe.decode(latents).cpu()
         r = {"psnr": psnr(images, original), "clip": clip_score(judge, images, prompts),
              "zero_shot": mean(zero_shot_accuracy(judge, images, truth)),
-             "judged": mean(caption_accuracy(images * 2 - 1, truth)),
+             "judged": mean(caption_accuracy(images, truth)),
              "fid": fid(judge.image_features(images, normalize=False), real_features),
              "params": sum(p.numel() for p in pipe.vae.decoder.parameters())}
         results[name] = r
