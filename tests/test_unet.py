@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import max_rel_err, randomize
+from helpers import max_rel_err, random_model, randomize
 
 from snapfusion_min.arch import ArchSpec, preset, sd15, snapfusion, tiny, walk
 from snapfusion_min.formats.weights import apply_map, unet_source_key
@@ -18,7 +18,9 @@ def diffusers_unet(spec: ArchSpec) -> UNet2DConditionModel:
 
 
 def ours_from(ref: UNet2DConditionModel, spec: ArchSpec) -> UNet:
-    unet = UNet(spec).eval()
+    with torch.device("meta"):  # every parameter is assigned below: no time in the default initialisation
+        unet = UNet(spec)
+    unet = unet.to_empty(device="cpu").eval()
     apply_map(unet, ref.state_dict(), lambda k: [unet_source_key(k, "diffusers")], "UNet")
     return unet
 
@@ -27,7 +29,7 @@ def ours_from(ref: UNet2DConditionModel, spec: ArchSpec) -> UNet:
 def test_sd15_unet_equals_diffusers_full_size():
     """SD-v1.5's full UNet (859.5M parameters, random weights) on a 16x16 latent, batch 2 as with CFG."""
     spec = sd15()
-    ref = randomize(diffusers_unet(spec)).eval()
+    ref = random_model(lambda: diffusers_unet(spec)).eval()
     ours = ours_from(ref, spec)
     n_ours, n_ref = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in ref.parameters())
     assert n_ours == n_ref == 859_520_964

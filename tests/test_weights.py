@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
-from helpers import max_rel_err, randomize
+from helpers import max_rel_err, random_model
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -33,7 +33,7 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, lat
 def random_ldm_state_dict() -> dict[str, torch.Tensor]:
     """A random SD-v1.5-shaped LDM file: our key tables name the LDM keys (weights.to_ldm), the converter below checks
     them."""
-    state = to_ldm(randomize(UNet(sd15()), 1), randomize(VAE(), 2), randomize(TextEncoder(), 3))
+    state = to_ldm(random_model(lambda: UNet(sd15()), 1), random_model(VAE, 2), random_model(TextEncoder, 3))
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     state["alphas_cumprod"] = torch.rand(1000)  # LatentDiffusion's own buffers sit beside the models
     return state
@@ -58,10 +58,10 @@ def test_ldm_single_file_equals_diffusers_converter(ldm_file):
     """The same random LDM file, loaded by us and by diffusers.loaders.single_file_utils, gives equal outputs."""
     path, state = ldm_file
     pipe = read_pipeline(path)
-    ref_unet = UNet2DConditionModel(**SD15_UNET)
-    ref_unet.load_state_dict(convert_ldm_unet_checkpoint(state, ref_unet.config))
-    ref_vae = AutoencoderKL(**SD15_VAE)
-    ref_vae.load_state_dict(convert_ldm_vae_checkpoint(state, ref_vae.config))
+    with torch.device("meta"):  # no time in the default initialisation: every weight is assigned from the file
+        ref_unet, ref_vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
+    ref_unet.load_state_dict(convert_ldm_unet_checkpoint(state, ref_unet.config), assign=True)
+    ref_vae.load_state_dict(convert_ldm_vae_checkpoint(state, ref_vae.config), assign=True)
     ref_text = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072,
                                             num_attention_heads=12, num_hidden_layers=12))
     clip = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()}
