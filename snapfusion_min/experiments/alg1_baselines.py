@@ -40,11 +40,11 @@ from ..formats.figures import arms_plot
 from ..latency import LatencyTable, build_table, measure_unet
 from ..pipeline import Pipeline, read_pipeline
 from ..toy import BUNDLED
-from ..toy.clip import evaluate_generation, load_toy_clip, real_heldout, toy_clip_scorer, toy_judge
+from ..toy.clip import evaluate_generation, load_toy_clip, real_heldout, toy_judge
 from ..unet import UNet
 from .budget import Budget
 from .channel_slimming import choose_ratio, slim_sweep, slim_unet
-from .stages import evolve_config, run_stages
+from .stages import alg1_scorer, evolve_config, run_stages
 
 ARMS = {"alg1": "Alg. 1 (dCLIP / dLatency)", "dclip": "dCLIP alone (no latency term)",
         "random": "random removals", "slim": "uniform channel slimming (L1)",
@@ -132,7 +132,7 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: tor
                 table = build_table(start.unet, latent, 2, start.text_encoder.cfg.context_length, str(p["lut"]))
                 del start
                 log = run_arm(name, seed, str(p["robust"]), str(model_path(p, work, "alg1", seed)), table,
-                              evolve_config(b), toy_clip_scorer(clip, n=b.evolve.prompts), str(out))
+                              evolve_config(b), alg1_scorer(b, clip), str(out))
                 atomic_write(f"{out}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
             judged(f"{name}{seed}", out)
         return run

@@ -18,13 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from open_clip.model import CustomTextCLIP
 
 from .. import decoder_distill, distill, unet_training
 from ..evolve import EvolveConfig, evolve_and_finetune
 from ..export.coreml import PARTS, export
 from ..formats.checkpoint import atomic_write
 from ..latency import LatencyTable, build_table
-from ..pipeline import pick_device, read_pipeline
+from ..pipeline import Pipeline, pick_device, read_pipeline
 from ..toy import BUNDLED, autoencoder
 from ..toy.clip import ClipConfig, load_toy_clip, toy_clip_scorer, train_clip_stage
 from ..toy.tables import judge_on_heldout
@@ -111,7 +112,7 @@ def evolve_stage(b: Budget, p: dict[str, Path], frozen: Path | None = None) -> N
         table.save(p["lut"])
     clip = load_toy_clip(BUNDLED / "clip.safetensors")
     judge = judge_on_heldout(clip, b.judge.prompts)
-    log = evolve_and_finetune(str(p["robust"]), table, evolve_config(b), toy_clip_scorer(clip, n=b.evolve.prompts),
+    log = evolve_and_finetune(str(p["robust"]), table, evolve_config(b), alg1_scorer(b, clip),
                               lambda pipe: judge(pipe, None, None), str(p["evolved"]))
     atomic_write(f"{p['evolved']}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
 
@@ -120,6 +121,11 @@ def evolve_config(b: Budget) -> EvolveConfig:
     """Alg. 1's settings in the budget (the recipe's evolving, and the arms of ``alg1_baselines`` compared with it)."""
     return EvolveConfig(target=b.evolve.target, iterations=b.evolve.iterations, actions=b.evolve.actions,
                         robust_steps=b.evolve.train, finetune_steps=b.evolve.finetune)
+
+
+def alg1_scorer(b: Budget, clip: CustomTextCLIP) -> Callable[[Pipeline], float]:
+    """Alg. 1's dCLIP scorer in the budget: the toy CLIP's score on its held-out prompts at its DDIM steps."""
+    return toy_clip_scorer(clip, n=b.evolve.prompts, steps=b.evolve.score_steps)
 
 
 def final_pipeline(p: dict[str, Path]) -> None:
