@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import diffusion as D
 from .arch import ArchSpec, sd15
 from .formats.checkpoint import positive_number, read_meta, read_state_dict, regular_file, save_checkpoint
-from .formats.weights import CheckpointError, apply_map, load_diffusers, load_ldm
+from .formats.weights import CheckpointError, apply_map, load_diffusers, load_ldm, unet_stages
 from .text_encoder import TextConfig, TextEncoder, Tokenizer
 from .unet import UNet
 from .vae import VAE, VAE_SCALE, VAEConfig
@@ -411,7 +411,12 @@ def _weights_file(folder: Path) -> Path:
 def _from_diffusers(folder: Path) -> Pipeline:
     u, v, t = (_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder"))
     heads = u.get("attention_head_dim", 8)  # SD-v1's 'attention_head_dim' is really the number of heads
-    spec = dataclasses.replace(sd15(), channels=tuple(u["block_out_channels"]), context_dim=u["cross_attention_dim"],
+    stages = unet_stages(u.get("down_block_types"), u.get("up_block_types"))
+    if None in stages.values():
+        raise CheckpointError(f"{folder / 'unet'}: block types {u.get('down_block_types')} / "
+                              f"{u.get('up_block_types')} are not SD-v1.5's stages with or without cross-attention")
+    spec = dataclasses.replace(sd15(), stages=stages, channels=tuple(u["block_out_channels"]),
+                               context_dim=u["cross_attention_dim"],
                                heads=heads if isinstance(heads, int) else heads[0], groups=u.get("norm_num_groups", 32),
                                in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
                                guidance_embed=u.get("time_cond_proj_dim") or 0)

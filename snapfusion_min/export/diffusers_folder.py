@@ -3,8 +3,10 @@
 The weights go through the key tables of ``weights`` backwards (``to_diffusers``), so a checkpoint made here -- a
 v-prediction fine-tune, a distilled SD-v1.5 student, a decoder fine-tune -- can be used by diffusers' tools. Only what
 diffusers' classes can express is written:
-  * the UNet must have SD-v1.5's blocks (any widths): ``UNet2DConditionModel`` has the same number of ResNets and
-    cross-attentions in every stage, so an evolved spec such as Table 3's has no diffusers config;
+  * each stage of the UNet must have SD-v1.5's blocks or its ResNets alone (any widths): ``UNet2DConditionModel``
+    builds a stage as a cross-attention block (``CrossAttn{Down,Up}Block2D``: R A R A down, R A R A R A up) or a
+    plain one (``{Down,Up}Block2D``: R R, R R R) and its middle as SD's R A R, so the toy world's UNet (``arch.toy``)
+    is written, and an evolved spec such as Table 3's has no diffusers config;
   * the VAE decoder must mirror the encoder: ``AutoencoderKL`` has one ``block_out_channels`` for both, so a pruned
     decoder (§3.2) cannot be written;
   * the scheduler is DDIM (Eq. 2) with the checkpoint's grid and prediction type; the number of steps and the guidance
@@ -22,9 +24,9 @@ from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 
-from ..arch import STAGES, sd15
+from ..arch import DOWN_STAGES, STAGES, UP_STAGES, ArchSpec
 from ..formats.checkpoint import full_disk_said, umask
-from ..formats.weights import to_diffusers
+from ..formats.weights import to_diffusers, unet_block_types
 from ..text_encoder import EOT, SOT, write_bpe_files
 
 if TYPE_CHECKING:
@@ -37,14 +39,21 @@ class NotExpressible(ValueError):
     """A pipeline part that diffusers' classes cannot represent."""
 
 
+def block_types(spec: ArchSpec) -> tuple[list[str], list[str]]:
+    """diffusers' ``down_block_types`` and ``up_block_types`` of ``spec``; NotExpressible naming the stages that have
+    none."""
+    kinds = unet_block_types(spec)
+    differ = [f"{s} is {' '.join(spec.stages[s]) or 'empty'}" for s in STAGES if kinds[s] is None]
+    if differ:
+        raise NotExpressible("diffusers' UNet2DConditionModel has SD-v1.5's blocks or its ResNets alone in each stage "
+                             f"and cannot express this architecture spec ({'; '.join(differ[:3])}"
+                             f"{'; ...' if len(differ) > 3 else ''})")
+    return [kinds[s] for s in DOWN_STAGES], [kinds[s] for s in UP_STAGES]
+
+
 def check_expressible(pipe: Pipeline) -> None:
     """NotExpressible, saying why, unless every part has a diffusers equivalent."""
-    spec, reference = pipe.unet.spec, sd15().stages
-    differ = [f"{s} is {' '.join(spec.stages[s]) or 'empty'}, not {' '.join(reference[s])}"
-              for s in STAGES if spec.stages[s] != reference[s]]
-    if differ:
-        raise NotExpressible("diffusers' UNet2DConditionModel has SD-v1.5's blocks in every stage and cannot express "
-                             f"this architecture spec ({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''})")
+    block_types(pipe.unet.spec)
     if pipe.unet.removed:
         raise NotExpressible(f"blocks {sorted(pipe.unet.removed)} are switched off (run as the identity); diffusers' "
                              "UNet has no such switch")
@@ -58,15 +67,14 @@ def check_expressible(pipe: Pipeline) -> None:
 def configs(pipe: Pipeline) -> dict[str, dict]:
     """config.json of each part, scheduler_config.json and the tokenizer's files, as diffusers' classes read them."""
     spec, v, t, s = pipe.unet.spec, pipe.vae.cfg, pipe.text_encoder.cfg, pipe.sampler
-    levels = len(v.channels)
+    levels, (down, up) = len(v.channels), block_types(spec)
     unet = {"_class_name": "UNet2DConditionModel", "sample_size": s.resolution // 2 ** (levels - 1),
             "in_channels": spec.in_channels, "out_channels": spec.out_channels, "layers_per_block": 2,
             "block_out_channels": list(spec.channels), "cross_attention_dim": spec.context_dim,
             "attention_head_dim": spec.heads,  # SD-v1's name for the number of heads
             "time_cond_proj_dim": spec.guidance_embed or None,  # a w-conditioned UNet's w input (LCM's name)
             "norm_num_groups": spec.groups, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+            "down_block_types": down, "up_block_types": up}
     vae = {"_class_name": "AutoencoderKL", "sample_size": s.resolution, "in_channels": v.image_channels,
            "out_channels": v.image_channels, "latent_channels": v.latent_channels,
            "block_out_channels": list(v.channels), "layers_per_block": v.layers,

@@ -30,6 +30,36 @@ DIFFUSERS_STAGE = {
     "down1": "down_blocks.0", "down2": "down_blocks.1", "down3": "down_blocks.2", "mid_down": "down_blocks.3",
     "mid": "mid_block", "mid_up": "up_blocks.0", "up1": "up_blocks.1", "up2": "up_blocks.2", "up3": "up_blocks.3",
 }
+
+
+def _block_kinds(stage: str) -> dict[tuple[str, ...], str]:
+    """diffusers' block type of a stage by its blocks: SD-v1.5's (with cross-attention), or its ResNets alone."""
+    full = sd15().stages[stage]
+    plain = tuple(b for b in full if b[0] == "R")
+    if stage not in DOWN_STAGES + UP_STAGES:
+        return {full: "UNetMidBlock2DCrossAttn"}
+    cross, bare = ("CrossAttnDownBlock2D", "DownBlock2D") if stage in DOWN_STAGES else ("CrossAttnUpBlock2D",
+                                                                                       "UpBlock2D")
+    return {full: cross if full != plain else bare, plain: bare}
+
+
+def unet_block_types(spec: ArchSpec) -> dict[str, str | None]:
+    """Each stage's block type in diffusers' ``UNet2DConditionModel`` (``down_block_types``, ``up_block_types``, the
+    mid block), None where it has none: diffusers builds a stage with SD-v1.5's blocks or with its ResNets alone."""
+    return {s: _block_kinds(s).get(spec.stages[s]) for s in STAGES}
+
+
+def unet_stages(down_block_types: list[str] | None, up_block_types: list[str] | None) -> dict[str, tuple | None]:
+    """The stages of a diffusers UNet config's block types (None: SD-v1.5's), None for a type it cannot be: the
+    inverse of ``unet_block_types``."""
+    sd = unet_block_types(sd15())
+    down, up = down_block_types or [sd[s] for s in DOWN_STAGES], up_block_types or [sd[s] for s in UP_STAGES]
+    types = {**sd, **dict(zip(DOWN_STAGES, down)), **dict(zip(UP_STAGES, up))}
+    if len(down) != len(DOWN_STAGES) or len(up) != len(UP_STAGES):
+        return dict.fromkeys(STAGES)
+    return {s: next((blocks for blocks, kind in _block_kinds(s).items() if kind == types[s]), None) for s in STAGES}
+
+
 UNET_TOP = {  # ours -> (diffusers, LDM)
     "conv_in": ("conv_in", "input_blocks.0.0"),
     "time_embed.0": ("time_embedding.linear_1", "time_embed.0"),
