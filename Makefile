@@ -62,7 +62,7 @@ bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run (doc
 toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (models/toy/README.md)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors
 	$(PY) train.py autoencoder --out $(TOY)/autoencoder.safetensors
-	$(PY) train.py unet --arch tiny --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
+	$(PY) train.py unet --arch toy --clip $(TOY)/clip.safetensors --autoencoder $(TOY)/autoencoder.safetensors \
 		--out $(TOY)/model.safetensors
 	$(PY) evaluate.py heldout --dtype float32 --grid docs/toy_heldout_samples.png
 

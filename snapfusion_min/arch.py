@@ -169,7 +169,14 @@ def tiny(context_dim: int = 32) -> ArchSpec:
     return dataclasses.replace(sd15(), channels=(32, 64, 64, 64), context_dim=context_dim, heads=4, groups=8)
 
 
-PRESETS = {"sd15": sd15, "snapfusion": snapfusion, "tiny": tiny}
+def toy(context_dim: int = 32) -> ArchSpec:
+    """The toy world's teacher: ``tiny`` without cross-attention at the finest level, as Table 3's Down-1 and Up-3.
+    On the toy world's 16x16 latent, attention over its 256 positions would double the cost of a training step."""
+    t = tiny(context_dim)
+    return dataclasses.replace(t, stages={**t.stages, "down1": _blocks("RR"), "up3": _blocks("RRR")})
+
+
+PRESETS = {"sd15": sd15, "snapfusion": snapfusion, "tiny": tiny, "toy": toy}
 
 
 def preset(name: str) -> ArchSpec:

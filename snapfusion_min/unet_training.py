@@ -19,7 +19,7 @@ from .pipeline import PREDICTIONS, Pipeline, SamplerConfig, read_pipeline
 from .training import LOCAL, Dist, TrainConfig, encoded_batch, fit, make_dataset, run_tag, save_with_figures, seed_step
 
 TRAIN = TrainConfig(train_steps=8000, batch_size=32, lr=1e-3, warmup=200)
-TOY_SAMPLER = SamplerConfig(steps=20, guidance=3.0, resolution=64)  # guidance 3: the toy world's best CLIP score
+TOY_SAMPLER = SamplerConfig(steps=20, guidance=4.5, resolution=64)  # 4.5: the toy teacher's best CLIP score
 
 
 Fresh = Callable[["UNetConfig", str], Pipeline]  # (config, out) -> a new pipeline to train
@@ -32,7 +32,7 @@ def warmup_for(train_steps: int) -> int:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    arch: str = "tiny"  # a fresh UNet: preset name (sd15, snapfusion, tiny) or a spec .json
+    arch: str = "toy"  # a fresh UNet: preset name (sd15, snapfusion, tiny, toy) or a spec .json
     init: str | None = None  # or start from this checkpoint (ours, SD-v1 single file, diffusers folder)
     clip: str | None = None  # a fresh UNet's text encoder: the toy CLIP's text tower
     autoencoder: str | None = None  # a fresh UNet's autoencoder (train.py autoencoder)

@@ -49,19 +49,22 @@ def test_diffusers_folder_round_trip_is_bitwise(tmp_path):
 @pytest.mark.parametrize("sampler", [None, SamplerConfig(steps=8, guidance=3.0, spacing="trailing", resolution=64,
                                                          distilled=True)])
 def test_diffusers_draws_our_images(tmp_path, sampler):
-    """The bundled toy model (v-prediction, leading grid, toy widths, a one-ResNet VAE, a 32-token text encoder) and
-    the same model as an 8-step trailing-grid student: diffusers' pipeline loaded from the written folder gives our
-    images from the same initial latents, with the guidance scale and steps the folder's user is told to pass."""
+    """The bundled toy model (v-prediction, leading grid, toy widths, no cross-attention at the finest level, a
+    3-level one-ResNet VAE, a 32-token text encoder) and the same model as an 8-step trailing-grid student: diffusers'
+    pipeline loaded from the written folder gives our images from the same initial latents, with the guidance scale
+    and steps the folder's user is told to pass; read back, the folder is the same architecture."""
     pipe = read_pipeline(ROOT / "models" / "toy" / "model.safetensors")
     pipe = pipe.with_parts(sampler=sampler) if sampler else pipe
     save_diffusers(pipe, tmp_path / "toy")
+    assert read_pipeline(tmp_path / "toy").unet.spec.stages == pipe.unet.spec.stages
     theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "toy")
     theirs.set_progress_bar_config(disable=True)
     s = pipe.sampler
     assert (theirs.scheduler.config.timestep_spacing, theirs.scheduler.config.prediction_type) == (
         s.spacing, "v_prediction")
     prompts = ["a large red circle at the top left on a dark background", "a small blue square in the center"]
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = 64 // pipe.vae.cfg.factor
+    latents = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
     want = pipe(prompts, latents=latents, output_type="pt")
     got = theirs(prompts, num_inference_steps=s.steps, guidance_scale=s.guidance, height=64, width=64,
                  latents=latents * theirs.scheduler.init_noise_sigma, output_type="pt").images
@@ -71,9 +74,9 @@ def test_diffusers_draws_our_images(tmp_path, sampler):
 
 def test_what_diffusers_cannot_express_is_refused_before_writing(tmp_path):
     pipe = tiny_pipeline()
-    evolved = dataclasses.replace(pipe.unet.spec, stages={**pipe.unet.spec.stages, "down1": ("R0", "R1")})
+    evolved = dataclasses.replace(pipe.unet.spec, stages={**pipe.unet.spec.stages, "down1": ("R0", "A0", "R1")})
     cases = [(pipe.with_parts(unet=UNet(ArchSpec(**{**dataclasses.asdict(evolved), "stages": evolved.stages}))),
-              r"cannot express this architecture spec \(down1 is R0 R1, not R0 A0 R1 A1\)"),
+              r"cannot express this architecture spec \(down1 is R0 A0 R1\)"),
              (pipe.with_parts(vae=prune_decoder(pipe.vae, 0.5)), r"do not mirror the encoder's .*: pruned \(§3.2\)")]
     removed = tiny_pipeline()
     removed.unet.removed = {"down2.A1"}
@@ -91,7 +94,8 @@ def test_what_diffusers_cannot_express_is_refused_before_writing(tmp_path):
 
 def test_export_to_diffusers_command(tmp_path, capsys):
     assert run_main("export.py", "--to", "diffusers", "--out-dir", str(tmp_path / "toy")) == 0
-    assert "num_inference_steps=20, guidance_scale=3)" in capsys.readouterr().out
+    s = read_pipeline(ROOT / "models" / "toy" / "model.safetensors").sampler  # the bundled model's own settings
+    assert f"num_inference_steps={s.steps}, guidance_scale={s.guidance:g})" in capsys.readouterr().out
     assert json.loads((tmp_path / "toy" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     again = run_main("export.py", "--to", "diffusers", "--out-dir", str(tmp_path / "toy"))
     assert again == f"export.py: error: --out-dir {tmp_path / 'toy'} is not empty; a diffusers folder needs a new or " \

@@ -35,12 +35,13 @@ def build_parser():  # noqa: ANN201
     for name, default in (("--out", None), ("--train-steps", c.train_steps), ("--batch-size", c.batch_size),
                           ("--lr", c.lr), ("--seed", c.seed)):
         flag(clip, name, default, required=name == "--out")
-    ae = stage(sub, "autoencoder", "a toy KL autoencoder with f = 8 (or 4)")
+    ae = stage(sub, "autoencoder", "a toy KL autoencoder with f = 4 (or 8)")
     common(ae, autoencoder.TRAIN)
     a = defaults(autoencoder.AutoencoderConfig)
     ae.add_argument("--kl", type=float, default=a.kl, help="KL weight, as SD's VAE")
     ae.add_argument("--factor", type=int, choices=(4, 8), default=a.factor,
-                    help="downsampling factor f: 8 (SD's: an 8x8x4 latent for a 64x64 image) or 4 (16x16x4)")
+                    help="downsampling factor f: 4 (a 16x16x4 latent for a 64x64 image: the toy world's) "
+                    "or 8 (SD's, 8x8x4)")
     ae.add_argument("--object-weight", type=float,
                     help="extra loss weight of pixels unlike the image border (default: 8 on toy data, 0 on a folder)")
     ae.add_argument("--crop", type=int, help="train on crops of this side around the object, a multiple of the factor "
@@ -49,7 +50,8 @@ def build_parser():  # noqa: ANN201
     u = stage(sub, "unet", "the denoising UNet (Eq. 6), with robust training (Eq. 5)")
     common(u, unet_training.TRAIN, ema=True)
     d = defaults(unet_training.UNetConfig)
-    u.add_argument("--arch", default=d.arch, help="preset (sd15, snapfusion, tiny) or a spec .json")
+    u.add_argument("--arch", default=d.arch,
+                   help="preset (sd15, snapfusion, tiny, toy: the toy world's) or a spec .json")
     u.add_argument("--init", help="start from this checkpoint (ours / SD): UNet, autoencoder, text encoder")
     u.add_argument("--clip", help="toy CLIP .safetensors: its text tower is the frozen text encoder")
     u.add_argument("--autoencoder", help="autoencoder .safetensors (from the autoencoder stage)")

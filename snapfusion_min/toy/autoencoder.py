@@ -1,5 +1,5 @@
-"""The toy world's KL autoencoder (f = 8, or 4): LDM's recipe without the GAN and LPIPS terms, which need weights we
-cannot download. SD-v1.5 ships its VAE; only the toy world trains one.
+"""The toy world's KL autoencoder (f = 4, or SD's 8): LDM's recipe without the GAN and LPIPS terms, which need
+weights we cannot download. SD-v1.5 ships its VAE; only the toy world trains one.
 
 Its reconstruction loss is our stand-in for LDM's perceptual loss: a toy object covers 4-15% of the image, so a plain
 mean lets an autoencoder trade the object's colour and corners for a cleaner background. The decoder's data
@@ -26,7 +26,7 @@ TRAIN = TrainConfig(train_steps=4000, batch_size=32, lr=2e-3, warmup=100, ema_de
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kl: float = 1e-6  # KL weight, as SD's VAE
-    factor: int = 8  # downsampling factor f: 8 (SD's; an 8x8 latent for the toy world's 64x64 images) or 4
+    factor: int = 4  # downsampling factor f: 4 (a 16x16 latent for the toy world's 64x64 images) or 8 (SD's)
     object_weight: float | None = None  # extra weight of object pixels; None: 8 on toy data, 0 on a folder
     crop: int | None = None  # train on crops of this side around the object; None: 40 on toy data, 0 (whole) else
     edge_weight: float = 1.0  # L1 on the error's image gradients: keeps edges sharp
