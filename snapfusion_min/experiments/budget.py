@@ -80,7 +80,7 @@ QUICK = Budget(scratch=Scratch(clip=4, autoencoder=4, teacher=8), robust=8,
                evolve=Evolving(iterations=1, actions=3, train=4, finetune=4, prompts=8, score_steps=2),
                distill=Distilling(steps=6),
                few=FewStep(distill=2, guidance=(2.0,), ddim_steps=(1, 2)), decoder=Decoder(latents=16, steps=4),
-               judge=Judging(prompts=16, guidance=(2.0,), repeat=1))
+               judge=Judging(prompts=8, guidance=(2.0,), repeat=1))
 
 FEW_STUDENTS = [("few_mixed", 0.1, None), ("few_vanilla", 0.0, None), ("few_half", 0.5, None),
                 ("few_cfg", 1.0, None), ("few_paper_range", 0.1, (2.0, 14.0))]  # (name, p, w range or the budget's)
