@@ -11,7 +11,7 @@ from helpers import ROOT, max_rel_err, run_main, tiny_pipeline
 from safetensors.torch import load_file
 from test_pipeline import reference
 
-from snapfusion_min import read_pipeline
+from snapfusion_min import CheckpointError, read_pipeline
 from snapfusion_min.arch import ArchSpec
 from snapfusion_min.export.diffusers_folder import NotExpressible, save_diffusers
 from snapfusion_min.formats.weights import clip_state
@@ -90,6 +90,17 @@ def test_what_diffusers_cannot_express_is_refused_before_writing(tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         save_diffusers(pipe, tmp_path / "used")
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
+
+
+def test_a_folder_of_other_block_types_is_refused_naming_them(tmp_path):
+    """A diffusers UNet whose stages are neither SD-v1.5's nor its ResNets alone (here a fifth level) is one error."""
+    save_diffusers(tiny_pipeline(), tmp_path / "f")
+    config = tmp_path / "f" / "unet" / "config.json"
+    for down in (["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 ["CrossAttnDownBlock2D"] * 4 + ["DownBlock2D"]):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "down_block_types": down}))
+        with pytest.raises(CheckpointError, match=r"are not SD-v1.5's stages with or without cross-attention"):
+            read_pipeline(tmp_path / "f")
 
 
 def test_export_to_diffusers_command(tmp_path, capsys):

@@ -54,9 +54,9 @@ def unet_stages(down_block_types: list[str] | None, up_block_types: list[str] | 
     inverse of ``unet_block_types``."""
     sd = unet_block_types(sd15())
     down, up = down_block_types or [sd[s] for s in DOWN_STAGES], up_block_types or [sd[s] for s in UP_STAGES]
-    types = {**sd, **dict(zip(DOWN_STAGES, down)), **dict(zip(UP_STAGES, up))}
     if len(down) != len(DOWN_STAGES) or len(up) != len(UP_STAGES):
         return dict.fromkeys(STAGES)
+    types = {**sd, **dict(zip(DOWN_STAGES, down)), **dict(zip(UP_STAGES, up))}
     return {s: next((blocks for blocks, kind in _block_kinds(s).items() if kind == types[s]), None) for s in STAGES}
 
 
