@@ -6,7 +6,7 @@
 
 Sampling is DDIM (paper Eq. 2) with classifier-free guidance (Eq. 3). Image i of a run uses seed + i (with
 --num-images-per-prompt n, each prompt counts n times in a row), so the same seed gives the same images whatever the
-batch size (in fp32 to the bit; in bf16 a sixth of the pixels move, by up to 11 of 255 levels: docs/speed.md), and
+batch size (in fp32 within one of 255 levels; in bf16 a quarter of the pixels move, by up to 57: docs/speed.md), and
 the ones ``pipe(prompts, seed=..., num_images_per_prompt=n)`` gives in Python. Files are named <seed>-<prompt>.png
 and never overwritten (a second run into the same folder writes <seed>-<prompt>-2.png). Steps,
 guidance, spacing and resolution default to what the checkpoint says it was trained for (a distilled student: its
