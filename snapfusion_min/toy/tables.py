@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from open_clip.model import CustomTextCLIP
 
-from ..eval.metrics import clip_score, fid, psnr, zero_shot_accuracy
+from ..eval.metrics import fid, psnr
 from ..formats.figures import fid_clip_plot
 from ..pipeline import Pipeline, read_pipeline
-from .clip import TOY_IMAGE, Heldout, evaluate_generation, real_heldout, toy_judge
-from .pixel_judge import caption_accuracy
+from .clip import TOY_IMAGE, Heldout, evaluate_generation, toy_judge
 
 Judge = Callable[[Pipeline, int | None, float | None], dict]  # (pipeline, steps, guidance) -> evaluate_generation
 
@@ -111,8 +110,8 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
                   steps: int | None = None, guidance: float | None = None) -> dict:
     """The same generated latents decoded by the pipeline's decoder and by each of ``decoders`` (§3.2, Fig. 8): PSNR
     to the original decoder's images, CLIP score, FID to real images, both judges."""
-    real, truth = real_heldout(n, seed)
-    prompts = [c.caption for c in truth]
+    heldout = Heldout(clip, n, seed)
+    prompts = heldout.prompts
     steps = pipe.sampler.steps if steps is None else steps
     guidance = pipe.sampler.guidance if guidance is None else guidance
     latents = []
@@ -123,7 +122,7 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
                                     guidance, pipe.sampler.spacing, solver=pipe.sampler.solver))
     latents = torch.cat(latents)
     judge = toy_judge(clip)
-    real_features = judge.image_features(real, normalize=False)
+    real_features = judge.image_features(heldout.images, normalize=False)
     original, results = pipe.decode(latents).cpu(), {}
     print("| decoder | widths | params | PSNR to original (dB) | CLIP | FID | zero-shot (CLIP) | pixel judge |")
     print("|---|---|---|---|---|---|---|---|")
@@ -132,10 +131,9 @@ def decoder_table(pipe: Pipeline, clip: CustomTextCLIP, decoders: list[str], n: 
             other = read_pipeline(name)
             pipe.set_decoder(other.vae, other.latent_scale)
         images = pipe.decode(latents).cpu()
-        r = {"psnr": psnr(images, original), "clip": clip_score(judge, images, prompts),
-             "zero_shot": mean(zero_shot_accuracy(judge, images, truth)),
-             "judged": mean(caption_accuracy(images, truth)),
-             "fid": fid(judge.image_features(images, normalize=False), real_features),
+        scores = heldout.scores(images)
+        r = {"psnr": psnr(images, original), "clip": scores["clip_score"], "zero_shot": mean(scores["accuracy"]),
+             "judged": mean(scores["judged"]), "fid": fid(judge.image_features(images, normalize=False), real_features),
              "params": sum(p.numel() for p in pipe.vae.decoder.parameters())}
         results[name] = r
         psnr_text = "-" if name == "original" else f"{r['psnr']:.2f}"
