@@ -1,5 +1,6 @@
-"""Plant, one at a time, the wiring faults a reviewer would try in ``snapfusion_min/distill.py`` and check that
-``tests/test_distill.py`` fails for each (issue: proofs that can fail). ``make mutate`` runs it before mutmut.
+"""Plant, one at a time, the wiring faults a reviewer would try in ``snapfusion_min/distill.py`` (and the faults an
+audit found in the distillation claims' statistics, ``experiments/distillation_claims.py``) and check that their
+tests fail for each (issue: proofs that can fail). ``make mutate`` runs it before mutmut.
 
     python tests/plant_faults.py        # prints 'caught' or 'MISSED' per fault; exit status 1 if any is missed
 """
@@ -12,8 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = ROOT / "snapfusion_min" / "distill.py"
-FAULTS = [  # (fault, code as it is, code with the fault)
+DISTILL = [  # (fault, code as it is, code with the fault)
     ("the teacher takes one DDIM step instead of k", "z_t2 = teacher_z(teacher, z_t, points,",
      "z_t2 = teacher_z(teacher, z_t, [points[0], points[-1]],"),
     ("no SNR weight", "loss = (D.expand(snr_weight(alpha_t, sigma_t), per_sample) * per_sample).mean()",
@@ -38,24 +38,45 @@ FAULTS = [  # (fault, code as it is, code with the fault)
     ("L_ori without the text", "v = student(D.noisy(x=x0, eps=eps, alpha=alpha, sigma=sigma), t, context)",
      "v = student(D.noisy(x=x0, eps=eps, alpha=alpha, sigma=sigma), t, 0 * context)"),
 ]
+CLAIMS = [
+    ("a tie counts as keeping", 'found = "holds" if bootstrap.keeps(gains, margin) else "not shown"',
+     'found = "holds" if bootstrap.verdict(gains) != "worse" else "not shown"'),
+    ("the direction from the estimate", '[bootstrap.verdict(gains)]',
+     '[bootstrap.verdict(gains) if bootstrap.verdict(gains) == "tie" else "better" if gains[0] > 0 else "worse"]'),
+    ("seed 0 alone", "runs[name] = {w: [s[w] for s in seeds] for w in grid}",
+     "runs[name] = {w: [seeds[0][w]] for w in grid}"),
+    ("the baseline over a smaller grid", 'for w in b.judge.guidance}\n    for grid in',
+     'for w in b.judge.guidance[:-1 if name == "base" else None]}\n    for grid in'),
+]
+FAULTS = {("distill.py", "test_distill.py"): DISTILL,
+          ("experiments/distillation_claims.py", "test_distillation_claims.py"): CLAIMS}
 
 
 def main() -> int:
-    original = TARGET.read_text()
+    missed = 0
+    for (target, test), faults in FAULTS.items():
+        missed += plant(ROOT / "snapfusion_min" / target, f"tests/{test}", faults)
+    return int(missed > 0)
+
+
+def plant(target: Path, test: str, faults: list[tuple[str, str, str]]) -> int:
+    """Each fault in ``target`` in turn, ``test`` run on it; returns how many it missed."""
+    original = target.read_text()
     missed = 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed (make interrupted): the finally still restores
     try:
-        for fault, code, faulty in FAULTS:
+        for fault, code, faulty in faults:
             if code not in original:
-                raise SystemExit(f"plant_faults.py: the code of fault {fault!r} is no longer in distill.py; update it")
-            TARGET.write_text(original.replace(code, faulty, 1))
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                "tests/test_distill.py"], capture_output=True, cwd=ROOT)
+                raise SystemExit(f"plant_faults.py: the code of fault {fault!r} is no longer in {target.name}; "
+                                 "update it")
+            target.write_text(original.replace(code, faulty, 1))
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
+                               capture_output=True, cwd=ROOT)
             missed += r.returncode == 0
             print(f"{'caught' if r.returncode else 'MISSED'}  {fault}", flush=True)
     finally:
-        TARGET.write_text(original)
-    return int(missed > 0)
+        target.write_text(original)
+    return missed
 
 
 if __name__ == "__main__":

@@ -4,16 +4,18 @@
     python recipe.py --bundled          # start from models/toy's CLIP, autoencoder and teacher
     python recipe.py --quick            # a smoke run of every stage (the tests) -> runs/recipe-quick/report/
     python recipe.py --bundled --arms   # Alg. 1 against its baselines, 3 seeds each -> report/evolving.md
+    python recipe.py --bundled --students  # the distillation claims, students of 3 seeds -> report/distillation.md
     python recipe.py --smoke sd15       # every stage at SD-v1.5's size on random weights: time and memory per stage
 
 How long each takes: the report lists every stage's wall and CPU time (report/README.md; the arms' cost is in
-report/evolving.md); a busy machine takes longer. A --quick report says its numbers are not results.
+report/evolving.md, the students' in report/distillation.md); a busy machine takes longer. A --quick report says
+its numbers are not results.
 
 Stages (snapfusion_min/experiments/stages.py): toy CLIP -> autoencoder -> teacher -> robust training and its
-plain control -> evolving (Alg. 1) -> 32->16 and 16->8 distillation and the w-conditioned student (Fig. 6b) -> 8->1
-distillation, where the toy teacher's DDIM breaks, with the Fig. 6c-d ablations (p and the w range) -> pruned decoder
-(§3.2) -> final pipeline -> Core ML -> report. Each stage is skipped once done (<work-dir>/recipe.json); training
-stages resume.
+plain control -> evolving (Alg. 1) -> 32->16 and 16->8 distillation -> pruned decoder (§3.2) -> final pipeline ->
+Core ML -> report. --students: the loss ablations of Fig. 6c-d and the w-conditioned student of Fig. 6b, 16->8 like
+ours, 3 seeds each, and the paper's claims at 8 steps. Each stage is skipped once done (<work-dir>/recipe.json);
+training stages resume.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def build_parser():  # noqa: ANN201
                    "its latency or size, trained as long (snapfusion_min/experiments/alg1_baselines.py), 3 seeds "
                    "each, -> "
                    "<report-dir>/evolving.md (its cost is on that page)")
+    p.add_argument("--students", action="store_true", help="instead of the report: the students the paper's "
+                   "distillation claims compare (snapfusion_min/experiments/distillation_claims.py), 3 seeds each, "
+                   "and the claims at 8 steps -> <report-dir>/distillation.md (its cost is on that page)")
     p.add_argument("--latency-table", help="evolve with this measured lookup table (a run's <work-dir>/lut.json) as it "
                    "is, not timed again: two runs then evolve alike, bit for bit")
     p.add_argument("--redo", action="append", default=[], help="run this stage again (and, so, the report); "
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and full_report(Path(args.report_dir)):
         raise ValueError(f"--report-dir {args.report_dir} holds the report of a full run; a --quick run's numbers "
                          "are not results and do not go over it (default: <work-dir>/report)")
+    if args.arms and args.students:
+        raise ValueError("--arms and --students: one page at a time")
     pyplot()  # before any work: the report's figures need matplotlib
     table = Path(args.latency_table) if args.latency_table else None
     if table is not None:
@@ -82,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, TypeError) as e:
             raise ValueError(f"--latency-table {table}: not a latency table (lut.json) ({e})") from None
     verdict = run_recipe(QUICK if args.quick else Budget(), Path(args.work_dir), Path(args.report_dir), args.bundled,
-                         tuple(args.redo), args.quick, args.arms, table)
-    if args.arms:
-        print(f"[recipe] {Path(args.report_dir) / 'evolving.md'} written")
+                         tuple(args.redo), args.quick, args.arms, table, args.students)
+    if args.arms or args.students:
+        print(f"[recipe] {Path(args.report_dir) / ('evolving.md' if args.arms else 'distillation.md')} written")
         return
     print(f"[recipe] report written to {Path(args.report_dir) / 'README.md'}: speed-up {verdict['speedup']:.1f}x, "
           f"CLIP {verdict['clip_diff']:+.4f}, FID ratio {verdict['fid_ratio']:.2f}")

@@ -14,9 +14,10 @@ training between evolving steps and its fine-tuning: ``iterations x robust_steps
 
 Seed s of an arm draws everything random in it from s (training batches, Eq. 5's drops, random removals, initial
 weights); Alg. 1's seed 0 is the recipe's own evolved UNet. Every UNet, and the teacher it came from, is judged on
-the same held-out prompts with the same noise, at 50 steps and guidance 2. A number's interval is the 95% bootstrap
-over prompts and training seeds (``eval/bootstrap.py``: the same draws for every model) of the mean over seeds; a
-difference between arms is "beyond the noise" when its paired interval lies wholly on one side of 0.
+the same held-out prompts with the same noise, at 50 steps and the working guidance G0 (``budget.G0``). A number's
+interval is the 95% bootstrap over prompts and training seeds (``eval/bootstrap.py``: the same draws for every
+model) of the mean over seeds; a difference between arms is "beyond the noise" when its paired interval lies wholly
+on one side of 0.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from ..formats.figures import arms_plot
 from ..latency import LatencyTable, build_table, measure_unet
 from ..pipeline import Pipeline, read_pipeline
 from ..toy import BUNDLED
-from ..toy.clip import evaluate_generation, load_toy_clip, real_heldout, toy_judge
+from ..toy.clip import load_toy_clip, per_prompt, real_heldout, toy_judge
 from ..unet import UNet
-from .budget import Budget
+from .budget import G0, Budget
 from .channel_slimming import choose_ratio, slim_sweep, slim_unet
 from .stages import alg1_scorer, evolve_config, run_stages
 
@@ -56,7 +57,7 @@ class ArmsConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     n: int = 300  # held-out prompts per model
     steps: int = 50
-    guidance: float = 2.0
+    guidance: float = G0
     draws: int = 1000  # bootstrap resamples of the prompts and seeds
     clip_margin: float = 0.01  # "as good as the original": Alg. 1's CLIP interval lies above the teacher's - this
     fid_margin: float = 0.1  # ... and its FID interval below the teacher's FID x (1 + this)
@@ -98,15 +99,9 @@ def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg
     return log
 
 
-@torch.no_grad()
 def judge(pipe: Pipeline, clip: torch.nn.Module, cfg: ArmsConfig) -> dict[str, torch.Tensor]:
     """Per held-out prompt: the generated image's CLIP cosine with its caption, and its image features (for FID)."""
-
-    images = evaluate_generation(pipe, clip, n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, reference=False,
-                                 progress=True)["images"]
-    j, prompts = toy_judge(clip), [c.caption for c in real_heldout(cfg.n)[1]]
-    return {"cos": (j.image_features(images) * j.text_features(prompts)).sum(-1).cpu(),
-            "features": j.image_features(images, normalize=False).cpu()}
+    return per_prompt(pipe, clip, cfg.n, cfg.steps, cfg.guidance, progress=True)
 
 
 # ---- the stages -------------------------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 toy CLIP -> autoencoder -> v-prediction teacher, the baseline (Eq. 6) -> robust training (Eq. 5) and its plain
 control -> evolving to 50% of the latency (Alg. 1) -> 32->16 distillation of the teacher and of the evolved UNet ->
-16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D) and Meng et al.'s w-conditioned
-student (Table 2, Fig. 6b) -> the 8-step student distilled directly to the few-step count where DDIM breaks, by the
-mixed loss and its ablations: vanilla, p = 0.5, CFG only, the paper's w range (Fig. 6c-d) -> 50% pruned decoder by
+16->8 CFG-aware distillation of the evolved UNet by the 16-step teacher (§4.1, App. D) -> 50% pruned decoder by
 data distillation (§3.2) -> the final pipeline -> Core ML. Each stage is skipped once done, as recorded in
-<work>/recipe.json; the training stages resume exactly after a crash, the others start over.
+<work>/recipe.json; the training stages resume exactly after a crash, the others start over. The students that
+the paper's distillation claims compare (the loss ablations, Meng et al.'s, 3 seeds each) are trained outside it
+(``distillation_claims``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from ..toy.clip import ClipConfig, load_toy_clip, toy_clip_scorer, train_clip_st
 from ..toy.tables import judge_on_heldout
 from ..toy.teacher import fresh_pipeline
 from ..training import Dist, TrainConfig
-from .budget import Budget, few_students
+from .budget import G0, Budget
 
 NAMES = ["clip", "autoencoder", "teacher", "robust", "plain", "evolved", "teacher16", "evolved16", "student8",
-         "wcond8", "few_mixed", "few_vanilla", "few_half", "few_cfg", "few_paper_range", "pruned0", "pruned",
-         "final"]  # the checkpoints, in stage order
+         "pruned0", "pruned", "final"]  # the checkpoints, in stage order
 STAGES = (*NAMES, "coreml")
 
 
@@ -62,14 +61,8 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool,
         return lambda: unet_training.train_unet(unet_training.UNetConfig(init=str(p["teacher"]), keep_prob=keep,
                                                                          train=t), str(p[name]), d)
 
-    def distil(name: str, teacher: str, init: str, chain: tuple[int, int], cfg_prob: float = 0.1,
-               cfg_range: tuple[float, float] = b.distill.cfg_range, w_conditioned: bool = False,
-               steps: int = b.distill.steps) -> Callable:
-        loss = distill.DistillConfig(w_min=cfg_range[0], w_max=cfg_range[1], cfg_prob=cfg_prob,
-                                     w_conditioned=w_conditioned)
-        run = distill.DistillRun(chain=chain, loss=loss, guidance=2.0, train=replace(
-            distill.TRAIN, train_steps=steps, save_every=200, resume=resumable(name)))
-        return lambda: distill.distill(str(p[teacher]), str(p[init]), run, str(p[name]), d)
+    def distil(name: str, teacher: str, init: str, chain: tuple[int, int]) -> Callable:
+        return lambda: distil_stage(b, p[teacher], p[init], p[name], chain, d)
 
     def decoder(name: str, steps: int) -> Callable:
         cfg = decoder_distill.DecoderConfig(latents=b.decoder.latents, teacher_steps=25, latent_cache=str(
@@ -90,12 +83,23 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool,
             ("teacher16", distil("teacher16", "teacher", "teacher", (32, 16))),
             ("evolved16", distil("evolved16", "evolved", "evolved", (32, 16))),
             ("student8", distil("student8", "teacher16", "evolved16", (16, 8))),
-            ("wcond8", distil("wcond8", "teacher16", "evolved16", (16, 8), 1.0, w_conditioned=True)),
-            *[(name, distil(name, "student8", "student8", (8, b.few.steps), prob, w_range, steps=b.few.distill))
-              for name, prob, w_range in few_students(b)],
             ("pruned0", decoder("pruned0", 0)), ("pruned", decoder("pruned", b.decoder.steps)),
             ("final", lambda: final_pipeline(p)), ("coreml", lambda: coreml_stage(p["final"], work / "coreml"))]
     return run
+
+
+def distil_stage(b: Budget, teacher: Path, init: Path, out: Path, chain: tuple[int, int], d: Dist,
+                 cfg_prob: float = 0.1, cfg_range: tuple[float, float] | None = None, w_conditioned: bool = False,
+                 seed: int = 0) -> None:
+    """Distil ``teacher`` (its steps: ``chain[0]``) into ``init`` (at ``chain[1]``) by Eq. 11's loss with CFG
+    probability ``cfg_prob`` and Eq. 10's w range (the budget's unless given); the student samples at G0 by default.
+    ``seed`` draws every batch, timestep and w; a stopped run resumes."""
+    lo, hi = cfg_range or b.distill.cfg_range
+    loss = distill.DistillConfig(w_min=lo, w_max=hi, cfg_prob=cfg_prob, w_conditioned=w_conditioned)
+    run = distill.DistillRun(chain=chain, loss=loss, guidance=G0, train=replace(
+        distill.TRAIN, train_steps=b.distill.steps, save_every=200, seed=seed,
+        resume=Path(f"{out}.state.pt").is_file()))
+    distill.distill(str(teacher), str(init), run, str(out), d)
 
 
 def evolve_stage(b: Budget, p: dict[str, Path], frozen: Path | None = None) -> None:

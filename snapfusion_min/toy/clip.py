@@ -146,6 +146,21 @@ def toy_clip_scorer(clip: CustomTextCLIP, n: int = 64, steps: int = 10, guidance
     return score
 
 
+@torch.no_grad()
+def per_prompt(pipe: Pipeline, clip: CustomTextCLIP, n: int, steps: int, guidance: float,
+               heldout: Heldout | None = None, progress: bool = False) -> dict:
+    """Per held-out prompt: the generated image's CLIP cosine with its caption ('cos', [n]) and its image features
+    ('features', [n, dim], for FID); and over all ``n``, both judges' accuracy per attribute ('accuracy', 'judged').
+    What the bootstrap of the report pages resamples (``eval.bootstrap``)."""
+    heldout = heldout or Heldout(clip, n)
+    out = evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance, reference=False, heldout=heldout,
+                              progress=progress)
+    j = toy_judge(clip)
+    return {"cos": (j.image_features(out["images"]) * j.text_features(heldout.prompts)).sum(-1).cpu(),
+            "features": j.image_features(out["images"], normalize=False).cpu(),
+            "accuracy": out["accuracy"], "judged": out["judged"]}
+
+
 def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list[Said]]:
     """``n`` real held-out images in [0, 1] and what their captions say."""
     data = World("heldout", length=n, seed=seed)

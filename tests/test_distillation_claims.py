@@ -1,0 +1,184 @@
+"""The paper's distillation claims (experiments/distillation_claims.py): every verdict read from a paired interval over
+prompts *and* training seeds by one rule (eval/bootstrap.py, tested in test_bootstrap.py), 'keeps' claims that a tie
+does not satisfy, one guidance grid for every curve. The students' runs themselves: test_recipe.py (--quick
+--students)."""
+
+import numpy as np
+import pytest
+import torch
+
+from snapfusion_min.experiments import distillation_claims as dc
+from snapfusion_min.experiments.budget import G0, Budget
+from snapfusion_min.experiments.distillation_claims import STUDENTS, TEACHER, Claim, ClaimsConfig, check
+
+CFG = ClaimsConfig(seeds=(0, 1, 2), n=40, draws=300)
+FEW = ClaimsConfig(seeds=(0, 1, 2), n=40, draws=40)  # the synthetic judged files' (60 FIDs a draw)
+GRID = Budget().judge.guidance
+
+
+def curve(clip: float, fid: float, spread: float = 0.001, seed: int = 0) -> dict:
+    """Bootstrap draws of one curve over the grid: best CLIP ``clip`` at G0 and lowest FID ``fid`` at the smallest
+    w; ``spread``: the draws' scatter around the estimate."""
+    noise = np.random.default_rng(seed).standard_normal((len(GRID), CFG.draws))
+    out = {}
+    for i, w in enumerate(GRID):
+        c = clip - 0.01 * abs(w - G0)
+        f = fid + 20.0 * i
+        out[dc.key(w)] = {"clip": np.concatenate([[c], c + spread * noise[i]]),
+                          "fid": np.concatenate([[f], f + 100 * spread * noise[i]]), "accuracy": 1.0, "judged": 1.0}
+    return out
+
+
+def verdicts(facts: dict) -> dict[str, str]:
+    return {c.text: check(c, facts, CFG)["verdict"] for c in dc.claims() if {c.mine, c.theirs} <= set(facts)}
+
+
+def test_every_claim_reads_its_interval_the_right_way_round():
+    facts = {"ddim": curve(0.60, 40.0), "vanilla": curve(0.66, 30.0, seed=1), "cfg": curve(0.70, 34.0, seed=2)}
+    said = verdicts(facts)
+    assert said["vanilla distillation beats 8-step DDIM (best CLIP)"] == "holds"
+    assert said["vanilla distillation beats 8-step DDIM (lowest FID)"] == "holds"  # FID: lower is better
+    assert said["CFG only reaches a higher best CLIP than vanilla"] == "holds"
+    assert said["vanilla reaches a lower FID than CFG only"] == "holds"
+    facts["vanilla"] = curve(0.66, 45.0, seed=1)  # FID above DDIM's: the other way
+    assert verdicts(facts)["vanilla distillation beats 8-step DDIM (lowest FID)"] == "the other way"
+    facts["cfg"] = curve(0.661, 34.0, spread=0.05, seed=2)  # ahead by its estimate, its interval holds 0
+    r = check(Claim("x", "6c", "cfg", "vanilla", "clip"), facts, CFG)
+    assert r["mine"] > r["theirs"] and r["gain"][1] < 0 < r["gain"][2] and r["verdict"] == "not resolved"
+
+
+def test_the_direction_comes_from_the_interval_not_the_estimate():
+    facts = {"vanilla": curve(0.66, 30.0), "cfg": curve(0.70, 34.0, seed=2)}
+    for w in GRID:  # cfg's FID estimate below vanilla's, every resample far above: FID's upward bias, exaggerated
+        f = facts["cfg"][dc.key(w)]["fid"]
+        f[0] -= 10
+        f[1:] += 20
+    r = check(Claim("x", "6c", "vanilla", "cfg", "fid"), facts, CFG)
+    assert r["mine"] > r["theirs"] and r["verdict"] == "holds"  # not 'the other way' from the estimates
+
+
+def test_keeping_needs_the_interval_within_the_margin():
+    facts = {"base": curve(0.700, 30.0), "mixed": curve(0.698, 30.5, seed=1)}
+    said = verdicts(facts)
+    assert said["ours keeps the 50-step baseline's best CLIP"] == "holds"  # 0.002 below, within 0.01
+    assert said["ours keeps the 50-step baseline's lowest FID"] == "holds"  # 0.5 above 30, within 10%
+    facts["mixed"] = curve(0.700, 30.0, spread=0.02, seed=1)  # a tie by the estimate, a wide interval
+    said = verdicts(facts)
+    assert said["ours keeps the 50-step baseline's best CLIP"] == "not shown"  # a tie alone shows nothing
+    assert said["ours keeps the 50-step baseline's lowest FID"] == "not shown"
+    facts["mixed"] = curve(0.680, 30.0, seed=1)  # 0.02 below: beyond the margin
+    assert verdicts(facts)["ours keeps the 50-step baseline's best CLIP"] == "not shown"
+
+
+def test_a_claim_at_g0_reads_that_point_not_the_best():
+    facts = {"base": curve(0.70, 30.0), "leading 8": {dc.key(G0): curve(0.69, 50.0)[dc.key(G0)]}}
+    assert verdicts(facts)["the teacher's 8-step DDIM falls short of its 50 steps at G0 (CLIP)"] == "holds"
+    assert verdicts(facts)["the teacher's 8-step DDIM falls short of its 50 steps at G0 (FID)"] == "holds"
+
+
+def judged(n: int, real: torch.Tensor, clip: float, shift: float, g: torch.Generator) -> dict:
+    """One synthetic per_prompt result: cosines around ``clip``, features the real ones moved by ``shift``."""
+    return {"cos": clip + 0.001 * torch.randn(n, generator=g), "features": real + shift,
+            "accuracy": {"colour": 1.0}, "judged": {"colour": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A work folder of synthetic judged files: the teacher's every point, students of 3 seeds; 'cfg' is ahead of
+    'vanilla' by seed 0 alone (its seeds 1 and 2 fall behind); 'mixed' has one grid point too many."""
+    from snapfusion_min.toy import BUNDLED
+    from snapfusion_min.toy.clip import Heldout, load_toy_clip, toy_judge
+
+    work, b, g = tmp_path_factory.mktemp("claims"), Budget(), torch.Generator().manual_seed(0)
+    clip = load_toy_clip(BUNDLED / "clip.safetensors")
+    real = toy_judge(clip).image_features(Heldout(clip, CFG.n).images, normalize=False).cpu()
+    teacher = {f"{s}/{grid}/{n}/{dc.key(w)}": judged(CFG.n, real, 0.7, 0.1, g)
+               for s, grid, n, w in dc.teacher_points(b, CFG)}
+    torch.save(teacher, work / "teacher.judged.pt")
+    for name in STUDENTS:
+        for seed in CFG.seeds:
+            value = {"cfg": (0.75, 0.60, 0.60)[seed], "vanilla": 0.68}.get(name, 0.7)
+            out = {dc.key(w): judged(CFG.n, real, value, 0.1 * (1 + seed), g) for w in GRID}
+            torch.save(out, work / f"{name}{seed}.judged.pt")
+    return work
+
+
+@pytest.fixture(scope="module")
+def facts(work):
+    return dc.measure(Budget(), FEW, work)
+
+
+def test_the_seeds_are_resampled_and_every_curve_has_one_grid(facts):
+    curves = [*TEACHER, *STUDENTS]
+    assert {tuple(facts[c]) for c in curves} == {tuple(dc.key(w) for w in GRID)}  # one grid, every curve
+    assert set(facts["leading 8"]) == {dc.key(G0)}
+    f = facts["cfg"][dc.key(G0)]["clip"]
+    assert f[0] == pytest.approx((0.75 + 0.60 + 0.60) / 3, abs=1e-3)  # the mean over seeds
+    assert f[1:].max() - f[1:].min() > 0.1  # draws that pick seed 0 thrice, or never
+    said = check(Claim("x", "6c", "cfg", "vanilla", "clip"), facts, FEW)
+    assert said["verdict"] == "not resolved"  # seed 0 alone would say 'holds'
+    assert facts["cfg"][dc.key(G0)]["judged"] == 0.5
+
+
+def test_a_student_judged_on_another_grid_is_refused(work):
+    out = torch.load(work / "half0.judged.pt", weights_only=True)
+    torch.save({**out, "9": out[dc.key(G0)]}, work / "half0.judged.pt")
+    try:
+        with pytest.raises(ValueError, match="guidance grid"):
+            dc.measure(Budget(), FEW, work)
+    finally:
+        torch.save(out, work / "half0.judged.pt")
+
+
+def test_the_page_states_every_claim(facts, tmp_path):
+    b = Budget()
+    lines = dc.write_page(b, FEW, facts, {"vanilla0": 60.0}, 1.0, tmp_path)
+    text = (tmp_path / "distillation.md").read_text()
+    assert text == "\n".join(lines) + "\n"
+    for c in dc.claims():
+        assert f"| {c.text} | {dc.SAID[c.said]} |" in text, c.text
+    held = sum(check(c, facts, FEW)["verdict"] == "holds" for c in dc.claims())
+    assert f"{held} of {len(dc.claims())} claims hold at 8 steps" in text
+    for label in dc.labels(b).values():
+        assert f"| {label} |" in text, label
+    for png in ("fig4_ddim_steps.png", "fig4_fid_clip.png", "fig6b_w_conditioned.png", "fig6d_few_step.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text, png
+
+
+def test_each_student_trains_with_its_seed_and_loss(monkeypatch, tmp_path):
+    """The training stages: every student but ours of seed 0 (the recipe's student8), each with its seed, p, w range
+    and w input, 16 -> 8 from the recipe's 16-step teacher into its 16-step evolved UNet."""
+    calls = []
+    monkeypatch.setattr(dc, "distil_stage", lambda *a: calls.append(a))
+    monkeypatch.setattr(dc, "load_toy_clip", lambda path: None)
+    monkeypatch.setattr(dc, "Heldout", lambda clip, n: None)
+    b, p = Budget(), {name: tmp_path / f"{name}.safetensors" for name in ("teacher", "teacher16", "evolved16",
+                                                                        "student8")}
+    todo = dc.stages(b, CFG, p, tmp_path)
+    for name, run in todo:
+        if not name.endswith("judged"):
+            run()
+    expected = [(name, seed) for name in STUDENTS for seed in CFG.seeds if (name, seed) != ("mixed", 0)]
+    assert [name for name, _ in todo if not name.endswith("judged")] == [f"{n}{s}" for n, s in expected]
+    assert len(calls) == len(expected)
+    for (name, seed), (budget, teacher, init, out, chain, _, prob, w_range, w_cond, s) in zip(expected, calls):
+        assert budget is b and (teacher, init, chain, s) == (p["teacher16"], p["evolved16"], (16, 8), seed)
+        assert (prob, w_range, w_cond) == STUDENTS[name] and out == tmp_path / f"{name}{seed}.safetensors"
+    assert dc.student_path(p, tmp_path, "mixed", 0) == p["student8"]
+
+
+def test_a_distillation_stage_passes_its_seed_loss_and_guidance(monkeypatch, tmp_path):
+    from snapfusion_min.experiments import stages
+    from snapfusion_min.training import Dist
+
+    seen = []
+    monkeypatch.setattr(stages.distill, "distill", lambda teacher, init, run, out, d: seen.append(run))
+    b = Budget()
+    stages.distil_stage(b, tmp_path / "t.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors",
+                        (16, 8), Dist(), 0.5, None, False, 2)
+    stages.distil_stage(b, tmp_path / "t.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors",
+                        (16, 8), Dist(), 1.0, (2.0, 14.0), True, 0)
+    (half, meng) = seen
+    assert (half.train.seed, half.loss.cfg_prob, half.loss.w_min, half.loss.w_max) == (2, 0.5, *b.distill.cfg_range)
+    assert (meng.train.seed, meng.loss.w_max, meng.loss.w_conditioned) == (0, 14.0, True)
+    assert half.guidance == G0 and half.chain == (16, 8) and half.train.train_steps == b.distill.steps
