@@ -45,8 +45,8 @@ CLAIMS = [
      '[bootstrap.verdict(gains) if bootstrap.verdict(gains) == "tie" else "better" if gains[0] > 0 else "worse"]'),
     ("seed 0 alone", "runs[name] = {w: [s[w] for s in seeds] for w in grid}",
      "runs[name] = {w: [seeds[0][w]] for w in grid}"),
-    ("the baseline over a smaller grid", 'for w in b.judge.guidance}\n    for grid in',
-     'for w in b.judge.guidance[:-1 if name == "base" else None]}\n    for grid in'),
+    ("the baseline over a smaller grid", 'f"/{key(w)}"]] for w in b.judge.guidance}',
+     'f"/{key(w)}"]] for w in b.judge.guidance[:-1 if name == "base" else None]}'),
 ]
 FAULTS = {("distill.py", "test_distill.py"): DISTILL,
           ("experiments/distillation_claims.py", "test_distillation_claims.py"): CLAIMS}

@@ -9,7 +9,7 @@ import torch
 
 from snapfusion_min.experiments import distillation_claims as dc
 from snapfusion_min.experiments.budget import G0, Budget
-from snapfusion_min.experiments.distillation_claims import STUDENTS, TEACHER, Claim, ClaimsConfig, check
+from snapfusion_min.experiments.distillation_claims import CURVES, STUDENTS, Claim, ClaimsConfig, check
 
 CFG = ClaimsConfig(seeds=(0, 1, 2), n=40, draws=300)
 FEW = ClaimsConfig(seeds=(0, 1, 2), n=40, draws=40)  # the synthetic judged files' (60 FIDs a draw)
@@ -34,26 +34,27 @@ def verdicts(facts: dict) -> dict[str, str]:
 
 
 def test_every_claim_reads_its_interval_the_right_way_round():
-    facts = {"ddim": curve(0.60, 40.0), "vanilla": curve(0.66, 30.0, seed=1), "cfg": curve(0.70, 34.0, seed=2)}
+    facts = {"e8": curve(0.60, 40.0), "e_vanilla": curve(0.66, 30.0, seed=1), "o_vanilla": curve(0.66, 30.0, seed=1),
+             "o_cfg": curve(0.70, 34.0, seed=2)}
     said = verdicts(facts)
-    assert said["vanilla distillation beats 8-step DDIM (best CLIP)"] == "holds"
-    assert said["vanilla distillation beats 8-step DDIM (lowest FID)"] == "holds"  # FID: lower is better
+    assert said["vanilla distillation beats the evolved UNet's 8-step DDIM (best CLIP)"] == "holds"
+    assert said["vanilla distillation beats the evolved UNet's 8-step DDIM (lowest FID)"] == "holds"  # FID: lower
     assert said["CFG only reaches a higher best CLIP than vanilla"] == "holds"
     assert said["vanilla reaches a lower FID than CFG only"] == "holds"
-    facts["vanilla"] = curve(0.66, 45.0, seed=1)  # FID above DDIM's: the other way
-    assert verdicts(facts)["vanilla distillation beats 8-step DDIM (lowest FID)"] == "the other way"
-    facts["cfg"] = curve(0.661, 34.0, spread=0.05, seed=2)  # ahead by its estimate, its interval holds 0
-    r = check(Claim("x", "6c", "cfg", "vanilla", "clip"), facts, CFG)
+    facts["e_vanilla"] = curve(0.66, 45.0, seed=1)  # FID above the undistilled 8 steps': the other way
+    assert verdicts(facts)["vanilla distillation beats the evolved UNet's 8-step DDIM (lowest FID)"] == "the other way"
+    facts["o_cfg"] = curve(0.661, 34.0, spread=0.05, seed=2)  # ahead by its estimate, its interval holds 0
+    r = check(Claim("x", "6c", "o_cfg", "o_vanilla", "clip"), facts, CFG)
     assert r["mine"] > r["theirs"] and r["gain"][1] < 0 < r["gain"][2] and r["verdict"] == "not resolved"
 
 
 def test_the_direction_comes_from_the_interval_not_the_estimate():
-    facts = {"vanilla": curve(0.66, 30.0), "cfg": curve(0.70, 34.0, seed=2)}
-    for w in GRID:  # cfg's FID estimate below vanilla's, every resample far above: FID's upward bias, exaggerated
-        f = facts["cfg"][dc.key(w)]["fid"]
+    facts = {"o_vanilla": curve(0.66, 30.0), "o_cfg": curve(0.70, 34.0, seed=2)}
+    for w in GRID:  # CFG only's FID estimate below vanilla's, every resample far above: FID's upward bias, exaggerated
+        f = facts["o_cfg"][dc.key(w)]["fid"]
         f[0] -= 10
         f[1:] += 20
-    r = check(Claim("x", "6c", "vanilla", "cfg", "fid"), facts, CFG)
+    r = check(Claim("x", "6c", "o_vanilla", "o_cfg", "fid"), facts, CFG)
     assert r["mine"] > r["theirs"] and r["verdict"] == "holds"  # not 'the other way' from the estimates
 
 
@@ -70,12 +71,6 @@ def test_keeping_needs_the_interval_within_the_margin():
     assert verdicts(facts)["ours keeps the 50-step baseline's best CLIP"] == "not shown"
 
 
-def test_a_claim_at_g0_reads_that_point_not_the_best():
-    facts = {"base": curve(0.70, 30.0), "leading 8": {dc.key(G0): curve(0.69, 50.0)[dc.key(G0)]}}
-    assert verdicts(facts)["the teacher's 8-step DDIM falls short of its 50 steps at G0 (CLIP)"] == "holds"
-    assert verdicts(facts)["the teacher's 8-step DDIM falls short of its 50 steps at G0 (FID)"] == "holds"
-
-
 def judged(n: int, real: torch.Tensor, clip: float, shift: float, g: torch.Generator) -> dict:
     """One synthetic per_prompt result: cosines around ``clip``, features the real ones moved by ``shift``."""
     return {"cos": clip + 0.001 * torch.randn(n, generator=g), "features": real + shift,
@@ -84,20 +79,20 @@ def judged(n: int, real: torch.Tensor, clip: float, shift: float, g: torch.Gener
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A work folder of synthetic judged files: the teacher's every point, students of 3 seeds; 'cfg' is ahead of
-    'vanilla' by seed 0 alone (its seeds 1 and 2 fall behind); 'mixed' has one grid point too many."""
+    """A work folder of synthetic judged files: every undistilled point, students of 3 seeds; 'o_cfg' is ahead of
+    'o_vanilla' by seed 0 alone (its seeds 1 and 2 fall behind)."""
     from snapfusion_min.toy import BUNDLED
     from snapfusion_min.toy.clip import Heldout, load_toy_clip, toy_judge
 
     work, b, g = tmp_path_factory.mktemp("claims"), Budget(), torch.Generator().manual_seed(0)
     clip = load_toy_clip(BUNDLED / "clip.safetensors")
     real = toy_judge(clip).image_features(Heldout(clip, CFG.n).images, normalize=False).cpu()
-    teacher = {f"{s}/{grid}/{n}/{dc.key(w)}": judged(CFG.n, real, 0.7, 0.1, g)
-               for s, grid, n, w in dc.teacher_points(b, CFG)}
-    torch.save(teacher, work / "teacher.judged.pt")
+    undistilled = {f"{name}/{s}/{grid}/{n}/{dc.key(w)}": judged(CFG.n, real, 0.7, 0.1, g)
+                   for name, s, grid, n, w in dc.undistilled_points(b, CFG)}
+    torch.save(undistilled, work / "undistilled.judged.pt")
     for name in STUDENTS:
         for seed in CFG.seeds:
-            value = {"cfg": (0.75, 0.60, 0.60)[seed], "vanilla": 0.68}.get(name, 0.7)
+            value = {"o_cfg": (0.75, 0.60, 0.60)[seed], "o_vanilla": 0.68}.get(name, 0.7)
             out = {dc.key(w): judged(CFG.n, real, value, 0.1 * (1 + seed), g) for w in GRID}
             torch.save(out, work / f"{name}{seed}.judged.pt")
     return work
@@ -109,25 +104,24 @@ def facts(work):
 
 
 def test_the_seeds_are_resampled_and_every_curve_has_one_grid(facts):
-    curves = [*TEACHER, *STUDENTS]
-    assert {tuple(facts[c]) for c in curves} == {tuple(dc.key(w) for w in GRID)}  # one grid, every curve
+    assert {tuple(facts[c]) for c in CURVES} == {tuple(dc.key(w) for w in GRID)}  # one grid, every curve
     assert set(facts["leading 8"]) == {dc.key(G0)}
-    f = facts["cfg"][dc.key(G0)]["clip"]
+    f = facts["o_cfg"][dc.key(G0)]["clip"]
     assert f[0] == pytest.approx((0.75 + 0.60 + 0.60) / 3, abs=1e-3)  # the mean over seeds
     assert f[1:].max() - f[1:].min() > 0.1  # draws that pick seed 0 thrice, or never
-    said = check(Claim("x", "6c", "cfg", "vanilla", "clip"), facts, FEW)
+    said = check(Claim("x", "6c", "o_cfg", "o_vanilla", "clip"), facts, FEW)
     assert said["verdict"] == "not resolved"  # seed 0 alone would say 'holds'
-    assert facts["cfg"][dc.key(G0)]["judged"] == 0.5
+    assert facts["o_cfg"][dc.key(G0)]["judged"] == 0.5
 
 
 def test_a_student_judged_on_another_grid_is_refused(work):
-    out = torch.load(work / "half0.judged.pt", weights_only=True)
-    torch.save({**out, "9": out[dc.key(G0)]}, work / "half0.judged.pt")
+    out = torch.load(work / "o_half0.judged.pt", weights_only=True)
+    torch.save({**out, "9": out[dc.key(G0)]}, work / "o_half0.judged.pt")
     try:
         with pytest.raises(ValueError, match="guidance grid"):
             dc.measure(Budget(), FEW, work)
     finally:
-        torch.save(out, work / "half0.judged.pt")
+        torch.save(out, work / "o_half0.judged.pt")
 
 
 def test_the_page_states_every_claim(facts, tmp_path):
@@ -147,13 +141,13 @@ def test_the_page_states_every_claim(facts, tmp_path):
 
 def test_each_student_trains_with_its_seed_and_loss(monkeypatch, tmp_path):
     """The training stages: every student but ours of seed 0 (the recipe's student8), each with its seed, p, w range
-    and w input, 16 -> 8 from the recipe's 16-step teacher into its 16-step evolved UNet."""
+    and w input, 16 -> 8 by the recipe's 16-step teacher, from its own 16-step start (evolved or teacher)."""
     calls = []
     monkeypatch.setattr(dc, "distil_stage", lambda *a: calls.append(a))
     monkeypatch.setattr(dc, "load_toy_clip", lambda path: None)
     monkeypatch.setattr(dc, "Heldout", lambda clip, n: None)
-    b, p = Budget(), {name: tmp_path / f"{name}.safetensors" for name in ("teacher", "teacher16", "evolved16",
-                                                                        "student8")}
+    b, p = Budget(), {name: tmp_path / f"{name}.safetensors" for name in ("teacher", "evolved", "teacher16",
+                                                                        "evolved16", "student8")}
     todo = dc.stages(b, CFG, p, tmp_path)
     for name, run in todo:
         if not name.endswith("judged"):
@@ -162,8 +156,10 @@ def test_each_student_trains_with_its_seed_and_loss(monkeypatch, tmp_path):
     assert [name for name, _ in todo if not name.endswith("judged")] == [f"{n}{s}" for n, s in expected]
     assert len(calls) == len(expected)
     for (name, seed), (budget, teacher, init, out, chain, _, prob, w_range, w_cond, s) in zip(expected, calls):
-        assert budget is b and (teacher, init, chain, s) == (p["teacher16"], p["evolved16"], (16, 8), seed)
-        assert (prob, w_range, w_cond) == STUDENTS[name] and out == tmp_path / f"{name}{seed}.safetensors"
+        start, *loss = STUDENTS[name]
+        assert budget is b and (teacher, init, chain, s) == (p["teacher16"], p[start], (16, 8), seed)
+        assert [prob, w_range, w_cond] == loss and out == tmp_path / f"{name}{seed}.safetensors"
+    assert {STUDENTS[name][0] for name, _ in expected} == {"evolved16", "teacher16"}
     assert dc.student_path(p, tmp_path, "mixed", 0) == p["student8"]
 
 

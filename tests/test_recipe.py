@@ -80,12 +80,14 @@ def test_students_run_each_loss(quick_run):
                     str(work / "report")) == 0
     students = work / "students"
     done = list(json.loads((students / "students.json").read_text())["done"])
-    assert done == [*[f"{name}0" for name in dc.STUDENTS if name != "mixed"], "teacher judged",
+    assert done == [*[f"{name}0" for name in dc.STUDENTS if name != "mixed"], "undistilled judged",
                     *[f"{name}0 judged" for name in dc.STUDENTS]]
-    mine, ours = read_pipeline(students / "vanilla0.safetensors"), read_pipeline(work / "student8.safetensors")
+    mine, ours = read_pipeline(students / "e_vanilla0.safetensors"), read_pipeline(work / "student8.safetensors")
     assert mine.unet.spec == ours.unet.spec and mine.training["train"]["train_steps"] == 6  # as long as ours
     assert (mine.training["loss"]["cfg_prob"], ours.training["loss"]["cfg_prob"]) == (0.0, 0.1)  # its own loss
-    assert read_pipeline(students / "wcond0.safetensors").unet.spec.guidance_embed > 0
+    teacher = read_pipeline(work / "teacher.safetensors").unet.spec  # Fig. 6's students: the teacher's own UNet
+    assert read_pipeline(students / "o_mixed0.safetensors").unet.spec == teacher
+    assert read_pipeline(students / "o_wcond0.safetensors").unet.spec.guidance_embed > 0
     text = (work / "report" / "distillation.md").read_text()
     for c in dc.claims():
         assert f"| {c.text} |" in text, c.text

@@ -13,8 +13,9 @@ its numbers are not results.
 
 Stages (snapfusion_min/experiments/stages.py): toy CLIP -> autoencoder -> teacher -> robust training and its
 plain control -> evolving (Alg. 1) -> 32->16 and 16->8 distillation -> pruned decoder (§3.2) -> final pipeline ->
-Core ML -> report. --students: the loss ablations of Fig. 6c-d and the w-conditioned student of Fig. 6b, 16->8 like
-ours, 3 seeds each, and the paper's claims at 8 steps. Each stage is skipped once done (<work-dir>/recipe.json);
+Core ML -> report. --students: the evolved UNet's vanilla student (Fig. 4) and, on the teacher's own UNet, the loss
+ablations of Fig. 6c-d and the w-conditioned student of Fig. 6b, 16->8 like ours, 3 seeds each, and the paper's
+claims at 8 steps. Each stage is skipped once done (<work-dir>/recipe.json);
 training stages resume.
 """
 

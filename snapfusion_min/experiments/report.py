@@ -152,8 +152,8 @@ def table1_section(teacher: Pipeline, final: Pipeline, b: Budget) -> tuple[list[
     print("report: Table 1 (latency)")
     rows, totals = latency_table(teacher, final, b, BASE_STEPS, 8)
     speedup = totals["baseline"]["e2e_ms"] / totals["ours"]["e2e_ms"]
-    return ["## Table 1: latency, baseline (tiny UNet, 50 steps, original decoder) vs ours (evolved, 8 steps, "
-            "pruned decoder)", "",
+    return ["## Table 1: latency, baseline (the teacher's UNet, 50 steps, original decoder) vs ours (evolved, 8 "
+            "steps, pruned decoder)", "",
             "| model | part | params | latency per call (ms) | calls | total (ms) |", "|---|---|---|---|---|---|",
             *rows, "",
             f"End-to-end speed-up, measured: **{speedup:.1f}×** (sum of parts: "
@@ -186,7 +186,9 @@ def evolve_section(p: dict[str, Path], b: Budget) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['measured_ms']:.2f} ms ({r['predicted_ms']:.2f}) | {r['params'] / 1e6:.2f}M | "
               f"{r['clip']:.4f} | {r['fid']:.2f} | {r['zero_shot']:.0%} | {r['judged']:.0%} |" for r in log["rows"]]
-    return lines + ["", "Actions: " + ", ".join(f"`{a['action']}`" for a in log["actions"]), ""]
+    return lines + ["", "Actions: " + ", ".join(f"`{a['action']}`" for a in log["actions"]), "",
+                    "Each row's latency was measured as the stage made it (one thread; a machine busy with other work "
+                    "at that moment inflates it); Table 1 times the final UNets side by side.", ""]
 
 
 def fig6_section(p: dict[str, Path], teacher: Pipeline, final: Pipeline, b: Budget, clip: CustomTextCLIP,
