@@ -143,7 +143,7 @@ def test_each_student_trains_with_its_seed_and_loss(monkeypatch, tmp_path):
     """The training stages: every student but ours of seed 0 (the recipe's student8), each with its seed, p, w range
     and w input, 16 -> 8 by the recipe's 16-step teacher, from its own 16-step start (evolved or teacher)."""
     calls = []
-    monkeypatch.setattr(dc, "distil_stage", lambda *a: calls.append(a))
+    monkeypatch.setattr(dc, "distil_stage", lambda *a, **k: calls.append((*a, *k.values())))
     monkeypatch.setattr(dc, "load_toy_clip", lambda path: None)
     monkeypatch.setattr(dc, "Heldout", lambda clip, n: None)
     b, p = Budget(), {name: tmp_path / f"{name}.safetensors" for name in ("teacher", "evolved", "teacher16",
@@ -170,10 +170,9 @@ def test_a_distillation_stage_passes_its_seed_loss_and_guidance(monkeypatch, tmp
     seen = []
     monkeypatch.setattr(stages.distill, "distill", lambda teacher, init, run, out, d: seen.append(run))
     b = Budget()
-    stages.distil_stage(b, tmp_path / "t.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors",
-                        (16, 8), Dist(), 0.5, None, False, 2)
-    stages.distil_stage(b, tmp_path / "t.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors",
-                        (16, 8), Dist(), 1.0, (2.0, 14.0), True, 0)
+    t, s, o = (tmp_path / f"{n}.safetensors" for n in "tso")
+    stages.distil_stage(b, t, s, o, (16, 8), Dist(), cfg_prob=0.5, seed=2)
+    stages.distil_stage(b, t, s, o, (16, 8), Dist(), cfg_prob=1.0, cfg_range=(2.0, 14.0), w_conditioned=True)
     (half, meng) = seen
     assert (half.train.seed, half.loss.cfg_prob, half.loss.w_min, half.loss.w_max) == (2, 0.5, *b.distill.cfg_range)
     assert (meng.train.seed, meng.loss.w_max, meng.loss.w_conditioned) == (0, 14.0, True)

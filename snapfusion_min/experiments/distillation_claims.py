@@ -105,8 +105,8 @@ def stages(b: Budget, cfg: ClaimsConfig, p: dict[str, Path], work: Path) -> list
 
     def train(name: str, seed: int) -> Callable:
         init, prob, w_range, w_cond = STUDENTS[name]
-        return lambda: distil_stage(b, p["teacher16"], p[init], student_path(p, work, name, seed), (16, 8), d, prob,
-                                    w_range, w_cond, seed)
+        return lambda: distil_stage(b, p["teacher16"], p[init], student_path(p, work, name, seed), (16, 8), d,
+                                    cfg_prob=prob, cfg_range=w_range, w_conditioned=w_cond, seed=seed)
 
     def judged(name: str, seed: int) -> Callable:
         def run() -> None:
