@@ -177,3 +177,12 @@ def test_a_distillation_stage_passes_its_seed_loss_and_guidance(monkeypatch, tmp
     assert (half.train.seed, half.loss.cfg_prob, half.loss.w_min, half.loss.w_max) == (2, 0.5, *b.distill.cfg_range)
     assert (meng.train.seed, meng.loss.w_max, meng.loss.w_conditioned) == (0, 14.0, True)
     assert half.guidance == G0 and half.chain == (16, 8) and half.train.train_steps == b.distill.steps
+
+
+def test_the_regime_sentence_follows_the_interval(facts, tmp_path):
+    """The page says 8 steps fall short of 50 only when the paired interval of the CLIP drop lies above 0."""
+    text = "\n".join(dc.steps_section(facts, FEW, tmp_path))
+    assert "8 steps are not measurably worse than 50 by CLIP here" in text  # the synthetic points are alike
+    worse = {**facts, "leading 8": {k: {**v, "clip": v["clip"] - 0.05} for k, v in facts["leading 8"].items()}}
+    text = "\n".join(dc.steps_section(worse, FEW, tmp_path))
+    assert "8 steps fall short of 50 beyond the noise" in text and "CLIP +0.05" in text
