@@ -356,6 +356,17 @@ def fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor
         return _fit(model, loss_at, cfg, d, out=out, tag=tag, save=save, desc=desc)
 
 
+def guard_weights(params: list[torch.nn.Parameter], saved_norm: float, step: int, since: str, out: str) -> float:
+    """Before a save: the weights are finite and their norm has not grown more than DIVERGED times since ``since``
+    (the norm then: ``saved_norm``); else a FloatingPointError naming the last good checkpoint. Returns the norm."""
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FloatingPointError(f"weights are not finite after step {step}; {last_good(out)}")
+    if (norm := weight_norm(params)) > DIVERGED * saved_norm:
+        raise FloatingPointError(f"the run diverged: the weights' norm grew {norm / saved_norm:.3g}x since {since} "
+                                 f"(more than {DIVERGED:g}x) by step {step}; {last_good(out)}")
+    return norm
+
+
 def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
          d: Dist, *, out: str | None = None, tag: str | dict = "",
          save: Callable[[torch.nn.Module, int, list[float]], None] | None = None,
@@ -397,13 +408,8 @@ def _fit(model: torch.nn.Module, loss_at: Callable[[int, int], tuple[torch.Tenso
         smooth = logged if smooth is None else 0.98 * smooth + 0.02 * logged
         bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
         if out and d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
-            if not all(torch.isfinite(p).all() for p in params):
-                raise FloatingPointError(f"weights are not finite after step {step}; {last_good(out)}")
-            if (norm := weight_norm(params)) > DIVERGED * saved_norm:
-                raise FloatingPointError(f"the run diverged: the weights' norm grew {norm / saved_norm:.3g}x since "
-                                         f"{'the last save' if start or step >= cfg.save_every else 'the start'} "
-                                         f"(more than {DIVERGED:g}x) by step {step}; {last_good(out)}")
-            saved_norm = norm
+            saved_norm = guard_weights(params, saved_norm, step, "the last save" if start or step >= cfg.save_every
+                                       else "the start", out)
             if cfg.save_state:
                 save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "step": step + 1, "ema": ema.shadow if ema else {}, "losses": losses,
