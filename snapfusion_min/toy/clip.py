@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from safetensors.torch import save_file
@@ -156,9 +157,9 @@ def per_prompt(pipe: Pipeline, clip: CustomTextCLIP, n: int, steps: int, guidanc
     out = evaluate_generation(pipe, clip, n=n, steps=steps, guidance=guidance, reference=False, heldout=heldout,
                               progress=progress)
     j = toy_judge(clip)
-    return {"cos": (j.image_features(out["images"]) * j.text_features(heldout.prompts)).sum(-1).cpu(),
-            "features": j.image_features(out["images"], normalize=False).cpu(),
-            "accuracy": out["accuracy"], "judged": out["judged"]}
+    features = j.image_features(out["images"], normalize=False).cpu()  # encoded once: the cosine normalises them
+    return {"cos": (F.normalize(features, dim=-1) * j.text_features(heldout.prompts)).sum(-1),
+            "features": features, "accuracy": out["accuracy"], "judged": out["judged"]}
 
 
 def real_heldout(n: int, seed: int = 1234) -> tuple[torch.Tensor, list[Said]]:
