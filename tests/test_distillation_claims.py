@@ -152,7 +152,8 @@ def test_each_student_trains_with_its_seed_and_loss(monkeypatch, tmp_path):
     for name, run in todo:
         if not name.endswith("judged"):
             run()
-    expected = [(name, seed) for name in STUDENTS for seed in CFG.seeds if (name, seed) != ("mixed", 0)]
+    expected = [(name, seed) for name in dc.TRAIN_ORDER for seed in CFG.seeds if (name, seed) != ("mixed", 0)]
+    assert sorted(dc.TRAIN_ORDER) == sorted(STUDENTS) and STUDENTS[dc.TRAIN_ORDER[0]][0] == "teacher16"
     assert [name for name, _ in todo if not name.endswith("judged")] == [f"{n}{s}" for n, s in expected]
     assert len(calls) == len(expected)
     for (name, seed), (budget, teacher, init, out, chain, _, prob, w_range, w_cond, s) in zip(expected, calls):

@@ -80,7 +80,7 @@ def test_students_run_each_loss(quick_run):
                     str(work / "report")) == 0
     students = work / "students"
     done = list(json.loads((students / "students.json").read_text())["done"])
-    assert done == [*[f"{name}0" for name in dc.STUDENTS if name != "mixed"], "undistilled judged",
+    assert done == [*[f"{name}0" for name in dc.TRAIN_ORDER if name != "mixed"], "undistilled judged",
                     *[f"{name}0 judged" for name in dc.STUDENTS]]
     mine, ours = read_pipeline(students / "e_vanilla0.safetensors"), read_pipeline(work / "student8.safetensors")
     assert mine.unet.spec == ours.unet.spec and mine.training["train"]["train_steps"] == 6  # as long as ours

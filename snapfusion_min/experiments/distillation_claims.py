@@ -52,6 +52,8 @@ UNDISTILLED = {  # name -> (checkpoint, solver, grid, steps)
     "dpm": ("teacher", "dpm", "trailing", 8), "dpmpp": ("teacher", "dpm++", "trailing", 8),
     "e16": ("evolved", "ddim", "trailing", 16), "e8": ("evolved", "ddim", "trailing", 8)}
 CURVES = [*UNDISTILLED, *STUDENTS]
+TRAIN_ORDER = sorted(STUDENTS, key=lambda name: STUDENTS[name][0] != "teacher16")  # the teacher's UNet's first:
+# they hang on the teacher alone, the evolved UNet's on evolving too
 SHORT = {"base": "50-step baseline", "ddim": "8-step DDIM", "dpm": "8-step DPM-Solver-2",
          "dpmpp": "8-step DPM-Solver++(2M)", "e16": "evolved, 16-step DDIM", "e8": "evolved, 8-step DDIM",
          "mixed": "ours", "e_vanilla": "evolved, vanilla", "o_mixed": "mixed", "o_vanilla": "vanilla",
@@ -124,7 +126,7 @@ def stages(b: Budget, cfg: ClaimsConfig, p: dict[str, Path], work: Path) -> list
                                                                          progress=True)
         atomic_write(work / "undistilled.judged.pt", lambda tmp: torch.save(out, tmp))
 
-    todo = [(f"{name}{seed}", train(name, seed)) for name in STUDENTS for seed in cfg.seeds
+    todo = [(f"{name}{seed}", train(name, seed)) for name in TRAIN_ORDER for seed in cfg.seeds
             if (name, seed) != ("mixed", 0)]
     return todo + [("undistilled judged", undistilled)] + [(f"{name}{seed} judged", judged(name, seed))
                                                            for name in STUDENTS for seed in cfg.seeds]
