@@ -39,7 +39,7 @@ DISTILL = [  # (fault, code as it is, code with the fault)
      "v = student(D.noisy(x=x0, eps=eps, alpha=alpha, sigma=sigma), t, 0 * context)"),
 ]
 CLAIMS = [
-    ("a tie counts as keeping", 'found = "holds" if bootstrap.keeps(gains, margin) else "not shown"',
+    ("a tie counts as keeping", 'found = "holds" if bootstrap.keeps_quality(a, b, c.metric, margin) else "not shown"',
      'found = "holds" if bootstrap.verdict(gains) != "worse" else "not shown"'),
     ("the direction from the estimate", '[bootstrap.verdict(gains)]',
      '[bootstrap.verdict(gains) if bootstrap.verdict(gains) == "tie" else "better" if gains[0] > 0 else "worse"]'),

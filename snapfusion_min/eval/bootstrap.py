@@ -95,6 +95,13 @@ def keeps(gains: np.ndarray, margin: float) -> bool:
     return interval(gains)[1] > -margin
 
 
+def keeps_quality(mine: np.ndarray, theirs: np.ndarray, metric: str, margin: float) -> bool:
+    """``keeps`` on a metric's draws ('clip': higher is better, the margin absolute; 'fid': lower is better, the
+    margin a fraction of ``theirs``' estimate)."""
+    scale = 1.0 if metric == "clip" else abs(theirs[0])
+    return keeps(gain(mine, theirs, metric == "clip"), margin * scale)
+
+
 def best_over(curve: dict[float, np.ndarray], higher_is_better: bool) -> np.ndarray:
     """A curve's best value over guidance, taken inside each draw (``curve``: guidance -> draws)."""
     stacked = np.stack(list(curve.values()))

@@ -199,9 +199,7 @@ def keeps(facts: dict, mine: str, theirs: str, margins: dict[str, float]) -> dic
     margin a fraction of ``theirs``' FID)."""
     out = {}
     for key, margin in margins.items():
-        a, b = facts[mine]["draws"][key], facts[theirs]["draws"][key]
-        scale = 1.0 if key == "clip" else abs(b[0])
-        out[key] = bootstrap.keeps(bootstrap.gain(a, b, key == "clip"), margin * scale)
+        out[key] = bootstrap.keeps_quality(facts[mine]["draws"][key], facts[theirs]["draws"][key], key, margin)
     return out
 
 

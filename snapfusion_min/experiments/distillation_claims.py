@@ -265,8 +265,8 @@ def check(c: Claim, facts: dict, cfg: ClaimsConfig) -> dict:
     a, b = best(facts, c.mine, c.metric), best(facts, c.theirs, c.metric)
     gains = bootstrap.gain(a, b, c.metric == "clip")
     if c.keeps:
-        margin = cfg.clip_margin if c.metric == "clip" else cfg.fid_margin * abs(b[0])
-        found = "holds" if bootstrap.keeps(gains, margin) else "not shown"
+        margin = cfg.clip_margin if c.metric == "clip" else cfg.fid_margin
+        found = "holds" if bootstrap.keeps_quality(a, b, c.metric, margin) else "not shown"
     else:
         found = {"better": "holds", "worse": "the other way", "tie": "not resolved"}[bootstrap.verdict(gains)]
     return {"mine": float(a[0]), "theirs": float(b[0]), "gain": bootstrap.interval(gains), "verdict": found}
