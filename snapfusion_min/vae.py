@@ -75,8 +75,8 @@ class VAEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
-        y = F.scaled_dot_product_attention(self.to_q(y), self.to_k(y), self.to_v(y))
+        y = self.norm(x).flatten(2).transpose(1, 2)[:, None]  # [B, C, H, W] -> [B, 1 head, HW, C] (4-D: ONNX's)
+        y = F.scaled_dot_product_attention(self.to_q(y), self.to_k(y), self.to_v(y))[:, 0]
         return x + self.to_out(y).transpose(1, 2).reshape(b, c, h, w)
 
 

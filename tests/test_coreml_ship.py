@@ -18,7 +18,7 @@ from helpers import tiny_pipeline
 
 from snapfusion_min import diffusion as D
 from snapfusion_min.export.coreml import ExportOptions, export, output_psnr
-from snapfusion_min.export.coreml_parts import (
+from snapfusion_min.export.parts import (
     APPLE_LATENT_SCALE,
     DecoderPart,
     TextEncoderPart,

@@ -112,4 +112,4 @@ def test_export_to_diffusers_command(tmp_path, capsys):
     assert again == f"export.py: error: --out-dir {tmp_path / 'toy'} is not empty; a diffusers folder needs a new or " \
                     "empty one"
     assert run_main("export.py", "--to", "diffusers", "--arch", "sd15", "--out-dir", str(tmp_path / "x")) == \
-        "export.py: error: --arch: Core ML options, not used with --to diffusers"
+        "export.py: error: --arch: not used with --to diffusers"

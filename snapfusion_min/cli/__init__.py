@@ -42,6 +42,8 @@ FLAGS: dict[str, tuple[type | None, str, tuple[str, ...]]] = {
     "--ema-decay": (float, "decay of the exponential moving average that checkpoints store", ()),
     "--keep-prob": (float, "p of Eq. 5: each block runs with probability p during training", ()),
     "--seed": (int, "same seed, same result", ()),
+    "--remove": (str, "a block address (stage.name, e.g. up2.A0) to run as the identity, as Eq. 5 drops it (Fig. 5); "
+                      "repeat the flag for more", ()),
     "--device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", ()),
     "--dtype": (str, "auto (float16 on a GPU; on the CPU bfloat16 where it is native, else float32), float32, "
                      "float16 or bfloat16", ()),

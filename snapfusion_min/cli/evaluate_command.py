@@ -90,8 +90,7 @@ def build_parser():  # noqa: ANN201
         g.add_argument("--json", action="store_true", help="print the numbers as JSON")
     for name in ("sweep", "coco"):
         m[name].add_argument("--curve", help="write the FID-vs-CLIP curves over guidance (Fig. 4, 6) here")
-    m["heldout"].add_argument("--remove", action="append", default=[],
-                              help="block address to run as identity, e.g. up2.A0")
+    flag(m["heldout"], "--remove", [], action="append")
     m["heldout"].add_argument("--grid", help="write a PNG grid of the first 16 samples here")
     m["ablate"].add_argument("--ablate", action="append", required=True,
                              help="one row per value: blocks (comma-separated) removed, or 'none'")

@@ -6,6 +6,8 @@
         --attention split_einsum --out-dir exports/sd15                 # Neural Engine-style attention
     python export.py --out-dir exports/toy --verify                     # macOS: run each model, compare to torch
     python export.py --checkpoint sd15-v.safetensors --to diffusers --out-dir sd15-v   # a diffusers folder instead
+    python export.py --to onnx --out-dir exports/onnx                   # ONNX files (fp32), checked in ONNX Runtime
+    python export.py --to onnx --shapes dynamic --remove up2.A0         # free batch and size; a block switched off
 
 Models go through torch.export into ML Programs (coremltools), fixed shapes from --resolution, named inputs and
 outputs. The settings an app needs to sample (architecture spec, prediction type, scheduler, steps, guidance, latent
@@ -13,6 +15,10 @@ scale) are stored in every package's metadata and in <out-dir>/snapfusion_min.js
 
 ``--to diffusers`` writes the pipeline as a diffusers folder instead (``StableDiffusionPipeline.from_pretrained``):
 SD-v1.5's block layout (any widths) and an unpruned decoder only -- diffusers' classes cannot express the others.
+
+``--to onnx`` writes <part>.onnx files (fp32; ONNX Runtime, OpenVINO, onnxruntime-web), each run in ONNX Runtime
+against torch before it is kept, with snapfusion_min.json (settings, timestep grid, abar_t, tokenizer files) and
+CLIP's vocab.json / merges.txt. Needs the extra: pip install 'snapfusion-min[onnx]'.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from ..export.coreml import (
     verify,
 )
 from ..export.diffusers_folder import save_diffusers
-from ..pipeline import SamplerConfig, random_pipeline, read_pipeline
+from ..export.onnx import MAX_RELATIVE_ERROR, SHAPES, export_onnx, load_onnxruntime
+from ..pipeline import Pipeline, SamplerConfig, random_pipeline, read_pipeline
 from ..toy import BUNDLED
+from ..toy.tables import remove_blocks
 from . import check_writable, flag, parser, run
 
 
@@ -46,12 +54,18 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--arch", help="instead of a checkpoint: a randomly initialised preset (sd15, snapfusion) at SD's "
                                   "widths, to measure conversion time and package size")
     flag(p, "--out-dir", "exports")
-    p.add_argument("--to", choices=["coreml", "diffusers"], default="coreml",
-                   help="coreml: .mlpackage files; diffusers: a diffusers folder at --out-dir (new or empty)")
+    p.add_argument("--to", choices=["coreml", "onnx", "diffusers"], default="coreml",
+                   help="coreml: .mlpackage files; onnx: .onnx files (fp32); diffusers: a diffusers folder at "
+                        "--out-dir (new or empty)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of these")
     p.add_argument("--resolution", type=int, help="image size (default: the checkpoint's)")
-    p.add_argument("--unet-batch", type=int, choices=[1, 2], default=2, help="UNet batch: 2 for CFG, 1 without")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="of the weights and the compute")
+    p.add_argument("--unet-batch", type=int, choices=[1, 2], default=2,
+                   help="UNet batch: 2 for CFG, 1 without (with --shapes dynamic: the example traced)")
+    flag(p, "--remove", [], "the exported UNet runs it so", action="append")
+    p.add_argument("--shapes", choices=SHAPES, default="static",
+                   help="onnx: static (the traced sizes) or dynamic (batch and latent height / width free)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="of the weights and the compute (default: fp16; --to onnx writes fp32)")
     p.add_argument("--attention", choices=ATTENTIONS, default="default",
                    help="split_einsum: the Neural Engine-friendly attention of Apple's ml-stable-diffusion")
     p.add_argument("--layout", choices=LAYOUTS, default="snapfusion",
@@ -75,35 +89,63 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--parts must be a subset of {','.join(PARTS)}, got {args.parts!r}")
     if args.verify and sys.platform != "darwin":
         raise ValueError("--verify runs Core ML models, which needs macOS; export without --verify here")
+    refuse_unused(args)
     check_writable(args.out_dir, folder=True)
     if args.to == "diffusers":
         return to_diffusers(args)
-    load_coremltools()
-    options = ExportOptions(precision=args.precision, attention=args.attention, layout=args.layout, chunk=args.chunk,
-                            compress=args.compress)
-    options.check(args.unet_batch)
+    if args.to == "onnx":
+        load_onnxruntime()
+    else:
+        load_coremltools()
+        options = ExportOptions(precision=args.precision or "fp16", attention=args.attention, layout=args.layout,
+                                chunk=args.chunk, compress=args.compress)
+        options.check(args.unet_batch)
     if args.arch:
         pipe = random_pipeline(preset(args.arch), source=f"random-{args.arch}", sampler=SamplerConfig())
     else:
         pipe = read_pipeline(args.checkpoint)
+    remove_blocks(pipe, args.remove)
     resolution = pipe.sampler.resolution if args.resolution is None else args.resolution
     check_resolution(pipe, resolution)
+    if args.to == "onnx":
+        return to_onnx(pipe, args, parts, resolution)
     paths = export(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch, options=options)
     if args.verify and not verify(pipe, paths, resolution, args.unet_batch, options):
         raise SystemExit(1)
 
 
+def refuse_unused(args: argparse.Namespace) -> None:
+    """An option the chosen --to does not use is a mistake said in one line, before any work."""
+    coreml = [("--precision", args.precision not in (None, "fp32") if args.to == "onnx" else args.precision),
+              ("--attention", args.attention != "default"), ("--layout", args.layout != "snapfusion"),
+              ("--chunk", args.chunk), ("--compress", args.compress), ("--verify", args.verify)]
+    unused = {"coreml": [("--shapes", args.shapes != "static")],
+              "onnx": coreml,
+              "diffusers": [*coreml, ("--arch", args.arch), ("--resolution", args.resolution),
+                            ("--shapes", args.shapes != "static"), ("--remove", args.remove)]}[args.to]
+    given = [name for name, used in unused if used]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used with --to {args.to}")
+
+
+def to_onnx(pipe: Pipeline, args: argparse.Namespace, parts: list[str], resolution: int) -> None:
+    """--to onnx: every file run in ONNX Runtime against torch before it is kept; exit 1 if one is off."""
+    rows = export_onnx(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch,
+                       shapes=args.shapes)
+    bad = [f"{row['file']} {row['max_relative_error']:.1e}" for row in rows.values()
+           if row["max_relative_error"] > MAX_RELATIVE_ERROR]
+    if bad:
+        print(f"ONNX Runtime differs from torch by more than {MAX_RELATIVE_ERROR:g} (relative): {', '.join(bad)}",
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
 def to_diffusers(args: argparse.Namespace) -> None:
-    """--to diffusers: a used folder or Core ML options refused first; an evolved UNet or a pruned decoder once the
-    checkpoint is read, before anything is written."""
+    """--to diffusers: a used folder refused first; an evolved UNet or a pruned decoder once the checkpoint is read,
+    before anything is written."""
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out-dir {out} is not empty; a diffusers folder needs a new or empty one")
-    ignored = [f for f, given in (("--arch", args.arch), ("--verify", args.verify), ("--resolution", args.resolution),
-                                  ("--layout", args.layout != "snapfusion"), ("--chunk", args.chunk),
-                                  ("--compress", args.compress)) if given]
-    if ignored:
-        raise ValueError(f"{', '.join(ignored)}: Core ML options, not used with --to diffusers")
     pipe = read_pipeline(args.checkpoint)  # save_diffusers refuses before writing
     print(f"wrote {save_diffusers(pipe, out)} (diffusers' StableDiffusionPipeline; sample with "
           f"num_inference_steps={pipe.sampler.steps}, guidance_scale={pipe.sampler.guidance:g})")

@@ -2,7 +2,7 @@
 architecture spec, and the (pruned) decoder, each converted on its own through torch.export into an ML Program, with
 fixed shapes, named inputs and outputs, and the settings an app needs to sample in every package's metadata.
 
-What the packages compute is in ``coreml_parts`` (our layout or Apple's, the UNet whole or in two chunks); weight
+What the packages compute is in ``parts`` (our layout or Apple's, the UNet whole or in two chunks); weight
 compression (palettization, int8) and its error in ``coreml_compress``; ``verify`` runs them on macOS.
 """
 
@@ -27,7 +27,7 @@ from ..pipeline import Pipeline
 from ..text_encoder import write_bpe_files
 from ..unet import Attention
 from .compress import check_compression, compress, package_bytes
-from .coreml_parts import PARTS, Package, balanced_cut, packages
+from .parts import PARTS, Package, balanced_cut, packages, sampling_settings
 
 LAYOUTS = ("snapfusion", "apple")  # apple: the names and conventions Apple's Swift StableDiffusionPipeline loads
 PSNR_PASS = 35.0  # dB: ml-stable-diffusion's bound for a converted model's outputs vs torch
@@ -57,14 +57,8 @@ def load_coremltools():  # noqa: ANN201
 
 def metadata(pipe: Pipeline, resolution: int, batch: int, options: ExportOptions) -> dict:
     """What an app needs to sample without guessing (and how the packages were made)."""
-    cfg = pipe.config()
-    return {"arch": cfg["arch"], "prediction": pipe.prediction, "latent_scale": pipe.latent_scale,
-            "scheduler": {"name": "DDIM", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                          "train_steps": 1000, "spacing": pipe.sampler.spacing},
-            "steps": pipe.sampler.steps, "guidance": pipe.sampler.guidance, "resolution": resolution,
-            "unet_batch": batch, "vae": cfg["vae"], "text": cfg["text"], **dataclasses.asdict(options),
-            "unet_output": "eps" if options.layout == "apple" else pipe.prediction, "source": Path(pipe.source).name,
-            "w_conditioned": bool(pipe.unet.spec.guidance_embed)}  # then the UNet takes 'guidance' and needs no CFG
+    return {**sampling_settings(pipe, resolution, batch), **dataclasses.asdict(options),
+            "unet_output": "eps" if options.layout == "apple" else pipe.prediction}
 
 
 def convert(module: nn.Module, inputs: dict, outputs: list[str], precision: str, meta: dict) -> object:

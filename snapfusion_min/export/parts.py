@@ -1,12 +1,13 @@
-"""What each Core ML package computes: the text encoder, the UNet (whole, or in two chunks cut at a block boundary
-of its architecture spec) and the decoder, in our conventions or in those of Apple's Swift StableDiffusionPipeline
-(ml-stable-diffusion: its TextEncoder.swift, Unet.swift, Decoder.swift and StableDiffusionPipeline.swift), with the
-names of their inputs and outputs and example inputs to trace them with.
+"""What each exported model computes (Core ML packages, ONNX files): the text encoder, the UNet (whole, or in two
+chunks cut at a block boundary of its architecture spec) and the decoder, in our conventions or in those of Apple's
+Swift StableDiffusionPipeline (ml-stable-diffusion: its TextEncoder.swift, Unet.swift, Decoder.swift and
+StableDiffusionPipeline.swift), with the names of their inputs and outputs and example inputs to trace them with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,6 +105,19 @@ class DecoderPart(nn.Module):
         if self.apple:
             return self.decoder(z * (APPLE_LATENT_SCALE / self.scale))
         return (self.decoder(z / self.scale) / 2 + 0.5).clamp(0, 1)
+
+
+def sampling_settings(pipe: Pipeline, resolution: int, batch: int) -> dict:
+    """What an app needs to sample with the exported parts without guessing: the architecture, prediction type,
+    latent scale, scheduler, steps, guidance, resolution, the UNet's batch and whether it takes w itself."""
+    cfg = pipe.config()
+    return {"arch": cfg["arch"], "prediction": pipe.prediction, "latent_scale": pipe.latent_scale,
+            "scheduler": {"name": "DDIM", "beta_start": D.BETA_START, "beta_end": D.BETA_END,
+                          "beta_schedule": "scaled_linear", "train_steps": D.TRAIN_STEPS,
+                          "spacing": pipe.sampler.spacing},
+            "steps": pipe.sampler.steps, "guidance": pipe.sampler.guidance, "resolution": resolution,
+            "unet_batch": batch, "vae": cfg["vae"], "text": cfg["text"], "source": Path(pipe.source).name,
+            "w_conditioned": bool(pipe.unet.spec.guidance_embed)}  # then the UNet takes 'guidance' and needs no CFG
 
 
 @dataclass
