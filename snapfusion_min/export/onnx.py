@@ -23,7 +23,7 @@ import torch
 from .. import diffusion as D
 from ..formats.checkpoint import atomic_write, full_disk_said
 from ..pipeline import Pipeline
-from ..text_encoder import write_bpe_files
+from ..text_encoder import EOT, SOT, write_bpe_files
 from .parts import Package, packages, sampling_settings
 
 SHAPES = ("static", "dynamic")  # dynamic: batch and latent height / width are inputs' free dimensions
@@ -53,7 +53,7 @@ def runtime_settings(pipe: Pipeline, resolution: int, batch: int, shapes: str) -
             "timesteps": D.timesteps(pipe.sampler.steps, pipe.sampler.spacing),
             "alphas_cumprod": [round(a, 8) for a in pipe.schedule.alphas_cumprod.tolist()],
             "removed_blocks": sorted(pipe.unet.removed),
-            "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt",
+            "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt", "sot": SOT, "eot": EOT, "pad": EOT,
                           "context_length": pipe.text_encoder.cfg.context_length}}
 
 
