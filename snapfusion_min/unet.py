@@ -140,7 +140,9 @@ class UNet(nn.Module):
 
     ``keep_prob`` is p of Eq. 5: while training, each block runs with probability p and is the identity otherwise.
     ``removed`` holds block addresses ('stage.name') that are always the identity, to measure a block's value at
-    inference without rebuilding the model (Fig. 5, Alg. 1's A-minus evaluation).
+    inference without rebuilding the model (Fig. 5, Alg. 1's A-minus evaluation). ``gates`` (address -> a weight
+    in [0, 1], a tensor) blends each running block with its Eq. 5 drop, shortcut + g (block - shortcut): 1 runs it,
+    0 drops it; as tensors they can be a traced model's input (the browser page's block toggles).
     """
 
     def __init__(self, spec: ArchSpec):
@@ -149,6 +151,7 @@ class UNet(nn.Module):
         c0, t_dim = spec.channels[0], 4 * spec.channels[0]
         self.keep_prob = 1.0
         self.removed: set[str] = set()
+        self.gates: dict[str, torch.Tensor] | None = None
         self.checkpointing = False  # gradient checkpointing: recompute each block's activations in the backward pass
         self.conv_in = nn.Conv2d(spec.in_channels, c0, 3, padding=1)
         self.time_embed = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
@@ -219,12 +222,20 @@ class UNet(nn.Module):
             elif name[0] == "R":
                 live = self.runs(f"{stage}.{name}")
                 x = torch.cat([h, skips.pop()], dim=1) if stage in UP_STAGES else h
-                h = self.call(module, x, temb) if live else module.shortcut(x)
+                h = self.gate(f"{stage}.{name}", self.call(module, x, temb), module, x) if live else module.shortcut(x)
             elif self.runs(f"{stage}.{name}"):
-                h = self.call(module, h, context)
+                h = self.gate(f"{stage}.{name}", self.call(module, h, context), module, h)
             if stage in DOWN_STAGES and push:
                 skips.append(h)
         return h, skips
+
+    def gate(self, address: str, ran: torch.Tensor, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``block``'s output ``ran`` on x, or with ``gates`` its blend with what dropping it leaves (Eq. 5: a
+        ResNet's shortcut(x), a cross-attention block's x), worked out only then."""
+        if self.gates is None or address not in self.gates:
+            return ran
+        dropped = block.shortcut(x) if isinstance(block, ResBlock) else x
+        return dropped + self.gates[address] * (ran - dropped)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()

@@ -16,6 +16,7 @@ from helpers import max_rel_err, randomize, run_main, tiny_pipeline
 
 from snapfusion_min.arch import snapfusion
 from snapfusion_min.export.onnx import MAX_RELATIVE_ERROR, check, export_onnx
+from snapfusion_min.export.parts import GatedUNetPart
 from snapfusion_min.pipeline import read_pipeline
 from snapfusion_min.toy import BUNDLED
 from snapfusion_min.unet import UNet, with_guidance_input
@@ -98,6 +99,36 @@ def test_unets_of_every_layout_equal_torch(tmp_path, make):
         assert json.loads((tmp_path / "snapfusion_min.json").read_text())["removed_blocks"] == sorted(removed)
 
 
+def test_keep_input_switches_blocks_off_at_run_time(tmp_path):
+    """--keep-input: all ones is the whole UNet, zeros where blocks are removed is the UNet with them removed (Eq. 5,
+    as ``removed`` drops them), and a weight between blends; in torch exactly, in ONNX Runtime within 1e-4."""
+    pipe = tiny_pipeline()
+    (row,) = export_onnx(pipe, tmp_path, ["unet"], resolution=64, gated=True, log=False).values()
+    blocks = json.loads((tmp_path / "snapfusion_min.json").read_text())["keep_blocks"]
+    assert blocks == pipe.unet.spec.addresses() and row["max_relative_error"] <= MAX_RELATIVE_ERROR
+    g = torch.Generator().manual_seed(1)
+    z, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g), torch.tensor([700.0] * 2)
+    off = {"down2.A0", "mid.R1", "up1.R0", "up3.A2"}  # up1.R0 changes width: its drop is the 1x1 shortcut
+    keep = torch.tensor([0.0 if b in off else 1.0 for b in blocks])
+    unet = session(tmp_path / "unet.onnx")
+    with torch.no_grad():
+        whole = pipe.unet(z, t, ctx)
+        pipe.unet.removed = off
+        removed = pipe.unet(z, t, ctx)
+        pipe.unet.removed = set()
+    for k, want in ((torch.ones(len(blocks)), whole), (keep, removed)):
+        feed = {"sample": z.numpy(), "timestep": t.numpy(), "encoder_hidden_states": ctx.numpy(), "keep": k.numpy()}
+        assert max_rel_err(torch.from_numpy(unet.run(None, feed)[0]), want) <= MAX_RELATIVE_ERROR
+    assert max_rel_err(removed, whole) > 1e-2
+    half = {"sample": z, "timestep": t, "encoder_hidden_states": ctx, "keep": torch.rand(len(blocks), generator=g)}
+    assert check(pipe, tmp_path, "unet", half, resolution=64, gated=True) <= MAX_RELATIVE_ERROR
+    with torch.no_grad():  # in torch: the gate at 1 / 0 is the block run / dropped, bit for bit
+        part = GatedUNetPart(pipe)
+        assert torch.equal(part(z, t, ctx, torch.ones(len(blocks))), whole)
+        assert torch.equal(part(z, t, ctx, keep), removed)
+    assert pipe.unet.gates is None  # the part leaves the UNet as it found it
+
+
 def test_dynamic_shapes_run_at_another_batch_and_size(tmp_path):
     """Traced at batch 2 and 64 px, run at batch 1 / 3 and a 24 x 40 latent (192 x 320 px)."""
     pipe = tiny_pipeline()
@@ -123,6 +154,7 @@ def test_bad_requests_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
                           (["--precision", "fp16"], "--precision: not used with --to onnx"),
                           (["--remove", "up9.A0"], "unknown block address"),
                           (["--shapes", "dynamic", "--to", "coreml"], "--shapes: not used with --to coreml"),
+                          (["--keep-input", "--to", "coreml"], "--keep-input: not used with --to coreml"),
                           (["--remove", "up1.A0", "--to", "diffusers"], "--remove: not used with --to diffusers")):
         code = run_main("export.py", "--checkpoint", ck, "--to", "onnx", *args, "--out-dir", str(out))
         assert isinstance(code, str) and message in code and "\n" not in code, code

@@ -62,6 +62,9 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--unet-batch", type=int, choices=[1, 2], default=2,
                    help="UNet batch: 2 for CFG, 1 without (with --shapes dynamic: the example traced)")
     flag(p, "--remove", [], "the exported UNet runs it so", action="append")
+    p.add_argument("--keep-input", action="store_true",
+                   help="onnx: the UNet takes one more input, keep, a weight in [0, 1] per block (1 runs it, 0 drops "
+                        "it as Eq. 5): Fig. 5's removals at run time (the browser page's toggles)")
     p.add_argument("--shapes", choices=SHAPES, default="static",
                    help="onnx: static (the traced sizes) or dynamic (batch and latent height / width free)")
     p.add_argument("--precision", choices=PRECISIONS,
@@ -119,10 +122,11 @@ def refuse_unused(args: argparse.Namespace) -> None:
     coreml = [("--precision", args.precision not in (None, "fp32") if args.to == "onnx" else args.precision),
               ("--attention", args.attention != "default"), ("--layout", args.layout != "snapfusion"),
               ("--chunk", args.chunk), ("--compress", args.compress), ("--verify", args.verify)]
-    unused = {"coreml": [("--shapes", args.shapes != "static")],
+    onnx_only = [("--shapes", args.shapes != "static"), ("--keep-input", args.keep_input)]
+    unused = {"coreml": onnx_only,
               "onnx": coreml,
-              "diffusers": [*coreml, ("--arch", args.arch), ("--resolution", args.resolution),
-                            ("--shapes", args.shapes != "static"), ("--remove", args.remove)]}[args.to]
+              "diffusers": [*coreml, *onnx_only, ("--arch", args.arch), ("--resolution", args.resolution),
+                            ("--remove", args.remove)]}[args.to]
     given = [name for name, used in unused if used]
     if given:
         raise ValueError(f"{', '.join(given)}: not used with --to {args.to}")
@@ -131,7 +135,7 @@ def refuse_unused(args: argparse.Namespace) -> None:
 def to_onnx(pipe: Pipeline, args: argparse.Namespace, parts: list[str], resolution: int) -> None:
     """--to onnx: every file run in ONNX Runtime against torch before it is kept; exit 1 if one is off."""
     rows = export_onnx(pipe, Path(args.out_dir), parts, resolution=resolution, batch=args.unet_batch,
-                       shapes=args.shapes)
+                       shapes=args.shapes, gated=args.keep_input)
     bad = [f"{row['file']} {row['max_relative_error']:.1e}" for row in rows.values()
            if row["max_relative_error"] > MAX_RELATIVE_ERROR]
     if bad:

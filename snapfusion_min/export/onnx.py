@@ -30,8 +30,8 @@ SHAPES = ("static", "dynamic")  # dynamic: batch and latent height / width are i
 OPSET = 17
 MAX_RELATIVE_ERROR = 1e-4  # fp32: ONNX Runtime's outputs vs torch's, max |difference| / max |torch|
 FREE_AXES = {"input_ids": {0: "batch"}, "sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-             "encoder_hidden_states": {0: "batch"}, "guidance": {0: "batch"}, "z": {0: "batch", 2: "height",
-                                                                                      3: "width"}}
+             "encoder_hidden_states": {0: "batch"}, "guidance": {0: "batch"}, "keep": {},
+             "z": {0: "batch", 2: "height", 3: "width"}}
 OUT_AXES = {"last_hidden_state": {0: "batch"}, "v_pred": FREE_AXES["sample"], "noise_pred": FREE_AXES["sample"],
             "image": {0: "batch", 2: "image_height", 3: "image_width"}}
 
@@ -46,10 +46,12 @@ def load_onnxruntime():  # noqa: ANN201
     return onnxruntime
 
 
-def runtime_settings(pipe: Pipeline, resolution: int, batch: int, shapes: str) -> dict:
+def runtime_settings(pipe: Pipeline, resolution: int, batch: int, shapes: str, gated: bool = False) -> dict:
     """What a runtime needs to sample: ``parts.sampling_settings`` plus the sampler's timestep grid, SD's
-    abar_t for every training timestep (so that DDIM needs no schedule code), the removed blocks and the files."""
+    abar_t for every training timestep (so that DDIM needs no schedule code), the removed blocks, the blocks a
+    keep input weighs, in order, and the tokenizer's files."""
     return {**sampling_settings(pipe, resolution, batch), "format": "onnx", "opset": OPSET, "shapes": shapes,
+            "keep_blocks": pipe.unet.spec.addresses() if gated else None,
             "timesteps": D.timesteps(pipe.sampler.steps, pipe.sampler.spacing),
             "alphas_cumprod": [round(a, 8) for a in pipe.schedule.alphas_cumprod.tolist()],
             "removed_blocks": sorted(pipe.unet.removed),
@@ -76,9 +78,10 @@ def write_onnx(pkg: Package, path: Path, dynamic: bool) -> float:
 
 
 def export_onnx(pipe: Pipeline, out: Path, parts: list[str], *, resolution: int, batch: int = 2,
-                shapes: str = "static", log: bool = True) -> dict[str, dict]:
+                shapes: str = "static", gated: bool = False, log: bool = True) -> dict[str, dict]:
     """One ``<part>.onnx`` per part, the tokenizer's files and ``snapfusion_min.json`` (the settings, and per file
-    its size, time, shapes and relative error against torch). Returns those rows by part."""
+    its size, time, shapes and relative error against torch). With ``gated`` the UNet takes a keep input, one
+    weight per block (``parts.GatedUNetPart``). Returns those rows by part."""
     if shapes not in SHAPES:
         raise ValueError(f"shapes must be one of {', '.join(SHAPES)}, got {shapes!r}")
     load_onnxruntime()
@@ -86,7 +89,7 @@ def export_onnx(pipe: Pipeline, out: Path, parts: list[str], *, resolution: int,
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for part in parts:
-        (pkg,) = packages(pipe, part, resolution, batch)
+        (pkg,) = packages(pipe, part, resolution, batch, gated=gated)
         start, path = time.perf_counter(), out / f"{pkg.name}.onnx"
         replaced = path.exists()
         error = write_onnx(pkg, path, shapes == "dynamic")
@@ -100,7 +103,7 @@ def export_onnx(pipe: Pipeline, out: Path, parts: list[str], *, resolution: int,
     sidecar = out / "snapfusion_min.json"  # a second export into the folder (e.g. a pruned decoder) adds its rows
     earlier = json.loads(sidecar.read_text()).get("files", {}) if sidecar.exists() else {}
     files = {**{k: v for k, v in earlier.items() if (out / v["file"]).exists()}, **rows}
-    meta = {**runtime_settings(pipe, resolution, batch, shapes), "files": files}
+    meta = {**runtime_settings(pipe, resolution, batch, shapes, gated), "files": files}
     atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     return rows
 
@@ -124,8 +127,8 @@ def run_error(pkg: Package, path: Path, inputs: dict[str, torch.Tensor]) -> floa
 
 
 def check(pipe: Pipeline, out: Path, part: str, inputs: dict[str, torch.Tensor], resolution: int,
-          batch: int = 2) -> float:
+          batch: int = 2, gated: bool = False) -> float:
     """An exported part (``<out>/<part>.onnx``) on other inputs than it was traced with (a dynamic file's other
-    batch or size): its largest relative error against torch."""
-    (pkg,) = packages(pipe, part, resolution, batch)
+    batch or size, a gated UNet's other keep): its largest relative error against torch."""
+    (pkg,) = packages(pipe, part, resolution, batch, gated=gated)
     return run_error(pkg, out / f"{pkg.name}.onnx", inputs)

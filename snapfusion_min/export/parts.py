@@ -64,6 +64,21 @@ class UNetPart(nn.Module):
         return self.output(out, sample, timestep)
 
 
+class GatedUNetPart(UNetPart):
+    """``UNetPart`` with one more input, keep [n_blocks] (weights in [0, 1], the spec's addresses in order): block
+    i is blended with its Eq. 5 drop by keep[i] (``UNet.gates``; 1 runs it, 0 drops it). Fig. 5 as an input: the
+    browser page switches blocks off the robust-trained UNet live."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        *guidance, keep = rest  # (guidance,) keep for a w-conditioned UNet
+        self.unet.gates = dict(zip(self.unet.spec.addresses(), keep.unbind(0)))
+        try:
+            return super().forward(sample, timestep, encoder_hidden_states, *guidance)
+        finally:
+            self.unet.gates = None
+
+
 class UNetChunk1(UNetPart):
     """The UNet's steps ``plan()[:cut]``: (sample, timestep, encoder_hidden_states) -> (temb, hidden_states,
     skip_0, ..., skip_n): the timestep embedding, the hidden state and the skip stack the second chunk continues
@@ -149,9 +164,10 @@ def balanced_cut(unet: UNet) -> int:
 
 
 def packages(pipe: Pipeline, part: str, resolution: int, batch: int, *, layout: str = "snapfusion",
-             chunk: bool = False) -> list[Package]:
+             chunk: bool = False, gated: bool = False) -> list[Package]:
     """The package(s) of one part: names and input/output conventions of the layout, the UNet in two chunks if
-    asked. Example inputs are random (seeded); the second chunk's are the first chunk's outputs on them."""
+    asked, or with a keep input (``GatedUNetPart``). Example inputs are random (seeded); the second chunk's are the
+    first chunk's outputs on them."""
     apple = layout == "apple"
     names = APPLE_NAMES if apple else {p: p for p in PARTS}
     h = resolution // pipe.vae.cfg.factor
@@ -170,6 +186,9 @@ def packages(pipe: Pipeline, part: str, resolution: int, batch: int, *, layout: 
     if pipe.unet.spec.guidance_embed:
         inputs["guidance"] = torch.full((batch,), pipe.sampler.guidance)
     output = ["noise_pred" if apple or pipe.prediction == "eps" else "v_pred"]
+    if gated:
+        inputs["keep"] = torch.ones(len(pipe.unet.spec.addresses()))
+        return [Package(names[part], part, GatedUNetPart(pipe), inputs, output)]
     if not chunk:
         return [Package(names[part], part, UNetPart(pipe, apple), inputs, output)]
     cut = balanced_cut(pipe.unet)
