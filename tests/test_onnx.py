@@ -56,6 +56,7 @@ def test_bundled_toy_model_samples_in_onnxruntime(tmp_path):
     meta = json.loads((tmp_path / "snapfusion_min.json").read_text())
     assert (tmp_path / meta["tokenizer"]["vocab"]).is_file() and (tmp_path / meta["tokenizer"]["merges"]).is_file()
     assert meta["timesteps"][0] > meta["timesteps"][-1] and len(meta["timesteps"]) == pipe.sampler.steps + 1
+    assert meta["latent_shape"] == list(pipe.initial_latents(1, 64, 64, seed=5).shape[1:])
     want = pipe(PROMPT, seed=5, output_type="pt")
     ids = pipe.tokenizer(["", PROMPT]).numpy()
     got = sample_from_json(tmp_path, ids, pipe.initial_latents(1, 64, 64, seed=5).numpy())

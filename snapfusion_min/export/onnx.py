@@ -52,6 +52,7 @@ def runtime_settings(pipe: Pipeline, resolution: int, batch: int, shapes: str, g
     keep input weighs, in order, and the tokenizer's files."""
     return {**sampling_settings(pipe, resolution, batch), "format": "onnx", "opset": OPSET, "shapes": shapes,
             "keep_blocks": pipe.unet.spec.addresses() if gated else None,
+            "latent_shape": [pipe.unet.spec.in_channels, *[resolution // pipe.vae.cfg.factor] * 2],
             "timesteps": D.timesteps(pipe.sampler.steps, pipe.sampler.spacing),
             "alphas_cumprod": [round(a, 8) for a in pipe.schedule.alphas_cumprod.tolist()],
             "removed_blocks": sorted(pipe.unet.removed),
