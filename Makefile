@@ -6,7 +6,7 @@ PROMPT ?= a large red striped circle at the top left and a blue square on a dark
 
 TOY := models/toy
 
-.PHONY: sample test test-fast lint mutate bench toy recipe evaluate clean
+.PHONY: sample test test-fast lint mutate bench toy recipe evaluate web clean
 
 # TORCH_INDEX: install torch from another PyTorch wheel index first (README, 'Install'), e.g. the CPU-only build
 TORCH_INDEX ?=
@@ -26,6 +26,11 @@ $(VENV)/.plots: $(VENV)/.runtime
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import diffusers, transformers, pytest"
+	touch $@
+
+$(VENV)/.onnx: $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[onnx]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import onnx, onnxruntime"
 	touch $@
 
 sample: $(VENV)/.runtime  ## install, then sample an image with the bundled model
@@ -72,5 +77,24 @@ recipe: $(VENV)/.plots  ## the whole SnapFusion recipe at toy scale -> report/RE
 evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts
 	$(PY) evaluate.py --dtype float32
 
+# the browser page's models: the bundled teacher (with the text encoder and decoder), an 8-step student, and a
+# robust-trained UNet exported with a keep input (its block toggles)
+WEB_STUDENT ?= runs/recipe/student8.safetensors
+WEB_ROBUST ?= runs/recipe/robust.safetensors
+
+web/vendor/ort.wasm.min.mjs: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	mkdir -p web/vendor
+	cp web/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs \
+		web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm web/vendor/
+
+web: $(VENV)/.onnx web/vendor/ort.wasm.min.mjs  ## the paper in a browser tab: ONNX files, onnxruntime-web, a local server
+	$(PY) export.py --to onnx --out-dir web/models/teacher
+	$(PY) export.py --to onnx --parts unet --checkpoint $(WEB_STUDENT) --out-dir web/models/student
+	$(PY) export.py --to onnx --parts unet --keep-input --checkpoint $(WEB_ROBUST) --out-dir web/models/robust
+	cp report/fig2_latency.png web/models/latency.png
+	@echo "open http://localhost:8000 (Ctrl-C stops the server)"
+	$(PY) -m http.server --directory web --bind 127.0.0.1 8000
+
 clean:
-	rm -rf $(VENV) samples .pytest_cache mutants
+	rm -rf $(VENV) samples .pytest_cache mutants web/node_modules web/vendor web/models
