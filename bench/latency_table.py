@@ -13,26 +13,16 @@ table's arithmetic itself is a test (tests/test_evolve.py::test_lookup_table_is_
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
 from snapfusion_min.arch import tiny
-from snapfusion_min.cost import median_times, threads
+from snapfusion_min.cost import cpu_flags, median_times, threads
 from snapfusion_min.evolve import Action, evolve_unet
 from snapfusion_min.latency import measure_table, whole_inputs
 from snapfusion_min.unet import UNet
 
 MANY = ["-down1.A0", "-up3.A0", "-up3.A1", "-mid.R0", "-down2.R1+up2.R0", "-up1.A2", "-down1.A1", "-up3.A2"]
-
-
-def cpu_flags() -> str:
-    """The CPU's vector and bf16 flags that decide its speed (Linux), for the record."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
 
 
 def main() -> None:

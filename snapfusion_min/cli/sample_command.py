@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from .. import load_pipeline
 from ..diffusion import SOLVERS, SPACINGS
 from ..eval.coco import read_prompt_file
+from ..export.runtimes import RUNTIMES, RuntimePipeline
 from ..formats.checkpoint import atomic_create
-from ..pipeline import Pipeline, SamplerConfig, auto_dtype, check_seed
+from ..pipeline import Pipeline, SamplerConfig, auto_dtype, check_seed, native_bf16
 from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
@@ -55,6 +56,9 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--ema", action="store_true", help="use the EMA UNet of an SD-v1 .ckpt/.safetensors file")
     p.add_argument("--decoder", help="decode with the (pruned, §3.2) autoencoder of this checkpoint")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the checkpoint's prediction type")
+    p.add_argument("--runtime", choices=["torch", *RUNTIMES], default="torch",
+                   help="run the networks in PyTorch, or in ONNX Runtime / OpenVINO on the CPU (--checkpoint: a folder "
+                        "export.py --to onnx wrote; docs/speed.md says which is faster where)")
     return p
 
 
@@ -88,15 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"the bundled toy model is not in this checkout ({MODEL}); pass --checkpoint")
     check_writable(args.out_dir, folder=True)
     pipe = load_pipeline(args.checkpoint, ema=args.ema, prediction=args.prediction, device=args.device,
-                         dtype=args.dtype)
+                         dtype=args.dtype) if args.runtime == "torch" else runtime_pipeline(args)
     if args.decoder:
         other = load_pipeline(args.decoder, device=args.device, dtype=args.dtype)
         pipe.set_decoder(other.vae, other.latent_scale)
     s = pipe.sampler_with(steps=args.num_inference_steps, guidance=args.guidance, spacing=args.spacing,
                           solver=args.solver)
     height, width = (s.resolution if v is None else v for v in (args.height, args.width))
-    f = pipe.vae.cfg.factor
-    if height % f or width % f or height <= 0 or width <= 0:
+    if isinstance(pipe, RuntimePipeline):
+        pipe.latent_shape(height, width)  # a static export's own size only
+    elif height % (f := pipe.vae.cfg.factor) or width % f or height <= 0 or width <= 0:
         raise ValueError(f"--height and --width must be positive multiples of {f}, got {height}x{width}")
     out = Path(args.out_dir)
     made = [] if out.is_dir() else [out, *(p for p in out.parents if not p.exists())]  # removed again if left empty
@@ -110,12 +115,35 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
-def write_images(args, pipe: Pipeline, s: SamplerConfig, prompts: list[str], height: int, width: int,  # noqa: ANN001
+def runtime_pipeline(args) -> RuntimePipeline:  # noqa: ANN001
+    """--runtime onnxruntime / openvino: the exported folder in that runtime; options it cannot honour refused. The
+    precision follows --dtype: auto is bf16 in OpenVINO where the CPU has it natively (as torch's auto), else fp32."""
+    unused = [name for name, given in (("--ema", args.ema), ("--decoder", args.decoder),
+                                       ("--prediction", args.prediction),
+                                       ("--device", args.device not in ("auto", "cpu"))) if given]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used with --runtime {args.runtime} (it runs on the CPU what "
+                         "export.py --to onnx wrote)")
+    folder = Path(args.checkpoint)
+    if not (folder / "snapfusion_min.json").is_file():
+        raise ValueError(f"--runtime {args.runtime} samples a folder export.py --to onnx wrote; {folder} is not one "
+                         f"(python export.py --to onnx --checkpoint {folder} --out-dir onnx, then --checkpoint onnx)")
+    precisions = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16",
+                  "auto": "bf16" if args.runtime == "openvino" and native_bf16() else "fp32"}
+    if args.dtype not in precisions or (args.runtime == "onnxruntime" and precisions[args.dtype] != "fp32"):
+        kinds = "float32 or bfloat16" if args.runtime == "openvino" else "float32"
+        raise ValueError(f"--dtype {args.dtype}: {args.runtime} runs {kinds} here")
+    return RuntimePipeline(folder, args.runtime, precisions[args.dtype])
+
+
+def write_images(args, pipe: Pipeline | RuntimePipeline, s: SamplerConfig, prompts: list[str], height: int, width: int,  # noqa: ANN001
                  out: Path) -> None:
     """Sample ``prompts`` in batches, each image a PNG with its settings in the metadata, never over a file."""
+    where = pipe.where if isinstance(pipe, RuntimePipeline) else (
+        f"{pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
+        f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}")
     print(f"{pipe.source}: {pipe.prediction}-prediction, {s.steps} {s.solver} steps ({s.spacing}), "
-          f"guidance {s.guidance}, {height}x{width}, {pipe.device} {str(pipe.dtype).removeprefix('torch.')}"
-          f"{f' ({auto_dtype(pipe.device)[1]})' if args.dtype == 'auto' else ''}; {len(prompts):,} image"
+          f"guidance {s.guidance}, {height}x{width}, {where}; {len(prompts):,} image"
           f"{'s' if len(prompts) > 1 else ''} into {out}", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=len(prompts) <= args.batch_size):
         batch = prompts[start:start + args.batch_size]
