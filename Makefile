@@ -6,7 +6,7 @@ PROMPT ?= a large red striped circle at the top left and a blue square on a dark
 
 TOY := models/toy
 
-.PHONY: sample test test-fast lint mutate bench toy recipe evaluate web clean
+.PHONY: sample test test-fast lint mutate bench toy recipe evaluate web web-deps clean
 
 # TORCH_INDEX: install torch from another PyTorch wheel index first (README, 'Install'), e.g. the CPU-only build
 TORCH_INDEX ?=
@@ -40,7 +40,7 @@ lint: $(VENV)/.dev  ## ruff, and the house's import layers (pyproject.toml: [too
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(VENV)/.dev lint  ## install, lint, run the test suite (two workers; then the full-size models, one at a time)
+test: $(VENV)/.dev lint web-deps  ## install, lint, run the test suite (two workers; then the full-size models, one at a time)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not full_size"
 	$(PY) -m pytest -q -m full_size
 
@@ -77,18 +77,24 @@ recipe: $(VENV)/.plots  ## the whole SnapFusion recipe at toy scale -> report/RE
 evaluate: $(VENV)/.runtime  ## judge the bundled toy model on held-out prompts
 	$(PY) evaluate.py --dtype float32
 
-# the browser page's models: the bundled teacher (with the text encoder and decoder), an 8-step student, and a
-# robust-trained UNet exported with a keep input (its block toggles)
-WEB_STUDENT ?= runs/recipe/student8.safetensors
-WEB_ROBUST ?= runs/recipe/robust.safetensors
+# the browser page's models: the bundled teacher (with the text encoder and decoder), its 8-step distilled student,
+# and the robust-trained UNet exported with a keep input (its block toggles); tests/test_web_page.py exports the same
+WEB_STUDENT ?= $(TOY)/student.safetensors
+WEB_ROBUST ?= $(TOY)/robust.safetensors
 
-web/vendor/ort.wasm.min.mjs: web/package.json web/package-lock.json
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+
+web/vendor/ort.wasm.min.mjs: web/node_modules/.package-lock.json
 	mkdir -p web/vendor
 	cp web/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs \
 		web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm web/vendor/
 
-web: $(VENV)/.onnx web/vendor/ort.wasm.min.mjs  ## the paper in a browser tab: ONNX files, onnxruntime-web, a local server
+web-deps:  ## onnxruntime-web vendored into web/vendor/, and playwright-core for the browser tests (needs npm)
+	@if command -v npm > /dev/null; then $(MAKE) --no-print-directory web/vendor/ort.wasm.min.mjs; \
+	else echo "npm is not installed: web/vendor/ not made (the browser tests will be skipped)"; fi
+
+web: $(VENV)/.onnx web-deps  ## the paper in a browser tab: ONNX files, onnxruntime-web, a local server
 	$(PY) export.py --to onnx --out-dir web/models/teacher
 	$(PY) export.py --to onnx --parts unet --checkpoint $(WEB_STUDENT) --out-dir web/models/student
 	$(PY) export.py --to onnx --parts unet --keep-input --checkpoint $(WEB_ROBUST) --out-dir web/models/robust
