@@ -63,6 +63,7 @@ bench: $(VENV)/.dev  ## speed ratios, each measured side by side in one run (doc
 	$(PY) bench/decoder_prune.py
 	$(PY) bench/bf16_psnr.py
 	$(PY) bench/table1_sd.py
+	$(PY) bench/runtimes.py
 
 toy: $(VENV)/.plots  ## retrain every bundled toy model from scratch (models/toy/README.md)
 	$(PY) train.py clip --out $(TOY)/clip.safetensors
