@@ -27,8 +27,9 @@ Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
 def open_file(path: str | Path, runtime: str, precision: str = "fp32", threads: int | None = None) -> Run:
-    """One .onnx file in ``runtime``: feed (name -> array) -> its outputs, in order. A ValueError names what is
-    missing or wrong before anything runs."""
+    """One .onnx file in ``runtime``: feed (name -> array) -> its outputs, in order; on ``threads`` threads (default:
+    torch's, so that OMP_NUM_THREADS and torch.set_num_threads hold here too). A ValueError names what is missing
+    or wrong before anything runs."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if precision not in PRECISIONS or (runtime == "onnxruntime" and precision != "fp32"):
@@ -38,15 +39,13 @@ def open_file(path: str | Path, runtime: str, precision: str = "fp32", threads: 
         module = __import__(runtime)
     except ImportError:
         raise ValueError(f"{runtime} is not installed: pip install 'snapfusion-min[{EXTRAS[runtime]}]'") from None
+    threads = threads or torch.get_num_threads()
     if runtime == "onnxruntime":
         options = module.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads
         session = module.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda feed: session.run(None, feed)
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads}
     compiled = module.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
     return lambda feed: [np.array(request.infer(feed)[out]) for out in compiled.outputs]
