@@ -92,8 +92,9 @@ web/vendor/ort.wasm.min.mjs: web/node_modules/.package-lock.json
 		web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm web/vendor/
 
 web-deps:  ## onnxruntime-web vendored into web/vendor/, and playwright-core for the browser tests (needs npm)
-	@if command -v npm > /dev/null; then $(MAKE) --no-print-directory web/vendor/ort.wasm.min.mjs; \
-	else echo "npm is not installed: web/vendor/ not made (the browser tests will be skipped)"; fi
+	@if ! command -v npm > /dev/null; then echo "npm is not installed: web/vendor/ not made (the browser tests will be skipped)"; \
+	elif ! $(MAKE) --no-print-directory web/vendor/ort.wasm.min.mjs; then \
+		echo "npm could not install web/'s packages: the browser tests will be skipped"; fi
 
 web: $(VENV)/.onnx web-deps  ## the paper in a browser tab: ONNX files, onnxruntime-web, a local server
 	$(PY) export.py --to onnx --out-dir web/models/teacher
