@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
@@ -27,11 +28,12 @@ from ..diffusion import SOLVERS, SPACINGS
 from ..eval.coco import read_prompt_file
 from ..export.runtimes import RUNTIMES, RuntimePipeline
 from ..formats.checkpoint import atomic_create
-from ..pipeline import Pipeline, SamplerConfig, auto_dtype, check_seed, native_bf16
+from ..pipeline import Pipeline, SamplerConfig, auto_dtype, check_seed, pick_dtype
 from ..toy import BUNDLED
 from . import check_writable, flag, parser, run
 
 MODEL = BUNDLED / "model.safetensors"
+CPU = torch.device("cpu")
 
 
 def build_parser():  # noqa: ANN201
@@ -128,12 +130,12 @@ def runtime_pipeline(args) -> RuntimePipeline:  # noqa: ANN001
     if not (folder / "snapfusion_min.json").is_file():
         raise ValueError(f"--runtime {args.runtime} samples a folder export.py --to onnx wrote; {folder} is not one "
                          f"(python export.py --to onnx --checkpoint {folder} --out-dir onnx, then --checkpoint onnx)")
-    precisions = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16",
-                  "auto": "bf16" if args.runtime == "openvino" and native_bf16() else "fp32"}
-    if args.dtype not in precisions or (args.runtime == "onnxruntime" and precisions[args.dtype] != "fp32"):
+    dtype = torch.float32 if args.dtype == "auto" and args.runtime == "onnxruntime" else pick_dtype(args.dtype, CPU)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16" if args.runtime == "openvino" else None}.get(dtype)
+    if precision is None:
         kinds = "float32 or bfloat16" if args.runtime == "openvino" else "float32"
         raise ValueError(f"--dtype {args.dtype}: {args.runtime} runs {kinds} here")
-    return RuntimePipeline(folder, args.runtime, precisions[args.dtype])
+    return RuntimePipeline(folder, args.runtime, precision)
 
 
 def write_images(args, pipe: Pipeline | RuntimePipeline, s: SamplerConfig, prompts: list[str], height: int, width: int,  # noqa: ANN001
