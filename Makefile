@@ -97,6 +97,7 @@ web-deps:  ## onnxruntime-web vendored into web/vendor/, and playwright-core for
 		echo "npm could not install web/'s packages: the browser tests will be skipped"; fi
 
 web: $(VENV)/.onnx web-deps  ## the paper in a browser tab: ONNX files, onnxruntime-web, a local server
+	@test -f web/vendor/ort.wasm.min.mjs || { echo "make web needs npm to fetch onnxruntime-web (web/package.json)"; exit 1; }
 	$(PY) export.py --to onnx --out-dir web/models/teacher
 	$(PY) export.py --to onnx --parts unet --checkpoint $(WEB_STUDENT) --out-dir web/models/student
 	$(PY) export.py --to onnx --parts unet --keep-input --checkpoint $(WEB_ROBUST) --out-dir web/models/robust
