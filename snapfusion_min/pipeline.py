@@ -270,24 +270,13 @@ class Pipeline:
     def initial_latents(self, n: int, height: int, width: int, seed: int) -> torch.Tensor:
         """z_T ~ N(0, I); image i uses seed + i on a CPU generator, so images do not depend on batch or device."""
         f = self.vae.cfg.factor
-        shape = (self.unet.spec.in_channels, height // f, width // f)
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
-        return z.to(self.device, self.dtype)
+        return seeded_noise(n, (self.unet.spec.in_channels, height // f, width // f), seed).to(self.device, self.dtype)
 
     def sampler_with(self, sampler: SamplerConfig | None = None, **overrides: object) -> SamplerConfig:
         """``sampler`` (default: ``self.sampler``, what the checkpoint was trained for) with the fields given by name
         and not None replaced: ``sampler_with(steps=4, guidance=7.5)``, or in diffusers' words (``DIFFUSERS_NAMES``,
         as the commands' flags accept them): ``num_inference_steps=4, guidance_scale=7.5``."""
-        for theirs, ours in DIFFUSERS_NAMES.items():
-            if theirs in overrides:
-                if overrides.get(ours) is not None:
-                    raise TypeError(f"{theirs} and {ours} name the same setting: give one")
-                overrides[ours] = overrides.pop(theirs)
-        fields = [f.name for f in dataclasses.fields(SamplerConfig)]
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}: a sampler override is one of {fields}")
-        return dataclasses.replace(sampler or self.sampler, **{k: v for k, v in overrides.items() if v is not None})
+        return override_sampler(self.sampler, sampler, **overrides)
 
     def __call__(self, prompts: str | list[str], sampler: SamplerConfig | None = None, *, seed: int = 0,
                  height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None,
@@ -329,8 +318,7 @@ class Pipeline:
         images = self.decode(z)
         if output_type == "pt":
             return images
-        arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
-        return [Image.fromarray(a) for a in arrays]
+        return pil_images(images)
 
 
 def check_prompts(prompts: object, negative_prompt: object = "") -> list[str]:
@@ -347,6 +335,33 @@ def check_prompts(prompts: object, negative_prompt: object = "") -> list[str]:
     if not isinstance(negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
     return listed
+
+
+def override_sampler(base: SamplerConfig, sampler: SamplerConfig | None = None, **overrides: object) -> SamplerConfig:
+    """``Pipeline.sampler_with`` on ``base``: ``sampler`` (default ``base``) with the fields given and not None
+    replaced, in our names or diffusers' (``DIFFUSERS_NAMES``)."""
+    for theirs, ours in DIFFUSERS_NAMES.items():
+        if theirs in overrides:
+            if overrides.get(ours) is not None:
+                raise TypeError(f"{theirs} and {ours} name the same setting: give one")
+            overrides[ours] = overrides.pop(theirs)
+    fields = [f.name for f in dataclasses.fields(SamplerConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}: a sampler override is one of {fields}")
+    return dataclasses.replace(sampler or base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def seeded_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """n draws of N(0, I) of ``shape``, draw i from seed + i on a CPU generator: the same whatever the batch or device
+    (``Pipeline.initial_latents``, and the other runtimes' z_T)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+
+
+def pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> 8-bit PIL images (rounded)."""
+    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
 
 
 def check_seed(seed: object, n: int) -> None:

@@ -6,7 +6,6 @@ OpenVINO (fp32, or bf16 where the CPU has it). The loop is ``Pipeline``'s: our t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import diffusion as D
-from ..pipeline import SamplerConfig, check_prompts, check_seed
+from ..pipeline import SamplerConfig, check_prompts, check_seed, override_sampler, pil_images, seeded_noise
 from ..text_encoder import Tokenizer
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -79,8 +78,8 @@ class RuntimePipeline:
         self.schedule = D.Schedule()
 
     def sampler_with(self, sampler: SamplerConfig | None = None, **overrides: object) -> SamplerConfig:
-        """``sampler`` (default: the folder's) with the fields given and not None replaced."""
-        return dataclasses.replace(sampler or self.sampler, **{k: v for k, v in overrides.items() if v is not None})
+        """``sampler`` (default: the folder's) with the fields given by name replaced, as ``Pipeline.sampler_with``."""
+        return override_sampler(self.sampler, sampler, **overrides)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """z_T's [C, h, w] for an image of height x width; a static export takes its own size only."""
@@ -101,14 +100,10 @@ class RuntimePipeline:
         prompts = check_prompts(prompts, negative_prompt)
         check_seed(seed, len(prompts))
         shape = self.latent_shape(height or s.resolution, width or s.resolution)
-        z = (torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                          for i in range(len(prompts))]) if latents is None else latents.float())
+        z = seeded_noise(len(prompts), shape, seed) if latents is None else latents.float()
         uncond = self.encode(negative_prompt)
         images = torch.cat([self.sample(zi[None], self.encode(p), uncond, s, progress) for p, zi in zip(prompts, z)])
-        if output_type == "pt":
-            return images
-        arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-        return [Image.fromarray(a) for a in arrays]
+        return images if output_type == "pt" else pil_images(images)
 
     def encode(self, prompt: str) -> np.ndarray:
         return self.text({"input_ids": self.tokenizer([prompt]).numpy().astype(np.int32)})[0]
