@@ -32,6 +32,9 @@ def test_means_and_fids_of_each_draw_equal_brute_force():
         i, seeds = d.prompts[r], d.seeds[r].tolist()
         assert means[r] == pytest.approx(np.mean([cos[s][i].double().mean().item() for s in seeds]), rel=1e-12)
         assert fids[r] == pytest.approx(np.mean([fid(feats[s][i], real[i]) for s in seeds]), rel=1e-12)
+    every = bootstrap.fid_draws_all({"student": feats, "teacher": feats[2:]}, real, d)  # one real fit a draw, shared
+    assert every["student"] == pytest.approx(fids, rel=1e-12)
+    assert every["teacher"] == pytest.approx([fid(feats[2][i], real[i]) for i in d.prompts], rel=1e-12)
     one = bootstrap.mean_draws(cos[:1], d)  # a model of one seed (the teacher) keeps it in every draw
     assert one == pytest.approx([cos[0][i].double().mean().item() for i in d.prompts])
     with pytest.raises(ValueError, match="2 seeds"):

@@ -15,12 +15,16 @@ grid is part of the noise too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from .metrics import fid
+from .metrics import fid_statistics, frechet_distance, psd_sqrt
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,23 @@ def mean_draws(per_seed: list[torch.Tensor], d: Draws) -> np.ndarray:
 def fid_draws(per_seed: list[torch.Tensor], real: torch.Tensor, d: Draws) -> np.ndarray:
     """Per draw, the mean over the drawn seeds of FID between the drawn prompts' generated features (one [n, dim]
     a seed) and the same prompts' real ones."""
-    rows = _seed_rows(len(per_seed), d)
-    out = np.empty(d.count)
+    return fid_draws_all({0: per_seed}, real, d)[0]
+
+
+def fid_draws_all(models: Mapping[K, list[torch.Tensor]], real: torch.Tensor, d: Draws) -> dict[K, np.ndarray]:
+    """``fid_draws`` of every model (key -> per-seed features) against the same real features: a draw's real fit
+    and its covariance's square root are computed once for all of them."""
+    rows = {k: _seed_rows(len(per_seed), d) for k, per_seed in models.items()}
+    out = {k: np.empty(d.count) for k in models}
     for r in range(d.count):
         i = d.prompts[r]
-        each = {s: fid(per_seed[s][i], real[i]) for s in set(rows[r].tolist())}
-        out[r] = np.mean([each[s] for s in rows[r].tolist()])
+        ref = fid_statistics(real[i])
+        root = psd_sqrt(ref["sigma"])
+        for k, per_seed in models.items():
+            drawn = rows[k][r].tolist()
+            fits = {s: fid_statistics(per_seed[s][i]) for s in set(drawn)}
+            each = {s: frechet_distance(ref["mu"], ref["sigma"], f["mu"], f["sigma"], root) for s, f in fits.items()}
+            out[k][r] = np.mean([each[s] for s in drawn])
     return out
 
 

@@ -90,15 +90,22 @@ def clip_score(judge: Judge, images: torch.Tensor, captions: Sequence[str]) -> f
     return (judge.image_features(images) * judge.text_features(captions)).sum(-1).mean().item()
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)), in float64.
+def psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (symmetric PSD), by its eigendecomposition, in float64."""
+    w, v = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray,
+                     root1: np.ndarray | None = None) -> float:
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)), in float64; ``root1``: ``psd_sqrt(cov1)`` when already known
+    (one reference fit compared with many).
 
     tr((C1 C2)^(1/2)) = tr((C1^(1/2) C2 C1^(1/2))^(1/2)): the inner matrix is symmetric PSD, so two symmetric
     eigendecompositions replace a general matrix square root (no complex parts, no ill-conditioned sqrtm).
     """
     mu1, mu2, cov1, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, cov1, cov2))
-    w, v = np.linalg.eigh(cov1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    root1 = psd_sqrt(cov1) if root1 is None else root1
     inner = np.linalg.eigvalsh(root1 @ cov2 @ root1)
     tr_covmean = np.sqrt(np.clip(inner, 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)

@@ -167,10 +167,10 @@ def measure(cfg: ArmsConfig, models: dict[str, list[Path]], judged: dict[str, li
     real = toy_judge(clip).image_features(real_heldout(cfg.n)[0], normalize=False).cpu()
     d = bootstrap.draws(cfg.n, len(cfg.seeds), cfg.draws)
     facts = {}
-    for name, paths in judged.items():
-        seeds = [torch.load(path, weights_only=True) for path in paths]
-        facts[name] = {"draws": {"clip": bootstrap.mean_draws([s["cos"] for s in seeds], d),
-                                 "fid": bootstrap.fid_draws([s["features"] for s in seeds], real, d)},
+    loaded = {name: [torch.load(path, weights_only=True) for path in paths] for name, paths in judged.items()}
+    fids = bootstrap.fid_draws_all({name: [s["features"] for s in seeds] for name, seeds in loaded.items()}, real, d)
+    for name, seeds in loaded.items():
+        facts[name] = {"draws": {"clip": bootstrap.mean_draws([s["cos"] for s in seeds], d), "fid": fids[name]},
                        "seeds": [{"clip": s["cos"].double().mean().item(), "fid": fid(s["features"], real)}
                                  for s in seeds],
                        "ms": [], "params": [], "specs": [], "copies": []}

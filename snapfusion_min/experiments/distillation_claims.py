@@ -176,8 +176,9 @@ def measure(b: Budget, cfg: ClaimsConfig, work: Path) -> dict:
                 raise ValueError(f"{name}{s} was judged on another guidance grid ({', '.join(judged)}) than every "
                                  f"curve's ({', '.join(grid)}): judge it again (--redo '{name}{s} judged')")
         runs[name] = {w: [s[w] for s in seeds] for w in grid}
-    return {curve: {w: {"clip": bootstrap.mean_draws([r["cos"] for r in rs], d),
-                        "fid": bootstrap.fid_draws([r["features"] for r in rs], real, d),
+    fids = bootstrap.fid_draws_all({(curve, w): [r["features"] for r in rs] for curve, by_w in runs.items()
+                                    for w, rs in by_w.items()}, real, d)
+    return {curve: {w: {"clip": bootstrap.mean_draws([r["cos"] for r in rs], d), "fid": fids[curve, w],
                         "accuracy": float(np.mean([mean(r["accuracy"]) for r in rs])),
                         "judged": float(np.mean([mean(r["judged"]) for r in rs]))} for w, rs in by_w.items()}
             for curve, by_w in runs.items()}
