@@ -23,6 +23,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # torch may have started before t
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # tests sample tiny models off their size on purpose; this filter is here, not in pyproject.toml, because naming
+    # the class there imports the package, and with it numpy, before the thread share above is set
+    config.addinivalue_line("filterwarnings", "ignore::snapfusion_min.pipeline.OutOfDomainWarning")
+
+
 # The longest files first (docs/testing.md's slowest tests): --dist loadfile hands files to the two workers in the
 # order collected, so a long file collected last would run alone at the end while the other worker idles.
 LONGEST_FIRST = ("test_recipe.py", "test_coreml_ship.py", "test_shards.py", "test_metrics.py", "test_export.py",

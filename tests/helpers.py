@@ -42,12 +42,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=g)  # 1 / sqrt(fan-in)
             elif "norm" in name and name.endswith("weight") or name.endswith("ln_1.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                p.normal_(1, 0.1, generator=g)
             else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                p.normal_(0, 0.1, generator=g)
     return model
 
 

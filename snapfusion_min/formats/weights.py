@@ -219,12 +219,15 @@ def apply_map(model: torch.nn.Module, source: dict[str, torch.Tensor], sources_o
 
 
 def invert_map(model: torch.nn.Module, sources_of: Callable[[str], list[str]]) -> dict[str, torch.Tensor]:
-    """``apply_map`` backwards: our parameters under their source names (a fused q, k, v split into three)."""
+    """``apply_map`` backwards: our parameters under their source names (a fused q, k, v split into three, each with
+    its own storage: safetensors refuses views of one tensor). Like ``state_dict()``, an unsplit contiguous tensor
+    shares its storage with the model."""
     out = {}
     for key, tensor in model.state_dict().items():
         names = sources_of(key)
-        for name, part in zip(names, tensor.detach().cpu().chunk(len(names))):
-            out[name] = part.clone().contiguous()  # own storage: safetensors refuses views of one tensor
+        parts = tensor.detach().cpu().chunk(len(names))
+        for name, part in zip(names, parts):
+            out[name] = part.clone(memory_format=torch.contiguous_format) if len(parts) > 1 else part.contiguous()
     return out
 
 
