@@ -63,7 +63,7 @@ class ArmsConfig:
     fid_margin: float = 0.1  # ... and its FID interval below the teacher's FID x (1 + this)
 
 
-QUICK_ARMS = ArmsConfig(seeds=(0,), n=8, steps=4, draws=50)  # a smoke run (the tests): one seed per arm
+QUICK_ARMS = ArmsConfig(seeds=(0,), n=4, steps=4, draws=50)  # a smoke run (the tests): one seed per arm
 
 
 def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,

@@ -5,7 +5,9 @@ Where each figure came from, and what a run of each budget measured, is in repor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from ..training import TrainConfig
 
 G0 = 4.5  # the working guidance: the bundled teacher's best CLIP score at 50 steps (docs/toy_world.md), as 7.5 is
 # SD-v1.5's: the final pipeline's default, the goal's, the tables' and figures' where one guidance is shown
@@ -70,9 +72,15 @@ class Budget:
     distill: Distilling = field(default_factory=Distilling)
     decoder: Decoder = field(default_factory=Decoder)
     judge: Judging = field(default_factory=Judging)
+    batch: int | None = None  # every training stage's batch; None: each stage's own (32; the toy CLIP's 128, the
+    # decoder's 16)
+
+    def batched(self, train: TrainConfig) -> TrainConfig:
+        """``train`` with this budget's batch, if it sets one."""
+        return train if self.batch is None else replace(train, batch_size=self.batch)
 
 
 QUICK = Budget(scratch=Scratch(clip=4, autoencoder=4, teacher=8), robust=8,
-               evolve=Evolving(iterations=1, actions=3, train=4, finetune=4, prompts=8, score_steps=2),
+               evolve=Evolving(iterations=1, actions=3, train=4, finetune=4, prompts=4, score_steps=2),
                distill=Distilling(steps=6), decoder=Decoder(latents=16, steps=4),
-               judge=Judging(prompts=8, guidance=(G0,), repeat=1))
+               judge=Judging(prompts=4, guidance=(G0,), repeat=1), batch=4)

@@ -72,7 +72,7 @@ class ClaimsConfig:
     ddim_steps: tuple[int, ...] = (2, 4, 8, 16, 50)  # the teacher's DDIM over steps at G0 (Fig. 4, right)
 
 
-QUICK_CLAIMS = ClaimsConfig(seeds=(0,), n=8, draws=50, ddim_steps=(2, 8))  # a smoke run (the tests)
+QUICK_CLAIMS = ClaimsConfig(seeds=(0,), n=4, draws=50, ddim_steps=(2, 8))  # a smoke run (the tests)
 
 
 def labels(b: Budget) -> dict[str, str]:

@@ -21,6 +21,7 @@ import torch
 from open_clip.model import CustomTextCLIP
 
 from .. import decoder_distill, distill, unet_training
+from ..evolve import TRAIN as ALG1_TRAIN
 from ..evolve import EvolveConfig, evolve_and_finetune
 from ..export.coreml import PARTS, export
 from ..formats.checkpoint import atomic_write
@@ -56,8 +57,8 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool,
         return Path(f"{p[name]}.state.pt").is_file()
 
     def unet(name: str, keep: float) -> Callable:
-        t = TrainConfig(train_steps=b.robust, lr=3e-4, warmup=unet_training.warmup_for(b.robust), save_every=250,
-                        resume=resumable(name))
+        t = b.batched(TrainConfig(train_steps=b.robust, lr=3e-4, warmup=unet_training.warmup_for(b.robust),
+                                  save_every=250, resume=resumable(name)))
         return lambda: unet_training.train_unet(unet_training.UNetConfig(init=str(p["teacher"]), keep_prob=keep,
                                                                          train=t), str(p[name]), d)
 
@@ -66,17 +67,19 @@ def stages(b: Budget, p: dict[str, Path], work: Path, bundled: bool,
 
     def decoder(name: str, steps: int) -> Callable:
         cfg = decoder_distill.DecoderConfig(latents=b.decoder.latents, teacher_steps=25, latent_cache=str(
-            work / "latents.pt"), train=replace(decoder_distill.TRAIN, train_steps=steps, lr=2e-3))
+            work / "latents.pt"), train=b.batched(replace(decoder_distill.TRAIN, train_steps=steps, lr=2e-3)))
         return lambda: decoder_distill.distill_decoder(str(p["teacher"]), cfg, str(p[name]), d)
 
     run: list[tuple[str, Callable]] = []
     if not bundled:
-        teacher = unet_training.UNetConfig(clip=str(p["clip"]), autoencoder=str(p["autoencoder"]), train=replace(
-            unet_training.TRAIN, train_steps=b.scratch.teacher, warmup=unet_training.warmup_for(b.scratch.teacher),
-            resume=resumable("teacher")))
-        run += [("clip", lambda: train_clip_stage(ClipConfig(train_steps=b.scratch.clip), p["clip"])),
-                ("autoencoder", lambda: autoencoder.train_autoencoder(autoencoder.AutoencoderConfig(
-                    train=replace(autoencoder.TRAIN, train_steps=b.scratch.autoencoder)), str(p["autoencoder"]), d)),
+        teacher = unet_training.UNetConfig(clip=str(p["clip"]), autoencoder=str(p["autoencoder"]), train=b.batched(
+            replace(unet_training.TRAIN, train_steps=b.scratch.teacher,
+                    warmup=unet_training.warmup_for(b.scratch.teacher), resume=resumable("teacher"))))
+        clip = ClipConfig(train_steps=b.scratch.clip, batch_size=b.batch or ClipConfig.batch_size)
+        ae = autoencoder.AutoencoderConfig(train=b.batched(replace(autoencoder.TRAIN,
+                                                                   train_steps=b.scratch.autoencoder)))
+        run += [("clip", lambda: train_clip_stage(clip, p["clip"])),
+                ("autoencoder", lambda: autoencoder.train_autoencoder(ae, str(p["autoencoder"]), d)),
                 ("teacher", lambda: unet_training.train_unet(teacher, str(p["teacher"]), d, fresh=fresh_pipeline))]
     run += [("robust", unet("robust", 0.8)), ("plain", unet("plain", 1.0)),
             ("evolved", lambda: evolve_stage(b, p, latency_table)),
@@ -96,9 +99,9 @@ def distil_stage(b: Budget, teacher: Path, init: Path, out: Path, chain: tuple[i
     ``seed`` draws every batch, timestep and w; a stopped run resumes."""
     lo, hi = cfg_range or b.distill.cfg_range
     loss = distill.DistillConfig(w_min=lo, w_max=hi, cfg_prob=cfg_prob, w_conditioned=w_conditioned)
-    run = distill.DistillRun(chain=chain, loss=loss, guidance=G0, train=replace(
+    run = distill.DistillRun(chain=chain, loss=loss, guidance=G0, train=b.batched(replace(
         distill.TRAIN, train_steps=b.distill.steps, save_every=200, seed=seed,
-        resume=Path(f"{out}.state.pt").is_file()))
+        resume=Path(f"{out}.state.pt").is_file())))
     distill.distill(str(teacher), str(init), run, str(out), d)
 
 
@@ -124,7 +127,7 @@ def evolve_stage(b: Budget, p: dict[str, Path], frozen: Path | None = None) -> N
 def evolve_config(b: Budget) -> EvolveConfig:
     """Alg. 1's settings in the budget (the recipe's evolving, and the arms of ``alg1_baselines`` compared with it)."""
     return EvolveConfig(target=b.evolve.target, iterations=b.evolve.iterations, actions=b.evolve.actions,
-                        robust_steps=b.evolve.train, finetune_steps=b.evolve.finetune)
+                        robust_steps=b.evolve.train, finetune_steps=b.evolve.finetune, train=b.batched(ALG1_TRAIN))
 
 
 def alg1_scorer(b: Budget, clip: CustomTextCLIP) -> Callable[[Pipeline], float]:
