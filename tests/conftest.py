@@ -1,8 +1,8 @@
 """Test set-up: diffusers and transformers serve as reference oracles only, offline, built from configs.
 
 Helpers live in ``helpers.py``; ``-m "not slow"`` (make test-fast) leaves out the full-size and end-to-end tests.
-``make test`` runs two pytest-xdist workers, a test file at a time each (so a module's fixture is built once), then the
-``full_size`` tests -- SD-v1.5's models, GBs each -- alone, one at a time.
+``make test`` runs three pytest-xdist workers, a test file at a time each (so a module's fixture is built once), then
+the ``full_size`` tests -- SD-v1.5's models, GBs each -- alone, one at a time.
 """
 
 import os
@@ -29,8 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore::snapfusion_min.pipeline.OutOfDomainWarning")
 
 
-# The longest files first (docs/testing.md's slowest tests): --dist loadfile hands files to the two workers in the
-# order collected, so a long file collected last would run alone at the end while the other worker idles.
+# The longest files first (docs/testing.md's slowest tests): --dist loadfile hands files to the workers in the order
+# collected, so a long file collected last would run alone at the end while the other workers idle.
 LONGEST_FIRST = ("test_recipe.py", "test_coreml_ship.py", "test_shards.py", "test_metrics.py", "test_export.py",
                  "test_evolve.py", "test_cli.py", "test_sd_eval.py")
 

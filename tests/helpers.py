@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import runpy
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from snapfusion_min.arch import tiny
+from snapfusion_min.arch import ArchSpec, tiny
 from snapfusion_min.pipeline import Pipeline, SamplerConfig
 from snapfusion_min.text_encoder import TextConfig, TextEncoder, write_bpe_files
 from snapfusion_min.unet import UNet
@@ -61,12 +62,21 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+def few_blocks(context: int = 32) -> ArchSpec:
+    """``tiny`` with 14 of its 38 blocks, every kind of stage and block still there: for Core ML conversions, whose
+    time grows with the number of ops."""
+    stages = {"down1": "R0", "down2": "R0 A0", "down3": "R0", "mid_down": "", "mid": "R0 A0", "mid_up": "R0",
+              "up1": "R0 R1", "up2": "R0 A0 R1", "up3": "R0 R1"}
+    return dataclasses.replace(tiny(context), stages={s: tuple(b.split()) for s, b in stages.items()})
+
+
 def tiny_pipeline(seed: int = 0, prediction: str = "v", context: int = 32, sampler: SamplerConfig = TINY_SAMPLER,
-                  vae: VAEConfig = TOY_VAE, latent_scale: float = 0.5) -> Pipeline:
-    """The tiny UNet preset, the toy autoencoder's shapes and a one-layer text encoder, all with random weights."""
+                  vae: VAEConfig = TOY_VAE, latent_scale: float = 0.5, arch: ArchSpec | None = None) -> Pipeline:
+    """The tiny UNet preset (or ``arch``), the toy autoencoder's shapes and a one-layer text encoder, all with random
+    weights."""
     text = randomize(TextEncoder(TextConfig(width=context, layers=1, heads=2, context_length=16)), seed + 1)
-    return Pipeline(randomize(UNet(tiny(context)), seed), randomize(VAE(vae), seed + 2), text, prediction=prediction,
-                    latent_scale=latent_scale, sampler=sampler, source="tiny.safetensors")
+    return Pipeline(randomize(UNet(arch or tiny(context)), seed), randomize(VAE(vae), seed + 2), text,
+                    prediction=prediction, latent_scale=latent_scale, sampler=sampler, source="tiny.safetensors")
 
 
 def run_script(script: str, *args: str, torchrun: bool = False, cwd: Path = ROOT,
