@@ -40,12 +40,12 @@ lint: $(VENV)/.dev  ## ruff, and the house's import layers (pyproject.toml: [too
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(VENV)/.dev lint web-deps  ## install, lint, run the test suite (three workers on the cores; then the full-size models, one at a time)
-	$(PY) -m pytest -q -n 3 --dist loadfile -m "not full_size"  # 3 on 2 cores: docs/testing.md
+test: $(VENV)/.dev lint web-deps  ## install, lint, run the test suite (two workers; then the full-size models, one at a time)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not full_size"
 	$(PY) -m pytest -q -m full_size $$(grep -l "mark.full_size" tests/test_*.py)  # collect only their files
 
 test-fast: $(VENV)/.dev lint  ## the suite without the full-size and end-to-end tests (about 2 minutes)
-	$(PY) -m pytest -q -m "not slow and not full_size" -n 3 --dist loadfile
+	$(PY) -m pytest -q -m "not slow and not full_size" -n 2 --dist loadfile
 
 mutate: $(VENV)/.dev  ## do the tests catch faults? planted ones, then mutmut on diffusion.py + distill.py (long: docs/testing.md)
 	$(PY) tests/plant_faults.py

@@ -1,8 +1,8 @@
 """Test set-up: diffusers and transformers serve as reference oracles only, offline, built from configs.
 
 Helpers live in ``helpers.py``; ``-m "not slow"`` (make test-fast) leaves out the full-size and end-to-end tests.
-``make test`` runs three pytest-xdist workers, a test file at a time each (so a module's fixture is built once), then
-the ``full_size`` tests -- SD-v1.5's models, GBs each -- alone, one at a time.
+``make test`` runs two pytest-xdist workers, a test file at a time each (so a module's fixture is built once), then the
+``full_size`` tests -- SD-v1.5's models, GBs each -- alone, one at a time.
 """
 
 import os
