@@ -29,8 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore::snapfusion_min.pipeline.OutOfDomainWarning")
 
 
-# The longest files first (docs/testing.md's slowest tests): --dist loadfile hands files to the workers in the order
-# collected, so a long file collected last would run alone at the end while the other workers idle.
+# The longest files first (docs/testing.md's slowest tests): --dist loadfile hands files to the two workers in the
+# order collected, so a long file collected last would run alone at the end while the other worker idles.
 LONGEST_FIRST = ("test_recipe.py", "test_coreml_ship.py", "test_shards.py", "test_metrics.py", "test_export.py",
                  "test_evolve.py", "test_cli.py", "test_sd_eval.py")
 
