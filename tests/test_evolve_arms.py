@@ -23,7 +23,8 @@ def facts_of(clip: dict[str, tuple[list[float], float]]) -> dict:
         out[name] = {"draws": {"clip": draws_, "fid": -100 * draws_},
                      "seeds": [{"clip": s, "fid": -100 * s} for s in seeds], "ms": [10.0] * len(seeds),
                      "params": [1e6] * len(seeds),
-                     "specs": [f"{name}{i}" for i in range(len(seeds))], "copies": [[] for _ in seeds]}
+                     "specs": [f"{name}{i}" for i in range(len(seeds))], "copies": [[] for _ in seeds],
+                     "starts": ["abc"] * len(seeds)}
     return out
 
 
@@ -58,7 +59,7 @@ def test_page_states_each_verdict(tmp_path):
     log = {"target_ms": 10.0, "target_params": 1e6, "chosen": {"ratio": 0.5, "channels": [16], "measured_ms": 15.0},
            "sweep": [{"ratio": 0.5, "channels": [16], "params": 1e6, "measured_ms": 15.0}]}
     for seed in (0, 1, 2):
-        (tmp_path / f"slim{seed}.safetensors.log.json").write_text(json.dumps(log))
+        (tmp_path / f"slim{seed}.json").write_text(json.dumps(log))
     lines = write_page(ArmsConfig(), f, {"alg11": 60.0, "random0": 120.0}, 30.0, tmp_path, tmp_path, (0.5, 1.0),
                        log["sweep"])
     text = (tmp_path / "evolving.md").read_text()
@@ -79,6 +80,10 @@ def test_page_states_each_verdict(tmp_path):
     assert "| 0.5 | (16,) | 1.00M | 15.0 |" in text and "Chosen in the runs (3 seeds, each against its own " \
         "Alg. 1): 0.5 (16,), the fraction of Alg. 1's parameter count" in text
     assert "no fraction meets Alg. 1's latency" in text and "3.0 min for 2 runs" in text
+    assert "UNet checksum abc, the same for every run" in text
+    f["random"]["starts"][1] = "abd"  # a run resumed on another machine re-made the robust UNet
+    text = "\n".join(write_page(ArmsConfig(), f, {}, 30.0, tmp_path, tmp_path, (0.5, 1.0), log["sweep"]))
+    assert "2 makings of it, UNet checksums abc, abd" in text
 
 
 def test_every_arm_trains_for_alg1s_whole_budget(tmp_path, monkeypatch):
@@ -110,9 +115,9 @@ def test_every_arm_trains_for_alg1s_whole_budget(tmp_path, monkeypatch):
     cfg = EvolveConfig(target=0.8, iterations=3, actions=20, robust_steps=5, finetune_steps=7)
     log = evolve_and_finetune(str(start), table, cfg, lambda p: 0.0, None, str(tmp_path / "alg10.safetensors"))
     assert trained == [5, 5, 7] and log["train_steps"] == 17  # 2 of 3 robust rounds, then fine-tuning
-    (tmp_path / "alg10.safetensors.log.json").write_text(json.dumps(log))
+    alg1 = alg1_baselines.record(log, tmp_path / "alg10.safetensors", start)
     for arm in ("random", "scratch", "dclip"):
         trained.clear()
-        out = alg1_baselines.run_arm(arm, 0, str(start), str(tmp_path / "alg10.safetensors"), table, cfg,
-                                     lambda p: 0.0, str(tmp_path / f"{arm}0.safetensors"))
+        out = alg1_baselines.run_arm(arm, 0, str(start), json.loads(json.dumps(alg1)), table, cfg, lambda p: 0.0,
+                                     str(tmp_path / f"{arm}0.safetensors"))
         assert sum(trained) == 17 and out["train_steps"] == 17, (arm, trained)

@@ -8,6 +8,7 @@ import torch
 from helpers import run_main, run_script
 
 from snapfusion_min import read_pipeline
+from snapfusion_min.arch import ArchSpec
 from snapfusion_min.experiments.budget import G0
 
 pytestmark = pytest.mark.slow  # see conftest.py
@@ -102,8 +103,8 @@ def test_arms_run_each_baseline_at_the_same_budget(quick_run):
     work, _ = quick_run
     assert run_main("recipe.py", "--quick", "--arms", "--work-dir", str(work), "--report-dir", str(work / "report")) \
         == 0
-    arms = work / "arms"
-    assert list(json.loads((arms / "arms.json").read_text())["done"]) == ["teacher", *[f"{a}0" for a in ARMS]]
+    arms, raw = work / "arms", work / "report" / "arms"
+    assert list(json.loads((raw / "arms.json").read_text())["done"]) == ["teacher", *[f"{a}0" for a in ARMS]]
     robust, evolved = read_pipeline(work / "robust.safetensors"), read_pipeline(work / "evolved.safetensors")
     models = {a: read_pipeline(arms / f"{a}0.safetensors") for a in ARMS if a != "alg1"}
     for name in ("random", "slim", "scratch"):  # one training of Alg. 1's whole budget: 1 x 4 robust + 4 steps
@@ -122,3 +123,28 @@ def test_arms_run_each_baseline_at_the_same_budget(quick_run):
     for label in ["teacher (the original UNet)", *ARMS.values()]:
         assert f"| {label} |" in text, label
     assert "What the toy world supports." in text and (work / "report" / "fig_evolving.png").is_file()
+    assert ArchSpec.from_json(json.loads((raw / "alg10.json").read_text())["spec"]) == evolved.unet.spec
+    assert "UNet checksum" in text and "the same for every run" in text
+    # the run goes on elsewhere from report/arms alone: a new work folder re-makes the robust UNet, not the evolved one,
+    # trains no arm and redraws the page from the kept records
+    record, elsewhere = (raw / "arms.json").read_text(), work / "elsewhere"
+    assert run_main("recipe.py", "--quick", "--arms", "--work-dir", str(elsewhere), "--report-dir",
+                    str(work / "report")) == 0
+    assert (raw / "arms.json").read_text() == record and not (elsewhere / "evolved.safetensors").exists()
+    assert not list((elsewhere / "arms").glob("*.safetensors"))
+    verdicts = lambda page: [line for line in page.splitlines() if line.count("|") == 6]  # noqa: E731 (no latency)
+    assert verdicts((work / "report" / "evolving.md").read_text()) == verdicts(text) and len(verdicts(text)) == 7
+
+
+def test_a_kept_arms_run_refuses_another_table(tmp_path):
+    """report/arms/ evolves on with the table it started with: --latency-table beside it is refused in one line,
+    before any work."""
+    from snapfusion_min.latency import LatencyTable
+
+    (tmp_path / "report" / "arms").mkdir(parents=True)
+    for path in (tmp_path / "report" / "arms" / "lut.json", tmp_path / "mine.json"):
+        LatencyTable("cpu", 2, 8, "float32", ms={}).save(path)
+    code = run_main("recipe.py", "--quick", "--arms", "--latency-table", str(tmp_path / "mine.json"), "--work-dir",
+                    str(tmp_path / "work"), "--report-dir", str(tmp_path / "report"))
+    assert isinstance(code, str) and "holds a run that evolved with its own lookup table" in code, code
+    assert "\n" not in code and not (tmp_path / "work").exists()

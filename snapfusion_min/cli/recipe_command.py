@@ -44,8 +44,8 @@ def build_parser():  # noqa: ANN201
     p.add_argument("--bundled", action="store_true", help="start from models/toy's CLIP, autoencoder and teacher")
     p.add_argument("--arms", action="store_true", help="instead of the report: Alg. 1 against its baselines at "
                    "its latency or size, trained as long (snapfusion_min/experiments/alg1_baselines.py), 3 seeds "
-                   "each, -> "
-                   "<report-dir>/evolving.md (its cost is on that page)")
+                   "each, -> <report-dir>/evolving.md (its cost is on that page); the run so far is kept in "
+                   "<report-dir>/arms/ and goes on from there, on any machine")
     p.add_argument("--students", action="store_true", help="instead of the report: the students the paper's "
                    "distillation claims compare (snapfusion_min/experiments/distillation_claims.py), 3 seeds each, "
                    "and the claims at 8 steps -> <report-dir>/distillation.md (its cost is on that page)")

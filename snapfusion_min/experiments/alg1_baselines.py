@@ -18,12 +18,20 @@ the same held-out prompts with the same noise, at 50 steps and the working guida
 interval is the 95% bootstrap over prompts and training seeds (``eval/bootstrap.py``: the same draws for every
 model) of the mean over seeds; a difference between arms is "beyond the noise" when its paired interval lies wholly
 on one side of 0.
+
+The run is long (hours on two cores), so what the page is drawn from is kept beside it, in ``<report>/arms/``: the
+lookup table Alg. 1 evolved with (``lut.json``), per model its run's log with its architecture (``<arm><seed>.json``)
+and its judging (``<arm><seed>.judged.pt``), and the record of what is done (``arms.json``). Latency and size are
+the architecture's, timed on fresh weights, so the trained models need not be kept: a run stopped on one machine
+goes on on another from that folder, and the page can be redrawn from it alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch import ArchSpec
 from ..cost import count_params, threads
 from ..eval import bootstrap
 from ..eval.metrics import fid
@@ -66,25 +75,26 @@ class ArmsConfig:
 QUICK_ARMS = ArmsConfig(seeds=(0,), n=4, steps=4, draws=50)  # a smoke run (the tests): one seed per arm
 
 
-def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg: EvolveConfig, score: Scorer,
-            out: str) -> dict:
+def run_arm(arm: str, seed: int, start: str, alg1: dict | None, table: LatencyTable, cfg: EvolveConfig,
+            score: Scorer, out: str) -> dict:
     """Train arm ``arm`` of seed ``seed`` from the robust-trained ``start`` into ``out``; returns its log.
-    ``alg1``: Alg. 1's UNet of the same seed (the architecture of 'scratch', the latency and size 'slim' aims at;
-    every other arm trains for as many steps in all as its log says it did: ``train_steps``)."""
+    ``alg1``: the record of Alg. 1's run of the same seed (``record``; None for Alg. 1 itself): its architecture
+    ('spec': that of 'scratch', the latency and size 'slim' aims at) and how many steps it trained in all
+    ('train_steps': every other arm trains for as many)."""
 
     torch.manual_seed(seed)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed),
                               criterion="d_clip" if arm == "dclip" else "value",
                               baseline="random" if arm == "random" else None)
-    budget = None if arm == "alg1" else json.loads(Path(f"{alg1}.log.json").read_text())["train_steps"]
+    budget = None if alg1 is None else alg1["train_steps"]
     if arm in ("alg1", "dclip", "random"):
         return evolve_and_finetune(start, table, cfg, score, None, out, budget=budget)
-    pipe, log = read_pipeline(alg1 if arm == "scratch" else start), {"config": dataclasses.asdict(cfg),
-                                                                      "train_steps": budget}
+    pipe, log = read_pipeline(start), {"config": dataclasses.asdict(cfg), "train_steps": budget}
+    spec = ArchSpec.from_json(alg1["spec"])
     if arm == "scratch":
-        pipe.unet = UNet(pipe.unet.spec).to(next(pipe.unet.parameters()).device)
+        pipe.unet = UNet(spec).to(next(pipe.unet.parameters()).device)
     else:
-        target, latent = read_pipeline(alg1).unet, pipe.sampler.resolution // pipe.vae.cfg.factor
+        target, latent = fresh_unet(spec), pipe.sampler.resolution // pipe.vae.cfg.factor
         context_len = pipe.text_encoder.cfg.context_length
         with threads(cfg.threads):
             target_ms = measure_unet(target, latent, table.batch, context_len)
@@ -99,9 +109,32 @@ def run_arm(arm: str, seed: int, start: str, alg1: str, table: LatencyTable, cfg
     return log
 
 
+def fresh_unet(spec: ArchSpec) -> UNet:
+    """A UNet of ``spec`` for its latency and size (which its weights do not change), drawn without touching the
+    random numbers the run goes on with."""
+    with torch.random.fork_rng(devices=[]):
+        return UNet(spec)
+
+
 def judge(pipe: Pipeline, clip: torch.nn.Module, cfg: ArmsConfig) -> dict[str, torch.Tensor]:
     """Per held-out prompt: the generated image's CLIP cosine with its caption, and its image features (for FID)."""
     return per_prompt(pipe, clip, cfg.n, cfg.steps, cfg.guidance, progress=True)
+
+
+def record(log: dict, checkpoint: Path, start: Path) -> dict:
+    """What the page needs of a run besides its judging: its log, its UNet's architecture ('spec') and a checksum
+    of the UNet it started from ('start': runs resumed on another machine re-make it, and the page says whether
+    every run started from the same weights)."""
+    return log | {"spec": dataclasses.asdict(read_pipeline(checkpoint).unet.spec), "start": unet_sum(start)}
+
+
+def unet_sum(checkpoint: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of a checkpoint's UNet weights, in key order."""
+    h = hashlib.sha256()
+    for key, value in sorted(read_pipeline(checkpoint).unet.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 # ---- the stages -------------------------------------------------------------------------------------------------
@@ -109,81 +142,103 @@ def model_path(p: dict[str, Path], work: Path, arm: str, seed: int) -> Path:
     return p["evolved"] if (arm, seed) == ("alg1", 0) else work / f"{arm}{seed}.safetensors"
 
 
-def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, clip: torch.nn.Module) -> list[tuple[str,
-                                                                                                           Callable]]:
-    """(name, run): the teacher judged, then every arm and seed trained (Alg. 1's seed 0 is the recipe's evolved
-    UNet) and judged into ``<work>/<arm><seed>.judged.pt``."""
+def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, raw: Path,
+           clip: torch.nn.Module) -> list[tuple[str, Callable]]:
+    """(name, run): the teacher judged, then every arm and seed trained into ``work`` (Alg. 1's seed 0 is the
+    recipe's evolved UNet), recorded into ``<raw>/<arm><seed>.json`` and judged into ``<raw>/<arm><seed>.judged.pt``.
+    The arms of seed s read Alg. 1's record of seed s (it comes first)."""
 
     def judged(name: str, checkpoint: Path) -> None:
         out = judge(read_pipeline(checkpoint), clip, cfg)
-        atomic_write(work / f"{name}.judged.pt", lambda tmp: torch.save(out, tmp))
+        atomic_write(raw / f"{name}.judged.pt", lambda tmp: torch.save(out, tmp))
 
     def arm(name: str, seed: int) -> Callable:
         def run() -> None:
             out = model_path(p, work, name, seed)
-            if out != p["evolved"]:
+            if out == p["evolved"]:
+                log = json.loads(Path(f"{out}.log.json").read_text())
+            else:
                 start = read_pipeline(p["robust"])
                 latent = start.sampler.resolution // start.vae.cfg.factor
                 table = build_table(start.unet, latent, 2, start.text_encoder.cfg.context_length, str(p["lut"]))
                 del start
-                log = run_arm(name, seed, str(p["robust"]), str(model_path(p, work, "alg1", seed)), table,
-                              evolve_config(b), alg1_scorer(b, clip), str(out))
+                alg1 = None if name == "alg1" else json.loads((raw / f"alg1{seed}.json").read_text())
+                log = run_arm(name, seed, str(p["robust"]), alg1, table, evolve_config(b), alg1_scorer(b, clip),
+                              str(out))
                 atomic_write(f"{out}.log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+            kept = record(log, out, p["robust"])
+            atomic_write(raw / f"{name}{seed}.json", lambda tmp: Path(tmp).write_text(json.dumps(kept, indent=1)))
             judged(f"{name}{seed}", out)
         return run
 
-    return [("teacher", lambda: judged("teacher", p["teacher"])),
-            *[(f"{name}{seed}", arm(name, seed)) for name in ARMS for seed in cfg.seeds]]
+    def teacher() -> None:
+        kept = {"spec": dataclasses.asdict(read_pipeline(p["teacher"]).unet.spec)}
+        atomic_write(raw / "teacher.json", lambda tmp: Path(tmp).write_text(json.dumps(kept, indent=1)))
+        judged("teacher", p["teacher"])
+
+    return [("teacher", teacher), *[(f"{name}{seed}", arm(name, seed)) for name in ARMS for seed in cfg.seeds]]
+
+
+def needs_evolved(report: Path) -> bool:
+    """Whether the arms still need the recipe's evolved UNet (Alg. 1's seed 0), or have it judged in
+    ``<report>/arms``."""
+    done = report / "arms" / "arms.json"
+    return not done.is_file() or "alg10" not in json.loads(done.read_text())["done"]
 
 
 def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report: Path) -> list[str]:
-    """Every arm and seed not yet done (recorded in <work>/arms.json), then the page report/evolving.md."""
+    """Every arm and seed not yet done (recorded in <report>/arms/arms.json), then the page report/evolving.md.
+    The arms evolve with ``<report>/arms/lut.json``, the table of the recipe's evolving (copied there first)."""
 
     work.mkdir(parents=True, exist_ok=True)
+    raw = report / "arms"
+    raw.mkdir(parents=True, exist_ok=True)
+    if not (raw / "lut.json").is_file():
+        shutil.copyfile(p["lut"], raw / "lut.json")
+    shutil.copyfile(raw / "lut.json", p["lut"])
     clip = load_toy_clip(BUNDLED / "clip.safetensors")
     settings = {"budget": dataclasses.asdict(b), "arms": dataclasses.asdict(cfg)}
-    todo = stages(b, cfg, p, work, clip)
-    record = run_stages(todo, work / "arms.json", settings)
+    todo = stages(b, cfg, p, work, raw, clip)
+    done = run_stages(todo, raw / "arms.json", settings)["done"]
     start = time.perf_counter()
-    models = {"teacher": [p["teacher"]]} | {arm: [model_path(p, work, arm, s) for s in cfg.seeds] for arm in ARMS}
-    judged = {"teacher": [work / "teacher.judged.pt"]} | {
-        arm: [work / f"{arm}{s}.judged.pt" for s in cfg.seeds] for arm in ARMS}
-    facts = measure(cfg, models, judged, clip)
+    names = {"teacher": ["teacher"]} | {arm: [f"{arm}{s}" for s in cfg.seeds] for arm in ARMS}
     robust = read_pipeline(p["robust"])
-    block_ms = LatencyTable.load(p["lut"]).block_ms(robust.unet.spec).values()
-    sweep = slim_sweep(robust.unet, robust.sampler.resolution // robust.vae.cfg.factor, 2,
-                       robust.text_encoder.cfg.context_length)  # side by side with the models' latencies
-    done = {name: record["done"][name] for name, _ in todo}  # in stage order
-    return write_page(cfg, facts, done, time.perf_counter() - start, work, report,
+    latent, context_len = robust.sampler.resolution // robust.vae.cfg.factor, robust.text_encoder.cfg.context_length
+    facts = measure(cfg, raw, names, clip, latent, context_len)
+    block_ms = LatencyTable.load(raw / "lut.json").block_ms(robust.unet.spec).values()
+    sweep = slim_sweep(robust.unet, latent, 2, context_len)  # side by side with the models' latencies
+    done = {name: done[name] for name, _ in todo}  # in stage order
+    return write_page(cfg, facts, done, time.perf_counter() - start, raw, report,
                       (min(block_ms), max(block_ms)), sweep)
 
 
 # ---- the page ---------------------------------------------------------------------------------------------------
-def measure(cfg: ArmsConfig, models: dict[str, list[Path]], judged: dict[str, list[Path]],
-            clip: torch.nn.Module) -> dict:
-    """Per model (label -> seeds): bootstrap draws of the seed-mean CLIP score and FID, each seed's own values, and
-    each seed's measured latency per step (one thread, batch 2, side by side) and parameters."""
+def measure(cfg: ArmsConfig, raw: Path, names: dict[str, list[str]], clip: torch.nn.Module, latent: int,
+            context_len: int) -> dict:
+    """Per model (label -> its runs' names in ``raw``): bootstrap draws of the seed-mean CLIP score and FID, each
+    seed's own values, and each seed's architecture, its latency per step (one thread, batch 2, side by side, on
+    fresh weights) and parameters, and the checksums of the UNets its runs started from."""
 
     real = toy_judge(clip).image_features(real_heldout(cfg.n)[0], normalize=False).cpu()
     d = bootstrap.draws(cfg.n, len(cfg.seeds), cfg.draws)
     facts = {}
-    loaded = {name: [torch.load(path, weights_only=True) for path in paths] for name, paths in judged.items()}
+    loaded = {name: [torch.load(raw / f"{run}.judged.pt", weights_only=True) for run in runs]
+              for name, runs in names.items()}
     fids = bootstrap.fid_draws_all({name: [s["features"] for s in seeds] for name, seeds in loaded.items()}, real, d)
     for name, seeds in loaded.items():
         facts[name] = {"draws": {"clip": bootstrap.mean_draws([s["cos"] for s in seeds], d), "fid": fids[name]},
                        "seeds": [{"clip": s["cos"].double().mean().item(), "fid": fid(s["features"], real)}
                                  for s in seeds],
-                       "ms": [], "params": [], "specs": [], "copies": []}
-        for path in models[name]:
-            log = Path(f"{path}.log.json")
-            actions = json.loads(log.read_text()).get("actions", []) if log.is_file() else []
-            facts[name]["copies"].append([a["action"] for a in actions if a["action"].startswith("+")])
-            pipe = read_pipeline(path)
-            facts[name]["specs"].append(pipe.unet.spec)
+                       "ms": [], "params": [], "specs": [], "copies": [], "starts": []}
+        for run in names[name]:
+            log = json.loads((raw / f"{run}.json").read_text())
+            facts[name]["copies"].append([a["action"] for a in log.get("actions", []) if a["action"].startswith("+")])
+            facts[name]["starts"] += [log["start"]] if "start" in log else []
+            unet = fresh_unet(ArchSpec.from_json(log["spec"]))
+            facts[name]["specs"].append(unet.spec)
             with threads(1):
-                facts[name]["ms"].append(measure_unet(pipe.unet, pipe.sampler.resolution // pipe.vae.cfg.factor, 2,
-                                                      pipe.text_encoder.cfg.context_length))
-            facts[name]["params"].append(count_params(pipe.unet))
+                facts[name]["ms"].append(measure_unet(unet, latent, 2, context_len))
+            facts[name]["params"].append(count_params(unet))
     return facts
 
 
@@ -209,25 +264,28 @@ def spread(values: list[float], fmt: str) -> str:
     return lo if lo == hi else f"{lo}-{hi}"
 
 
-def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, work: Path, report: Path,
+def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, raw: Path, report: Path,
                block_ms: tuple[float, float], sweep: list[dict]) -> list[str]:
     """report/evolving.md and its figure: the arms with their intervals, each arm and the teacher against Alg. 1,
     how often dCLIP alone chose Alg. 1's blocks (``block_ms``: the range of the start's block latencies), the
-    slimming ``sweep`` (``slim.slim_sweep`` of the start), what the toy world supports and what this cost; returns
-    the page's lines."""
+    slimming ``sweep`` (``slim.slim_sweep`` of the start; the slimming runs' logs are in ``raw``), what the toy
+    world supports and what this cost; returns the page's lines."""
 
     label = {"teacher": "teacher (the original UNet)"} | ARMS
     k, ci = len(cfg.seeds), {name: {key: bootstrap.interval(f["draws"][key]) for key in ("clip", "fid")}
                              for name, f in facts.items()}
+    starts = sorted({s for f in facts.values() for s in f["starts"]})
     lines = ["# Is Alg. 1 worth it? Evolving against the baselines", "",
-             f"From the recipe's robust-trained UNet (`robust.safetensors`), each arm removes work down to Alg. 1's "
+             f"From the recipe's robust-trained UNet (`robust.safetensors`; {start_line(starts)}), each arm removes "
+             "work down to Alg. 1's "
              f"latency or size and trains for as many steps as Alg. 1 of its seed did in all; {k} seeds each "
              f"(`snapfusion_min/experiments/alg1_baselines.py` says what each arm does). {latency_line(facts, label)}"
              f" Every model draws {cfg.n} held-out prompts with the same noise, {cfg.steps} DDIM steps, "
              f"guidance {cfg.guidance:g}. Intervals: 95% bootstrap over the prompts *and* the training seeds "
              f"({cfg.draws} draws of both, the same for every model: `eval/bootstrap.py`) of the mean over seeds "
              "(FID's draws repeat images, which raises FID: its intervals lie mostly above its estimate); latency: "
-             "one UNet step with CFG (batch 2), measured side by side on one CPU thread.", "",
+             "one UNet step with CFG (batch 2) of each architecture, measured side by side on one CPU thread.",
+             "",
              "| model | latency / step (ms) | parameters | CLIP score (95%) | per seed | FID (95%) | per seed |",
              "|---|---|---|---|---|---|---|"]
     for name, f in facts.items():
@@ -254,15 +312,18 @@ def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, work: Pa
               "Copies (Alg. 1's A+, made by an evolving step that starts at or below the target): " + (", ".join(
                   f"{label[name]}, seed {s}: {' '.join(c)}" for name, f in facts.items()
                   for s, c in zip(cfg.seeds, f["copies"]) if c) or "none") + ".", "",
-              *slim_lines(work, cfg.seeds, sweep, facts["alg1"]),
+              *slim_lines(raw, cfg.seeds, sweep, facts["alg1"]),
               *supported(versus, keeps(facts, "alg1", "teacher", {"clip": cfg.clip_margin, "fid": cfg.fid_margin}),
                          facts, label, cfg), "",
               "![quality against latency](fig_evolving.png)", "",
-              f"Cost: `python recipe.py --bundled --arms` after the recipe: {sum(done.values()) / 60:.1f} min for "
-              f"{len(done)} runs (each arm and seed trained and judged, the teacher judged; "
+              "What this page is drawn from is in `arms/` beside it (each run's log, architecture and judging; "
+              "the lookup table): `python recipe.py --bundled --arms` redraws the page from it and trains only the "
+              "runs it lacks, on any machine.", "",
+              f"Cost, as `arms/arms.json` records it: {sum(done.values()) / 60:.1f} min for {len(done)} runs (each "
+              "arm and seed trained and judged, the teacher judged; "
               f"{', '.join(f'{n} {t / 60:.1f}' for n, t in done.items())} min) and {page_s / 60:.1f} min for this "
-              "page, on this 2-core CPU (wall time; a busy machine takes longer); it is not part of the 90-minute "
-              "recipe."]
+              "page (wall time on 2-core CPUs; a busy machine takes longer); it is not part of the recipe's 90 "
+              "minutes."]
     arms_plot({label[name]: {"ms": f["ms"], "clip": [s["clip"] for s in f["seeds"]],
                              "fid": [s["fid"] for s in f["seeds"]], "clip_ci": ci[name]["clip"],
                              "fid_ci": ci[name]["fid"]} for name, f in facts.items()},
@@ -271,7 +332,7 @@ def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, work: Pa
     return lines
 
 
-def slim_lines(work: Path, seeds: tuple[int, ...], sweep: list[dict], alg1: dict) -> list[str]:
+def slim_lines(raw: Path, seeds: tuple[int, ...], sweep: list[dict], alg1: dict) -> list[str]:
     """The slimming sweep (widths, parameters, latency measured beside the table's), and the fraction each seed's
     run chose, and why."""
     ms, params = sum(alg1["ms"]) / len(alg1["ms"]), sum(alg1["params"]) / len(alg1["params"])
@@ -280,7 +341,7 @@ def slim_lines(work: Path, seeds: tuple[int, ...], sweep: list[dict], alg1: dict
            "| kept fraction | widths | parameters | latency / step (ms) |", "|---|---|---|---|"]
     out += [f"| {r['ratio']:g} | {tuple(r['channels'])} | {r['params'] / 1e6:.2f}M | {r['measured_ms']:.1f} |"
             for r in sweep]
-    logs = [json.loads((work / f"slim{s}.safetensors.log.json").read_text()) for s in seeds]
+    logs = [json.loads((raw / f"slim{s}.json").read_text()) for s in seeds]
     chosen = sorted({f"{log['chosen']['ratio']:g} {tuple(log['chosen']['channels'])}" for log in logs})
     met = [log["chosen"]["measured_ms"] <= log["target_ms"] for log in logs]
     reason = ("the largest fraction that meets Alg. 1's latency" if all(met) else
@@ -289,6 +350,14 @@ def slim_lines(work: Path, seeds: tuple[int, ...], sweep: list[dict], alg1: dict
               "does" if not any(met) else "by latency in some seeds and by parameter count in others")
     return out + ["", f"Chosen in the runs ({len(seeds)} seeds, each against its own Alg. 1): {', '.join(chosen)}, "
                   f"{reason}.", ""]
+
+
+def start_line(starts: list[str]) -> str:
+    """Whether every run started from the same weights (``starts``: the checksums of their start UNets)."""
+    if len(starts) <= 1:
+        return f"UNet checksum {starts[0]}, the same for every run" if starts else "no checksum recorded"
+    return (f"{len(starts)} makings of it, UNet checksums {', '.join(starts)}: runs resumed elsewhere re-made it "
+            "with the same code and seed, and its weights differ in rounding")
 
 
 def latency_line(facts: dict, label: dict) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .alg1_baselines import QUICK_ARMS, ArmsConfig, run_arms
+from .alg1_baselines import QUICK_ARMS, ArmsConfig, needs_evolved, run_arms
 from .budget import Budget
 from .distillation_claims import QUICK_CLAIMS, ClaimsConfig, run_claims
 from .report import write_report
@@ -19,17 +19,25 @@ def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo:
                quick: bool = False, arms: bool = False, latency_table: Path | None = None,
                students: bool = False) -> dict:
     """Every stage not yet done, then the report; returns the report's verdict (speed-up, CLIP, FID ratio).
-    With ``arms``: the stages up to evolving, then Alg. 1 against its baselines (``alg1_baselines``:
-    report/evolving.md, whose lines are returned as 'page'); with ``students``: the stages up to the 8-step student,
+    With ``arms``: the stages up to evolving (up to robust training once the evolved UNet is judged), then Alg. 1
+    against its baselines (``alg1_baselines``: report/evolving.md, whose lines are returned as 'page'; the run so far
+    is kept in report/arms/, and goes on from there); with ``students``: the stages up to the 8-step student,
     then the claims page (``distillation_claims``: report/distillation.md, its lines as 'page').
     ``latency_table``: evolve with this measured lookup table as it is (two runs then agree bit for bit) instead of
     timing one."""
+    kept = report / "arms" / "lut.json"  # the arms' run so far: it evolves on with its own table
+    if arms and kept.is_file():
+        if latency_table is not None:
+            raise ValueError(f"{kept.parent} holds a run that evolved with its own lookup table: drop "
+                             "--latency-table, or give another --report-dir")
+        latency_table = kept
     work.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
     p = paths(work, bundled)
     todo = stages(b, p, work, bundled, latency_table)
     if arms or students:
-        todo = todo[:[name for name, _ in todo].index("evolved" if arms else "student8") + 1]
+        last = ("evolved" if needs_evolved(report) else "robust") if arms else "student8"
+        todo = todo[:[name for name, _ in todo].index(last) + 1]
         run_stages(todo, work / "recipe.json", dataclasses.asdict(b), redo)
         if arms:
             return {"page": run_arms(b, QUICK_ARMS if quick else ArmsConfig(), p, work / "arms", report)}
