@@ -9,7 +9,7 @@ from helpers import tiny_pipeline
 
 from snapfusion_min import evolve
 from snapfusion_min.evolve import EvolveConfig, evolve_and_finetune
-from snapfusion_min.experiments import alg1_baselines
+from snapfusion_min.experiments import alg1_baselines, channel_slimming
 from snapfusion_min.experiments.alg1_baselines import ARMS, ArmsConfig, difference, keeps, write_page
 from snapfusion_min.latency import LatencyTable, block_keys
 
@@ -100,7 +100,10 @@ def test_every_arm_trains_for_alg1s_whole_budget(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evolve, "train", fake_train)
     monkeypatch.setattr(alg1_baselines, "train", fake_train)
-    monkeypatch.setattr(evolve, "measure_unet", lambda *a, **k: 1.0)
+    for module in (evolve, alg1_baselines, channel_slimming):  # latency is not what this test is about
+        monkeypatch.setattr(module, "measure_unet", lambda *a, **k: 1.0)
+    real_sweep = channel_slimming.slim_sweep  # one width is enough here
+    monkeypatch.setattr(alg1_baselines, "slim_sweep", lambda *a, **k: real_sweep(*a, **k, ratios=(0.5,)))
     real_choose, calls = evolve.choose, []
 
     def choose_once(*args):  # the second evolving step finds nothing left to do: Alg. 1 stops early
@@ -116,7 +119,7 @@ def test_every_arm_trains_for_alg1s_whole_budget(tmp_path, monkeypatch):
     log = evolve_and_finetune(str(start), table, cfg, lambda p: 0.0, None, str(tmp_path / "alg10.safetensors"))
     assert trained == [5, 5, 7] and log["train_steps"] == 17  # 2 of 3 robust rounds, then fine-tuning
     alg1 = alg1_baselines.record(log, tmp_path / "alg10.safetensors", start)
-    for arm in ("random", "scratch", "dclip"):
+    for arm in ("random", "scratch", "dclip", "slim"):
         trained.clear()
         out = alg1_baselines.run_arm(arm, 0, str(start), json.loads(json.dumps(alg1)), table, cfg, lambda p: 0.0,
                                      str(tmp_path / f"{arm}0.safetensors"))
