@@ -23,7 +23,8 @@ The run is long (hours on two cores), so what the page is drawn from is kept bes
 lookup table Alg. 1 evolved with (``lut.json``), per model its run's log with its architecture (``<arm><seed>.json``)
 and its judging (``<arm><seed>.judged.pt``), and the record of what is done (``arms.json``). Latency and size are
 the architecture's, timed on fresh weights, so the trained models need not be kept: a run stopped on one machine
-goes on on another from that folder, and the page can be redrawn from it alone.
+goes on on another from that folder (re-making only the robust UNet, and the evolved one until Alg. 1's seed 0 is
+judged), and the page is redrawn from it.
 """
 
 from __future__ import annotations
