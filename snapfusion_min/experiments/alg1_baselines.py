@@ -180,6 +180,18 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, raw: Path
     return [("teacher", teacher), *[(f"{name}{seed}", arm(name, seed)) for name in ARMS for seed in cfg.seeds]]
 
 
+def arms_table(report: Path, given: Path | None) -> Path | None:
+    """The lookup table the recipe evolves with before the arms: the one a run kept in ``<report>/arms`` goes on
+    (``given`` beside it is refused), else ``given``."""
+    kept = report / "arms" / "lut.json"
+    if not kept.is_file():
+        return given
+    if given is not None:
+        raise ValueError(f"{kept.parent} holds a run that evolved with its own lookup table: drop --latency-table, "
+                         "or give another --report-dir")
+    return kept
+
+
 def needs_evolved(report: Path) -> bool:
     """Whether the arms still need the recipe's evolved UNet (Alg. 1's seed 0), or have it judged in
     ``<report>/arms``."""
@@ -278,9 +290,9 @@ def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, raw: Pat
     starts = sorted({s for f in facts.values() for s in f["starts"]})
     lines = ["# Is Alg. 1 worth it? Evolving against the baselines", "",
              f"From the recipe's robust-trained UNet (`robust.safetensors`; {start_line(starts)}), each arm removes "
-             "work down to Alg. 1's "
-             f"latency or size and trains for as many steps as Alg. 1 of its seed did in all; {k} seeds each "
-             f"(`snapfusion_min/experiments/alg1_baselines.py` says what each arm does). {latency_line(facts, label)}"
+             f"work down to Alg. 1's latency or size and trains for as many steps as Alg. 1 of its seed did in all; "
+             f"{k} seeds each (`snapfusion_min/experiments/alg1_baselines.py` says what each arm does). "
+             f"{latency_line(facts, label)}"
              f" Every model draws {cfg.n} held-out prompts with the same noise, {cfg.steps} DDIM steps, "
              f"guidance {cfg.guidance:g}. Intervals: 95% bootstrap over the prompts *and* the training seeds "
              f"({cfg.draws} draws of both, the same for every model: `eval/bootstrap.py`) of the mean over seeds "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .alg1_baselines import QUICK_ARMS, ArmsConfig, needs_evolved, run_arms
+from .alg1_baselines import QUICK_ARMS, ArmsConfig, arms_table, needs_evolved, run_arms
 from .budget import Budget
 from .distillation_claims import QUICK_CLAIMS, ClaimsConfig, run_claims
 from .report import write_report
@@ -25,12 +25,8 @@ def run_recipe(b: Budget, work: Path, report: Path, bundled: bool = False, redo:
     then the claims page (``distillation_claims``: report/distillation.md, its lines as 'page').
     ``latency_table``: evolve with this measured lookup table as it is (two runs then agree bit for bit) instead of
     timing one."""
-    kept = report / "arms" / "lut.json"  # the arms' run so far: it evolves on with its own table
-    if arms and kept.is_file():
-        if latency_table is not None:
-            raise ValueError(f"{kept.parent} holds a run that evolved with its own lookup table: drop "
-                             "--latency-table, or give another --report-dir")
-        latency_table = kept
+    if arms:
+        latency_table = arms_table(report, latency_table)
     work.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
     p = paths(work, bundled)
