@@ -328,21 +328,25 @@ def write_page(cfg: ArmsConfig, facts: dict, done: dict, page_s: float, raw: Pat
               *slim_lines(raw, cfg.seeds, sweep, facts["alg1"]),
               *supported(versus, keeps(facts, "alg1", "teacher", {"clip": cfg.clip_margin, "fid": cfg.fid_margin}),
                          facts, label, cfg), "",
-              "![quality against latency](fig_evolving.png)", "",
-              "What this page is drawn from is in `arms/` beside it (each run's log, architecture and judging; "
-              "the lookup table): `python recipe.py --bundled --arms` redraws the page from it and trains only the "
-              "runs it lacks, on any machine.", "",
-              f"Cost, as `arms/arms.json` records it: {sum(done.values()) / 60:.1f} min for {len(done)} runs (each "
-              "arm and seed trained and judged, the teacher judged; "
-              f"{', '.join(f'{n} {t / 60:.1f}' for n, t in done.items())} min) and {page_s / 60:.1f} min for this "
-              "page (wall time on 2-core CPUs; a busy machine takes longer); it is not part of the recipe's 90 "
-              "minutes."]
+              "![quality against latency](fig_evolving.png)", "", *cost_lines(done, page_s)]
     arms_plot({label[name]: {"ms": f["ms"], "clip": [s["clip"] for s in f["seeds"]],
                              "fid": [s["fid"] for s in f["seeds"]], "clip_ci": ci[name]["clip"],
                              "fid_ci": ci[name]["fid"]} for name, f in facts.items()},
               report / "fig_evolving.png", f"Alg. 1 and its baselines, {k} seeds each (mean, 95% interval)")
     atomic_write(report / "evolving.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return lines
+
+
+def cost_lines(done: dict[str, float], page_s: float) -> list[str]:
+    """Where the page comes from, and what each run (``done``: seconds, as arms.json records them) and the page cost."""
+    return ["What this page is drawn from is in `arms/` beside it (each run's log, architecture and judging; the "
+            "lookup table): `python recipe.py --bundled --arms` redraws the page from it and trains only the runs it "
+            "lacks, on any machine.", "",
+            f"Cost, as `arms/arms.json` records it: {sum(done.values()) / 60:.1f} min for {len(done)} runs (each arm "
+            "and seed trained and judged, the teacher judged; "
+            f"{', '.join(f'{n} {t / 60:.1f}' for n, t in done.items())} min) and {page_s / 60:.1f} min for this "
+            "page (wall time on 2-core CPUs; a busy machine takes longer); it is not part of the recipe's 90 "
+            "minutes."]
 
 
 def slim_lines(raw: Path, seeds: tuple[int, ...], sweep: list[dict], alg1: dict) -> list[str]:
