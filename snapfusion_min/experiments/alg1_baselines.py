@@ -180,10 +180,16 @@ def stages(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, raw: Path
     return [("teacher", teacher), *[(f"{name}{seed}", arm(name, seed)) for name in ARMS for seed in cfg.seeds]]
 
 
+def kept_folder(report: Path) -> Path:
+    """Where an --arms run keeps what its page is drawn from (committed beside the page): the evolving table
+    lut.json, per run its log and judged features, and arms.json, the record of the runs done."""
+    return report / "arms"
+
+
 def arms_table(report: Path, given: Path | None) -> Path | None:
     """The lookup table the recipe evolves with before the arms: the one a run kept in ``<report>/arms`` goes on
     (``given`` beside it is refused), else ``given``."""
-    kept = report / "arms" / "lut.json"
+    kept = kept_folder(report) / "lut.json"
     if not kept.is_file():
         return given
     if given is not None:
@@ -195,7 +201,7 @@ def arms_table(report: Path, given: Path | None) -> Path | None:
 def needs_evolved(report: Path) -> bool:
     """Whether the arms still need the recipe's evolved UNet (Alg. 1's seed 0), or have it judged in
     ``<report>/arms``."""
-    done = report / "arms" / "arms.json"
+    done = kept_folder(report) / "arms.json"
     return not done.is_file() or "alg10" not in json.loads(done.read_text())["done"]
 
 
@@ -204,11 +210,12 @@ def run_arms(b: Budget, cfg: ArmsConfig, p: dict[str, Path], work: Path, report:
     The arms evolve with ``<report>/arms/lut.json``, the table of the recipe's evolving (copied there first)."""
 
     work.mkdir(parents=True, exist_ok=True)
-    raw = report / "arms"
+    raw = kept_folder(report)
     raw.mkdir(parents=True, exist_ok=True)
-    if not (raw / "lut.json").is_file():
+    if (raw / "lut.json").is_file():
+        shutil.copyfile(raw / "lut.json", p["lut"])
+    else:
         shutil.copyfile(p["lut"], raw / "lut.json")
-    shutil.copyfile(raw / "lut.json", p["lut"])
     clip = load_toy_clip(BUNDLED / "clip.safetensors")
     settings = {"budget": dataclasses.asdict(b), "arms": dataclasses.asdict(cfg)}
     todo = stages(b, cfg, p, work, raw, clip)
