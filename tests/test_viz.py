@@ -7,7 +7,7 @@ import sys
 
 from helpers import run_main, tiny_pipeline
 
-from snapfusion_min.formats.figures import loss_plot, steps_plot
+from snapfusion_min.formats.figures import arms_plot, loss_plot, steps_plot
 from snapfusion_min.latency import LatencyTable, fig2
 from snapfusion_min.toy.tables import sweep
 from snapfusion_min.training import write_figures
@@ -55,6 +55,17 @@ def test_loss_plot_has_named_axes(tmp_path):
     words = texts(tmp_path / "loss.svg")
     assert {"optimizer step", "loss (mean of 10 steps)", "training loss (Eq. 6)"} <= set(words)
     assert (tmp_path / "loss.png").stat().st_size > 5_000
+
+
+def test_arms_plot_draws_an_interval_that_lies_above_its_estimate(tmp_path):
+    """FID's bootstrap draws repeat images, which raises FID: its interval can lie wholly above the estimate (the
+    --arms run of issue #40 had one); the figure draws it as it is, one legend entry per arm."""
+    arms = {name: {"ms": [10.0 + i, 11.0 + i], "clip": [0.70, 0.71], "fid": [20.0, 21.0],
+                   "clip_ci": (0.705, 0.69, 0.72), "fid_ci": (20.5, 21.0 + i, 24.0)} for i, name in enumerate("AB")}
+    arms_plot(arms, tmp_path / "arms.png", "Alg. 1 and its baselines")
+    words = texts(tmp_path / "arms.svg")
+    assert [w for w in words if w in arms] == ["A", "B"] and "Alg. 1 and its baselines" in words
+    assert (tmp_path / "arms.png").stat().st_size > 10_000
 
 
 def test_steps_plot_names_both_panels_and_ticks_the_measured_steps(tmp_path):

@@ -129,7 +129,8 @@ def steps_plot(curves: dict[str, list[tuple[int, float, float]]], path: str | Pa
 
 def arms_plot(arms: dict[str, dict], path: str | Path, title: str = "") -> None:
     """Quality against measured latency per step: CLIP score and FID, one small marker per seed and the seeds' mean
-    with its 95% interval; ``arms``: label -> {"ms", "clip", "fid": per seed, "clip_ci", "fid_ci": (mean, lo, hi)}."""
+    with its 95% interval, drawn as it is even where it does not hold the mean; ``arms``: label -> {"ms", "clip",
+    "fid": per seed, "clip_ci", "fid_ci": (mean, lo, hi)}."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, a) in enumerate(arms.items()):
@@ -137,8 +138,9 @@ def arms_plot(arms: dict[str, dict], path: str | Path, title: str = "") -> None:
         x = sum(a["ms"]) / len(a["ms"])
         for ax, key in zip(axes, ("clip", "fid")):
             ax.scatter(a["ms"], a[key], alpha=0.35, s=18, **style)
-            mean, lo, hi = a[f"{key}_ci"]
-            ax.errorbar([x], [mean], yerr=[[mean - lo], [hi - mean]], capsize=4, markersize=7, label=label, **style)
+            mean, lo, hi = a[f"{key}_ci"]  # a bootstrap interval need not hold its estimate (FID's lies above it)
+            ax.errorbar([x], [(lo + hi) / 2], yerr=(hi - lo) / 2, fmt="none", capsize=4, color=style["color"])
+            ax.plot([x], [mean], markersize=7, linestyle="none", label=label, **style)
     for ax, ylabel in zip(axes, ("CLIP score (toy CLIP; higher is better)", "FID on toy-CLIP features (lower is "
                                                                             "better)")):
         ax.set_xlabel("latency per sampling step, ms (measured, CPU, batch 2)")
