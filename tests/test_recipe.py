@@ -125,6 +125,9 @@ def test_arms_run_each_baseline_at_the_same_budget(quick_run):
     assert "What the toy world supports." in text and (work / "report" / "fig_evolving.png").is_file()
     assert ArchSpec.from_json(json.loads((raw / "alg10.json").read_text())["spec"]) == evolved.unet.spec
     assert "UNet checksum" in text and "the same for every run" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line.count("|") == 8]
+    latency = {row[0]: row[1] for row in rows}
+    assert latency[f"| {ARMS['scratch']}"] == latency[f"| {ARMS['alg1']}"]  # one architecture, one latency
     # the run goes on elsewhere from report/arms alone: a new work folder re-makes the robust UNet, not the evolved one,
     # trains no arm and redraws the page from the kept records
     record, elsewhere = (raw / "arms.json").read_text(), work / "elsewhere"

@@ -240,6 +240,7 @@ def measure(cfg: ArmsConfig, raw: Path, names: dict[str, list[str]], clip: torch
     fresh weights) and parameters, and the checksums of the UNets its runs started from."""
 
     real = toy_judge(clip).image_features(real_heldout(cfg.n)[0], normalize=False).cpu()
+    timed: dict[str, float] = {}  # one timing per architecture: the same one (scratch is Alg. 1's) runs as fast
     d = bootstrap.draws(cfg.n, len(cfg.seeds), cfg.draws)
     facts = {}
     loaded = {name: [torch.load(raw / f"{run}.judged.pt", weights_only=True) for run in runs]
@@ -254,10 +255,12 @@ def measure(cfg: ArmsConfig, raw: Path, names: dict[str, list[str]], clip: torch
             log = json.loads((raw / f"{run}.json").read_text())
             facts[name]["copies"].append([a["action"] for a in log.get("actions", []) if a["action"].startswith("+")])
             facts[name]["starts"] += [log["start"]] if "start" in log else []
-            unet = fresh_unet(ArchSpec.from_json(log["spec"]))
+            unet, key = fresh_unet(ArchSpec.from_json(log["spec"])), json.dumps(log["spec"], sort_keys=True)
             facts[name]["specs"].append(unet.spec)
-            with threads(1):
-                facts[name]["ms"].append(measure_unet(unet, latent, 2, context_len))
+            if key not in timed:
+                with threads(1):
+                    timed[key] = measure_unet(unet, latent, 2, context_len)
+            facts[name]["ms"].append(timed[key])
             facts[name]["params"].append(count_params(unet))
     return facts
 
